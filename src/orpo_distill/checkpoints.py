@@ -1,0 +1,86 @@
+"""Epoch checkpoints: written whole or not at all, and found again after a crash.
+
+A checkpoint is a folder ``checkpoints/epoch_E`` holding the model (``save_pretrained``, or the LoRA
+adapter), the tokenizer, the optimizer and scheduler states, every RNG state, the negative buffer and
+``state.json``. It is written into a hidden temp folder and renamed into place, so a process killed
+mid-write leaves either the previous checkpoint or the complete new one, never half of one; leftover
+temp folders are removed on the next start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+STATE = "state.json"
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_dir(run_dir: Path, epoch: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"epoch_{epoch}"
+
+
+def save_checkpoint(run_dir: Path, epoch: int, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any,
+                    buffer: dict[str, Any], state: dict[str, Any]) -> Path:
+    final = checkpoint_dir(run_dir, epoch)
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(rng_state(), tmp / "rng.pt")
+    (tmp / "buffer.json").write_text(json.dumps(buffer), encoding="utf-8")
+    (tmp / STATE).write_text(json.dumps({**state, "epoch": epoch}, indent=2), encoding="utf-8")
+    for f in tmp.iterdir():  # make the contents durable before the rename publishes them
+        with f.open("rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint (one with ``state.json``); removes stale temp folders."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    for stale in root.glob(".epoch_*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    done = [p for p in root.glob("epoch_*") if (p / STATE).is_file()]
+    if not done:
+        return None
+    return max(done, key=lambda p: int(p.name.split("_")[1]))
+
+
+def load_training_state(path: Path, optimizer: Any, scheduler: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Restore optimizer, scheduler and RNG from a checkpoint; returns (state, buffer)."""
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+    state = json.loads((path / STATE).read_text(encoding="utf-8"))
+    buffer = json.loads((path / "buffer.json").read_text(encoding="utf-8"))
+    return state, buffer

@@ -1,0 +1,222 @@
+"""``orpo-distill``: one subcommand per stage, plus ``run`` (all stages) and ``demo``.
+
+User errors (bad config, bad input files, missing models) print one clear message and exit 2; any
+other exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Callable, Sequence
+
+from .errors import UserError
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="run configuration (YAML)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set train.phi=0.25 (repeatable)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="set aside stored samples made with other settings instead of refusing")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _open_run(args: argparse.Namespace) -> Any:
+    from .config import load_config
+    from .pipeline import Run
+
+    cfg = load_config(args.config, args.overrides)
+    return Run(cfg, overwrite=args.overwrite, progress=not args.no_progress)
+
+
+def print_table(title: str, rows: Sequence[tuple[str, str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for k, v in rows:
+        table.add_row(k, v)
+    Console().print(table)
+
+
+def cmd_teacher(args: argparse.Namespace) -> None:
+    run = _open_run(args)
+    summary = run.teacher()
+    print_table(f"teacher traces ({run.dir / 'teacher' / 'traces.jsonl'})", summary.rows())
+
+
+def cmd_student(args: argparse.Namespace) -> None:
+    run = _open_run(args)
+    generator = None
+    if args.epoch > 1:  # the student as it was after the previous epoch
+        from .generators.hf import HFGenerator
+
+        model, tok = run.load_student_for_eval(args.epoch - 1)
+        generator = HFGenerator.from_model(model, tok, name=f"hf:student@epoch_{args.epoch - 1}",
+                                           batch_size=run.cfg.student.sampling.batch_size, progress=run.progress)
+    summary = run.student(epoch=args.epoch, generator=generator)
+    print_table(f"student samples ({run.dir / 'student' / f'epoch_{args.epoch}.jsonl'})", summary.rows())
+
+
+def cmd_pairs(args: argparse.Namespace) -> None:
+    from .recipe import Distiller, uses_student_negatives
+
+    run = _open_run(args)
+    run.teacher()
+    if uses_student_negatives(run.cfg):
+        run.student(epoch=1)
+    d = Distiller(run)
+    if uses_student_negatives(run.cfg):
+        d.buffer = d.initial_buffer()
+    data = d.epoch_data(1)
+    path = d.write_pairs(1, data)
+    print_table(f"pairs for epoch 1 ({path})", [
+        ("rows", str(len(data.rows))),
+        ("questions dropped: no positive", str(data.dropped_no_positive)),
+        ("questions dropped: no negative", str(data.dropped_no_negative)),
+    ])
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .recipe import uses_student_negatives
+
+    run = _open_run(args)
+    run.teacher()
+    if uses_student_negatives(run.cfg):
+        run.student(epoch=1)
+    result = run.train()
+    print_table(f"training ({run.dir})", [(k, str(v)) for k, v in result.items()])
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    run = _open_run(args)
+    epoch = args.epoch
+    if epoch is None:
+        from .checkpoints import latest_checkpoint
+
+        ckpt = latest_checkpoint(run.dir)
+        epoch = int(ckpt.name.split("_")[1]) if ckpt else 0
+    s = run.evaluate(epoch)
+    print_table(f"evaluation after epoch {epoch} ({run.dir / 'eval'})", eval_rows(s))
+
+
+def eval_rows(s: Any) -> list[tuple[str, str]]:
+    rows = [
+        ("questions", str(s.n)),
+        ("accuracy", f"{s.accuracy:.1%}  (95% CI {s.ci95[0]:.1%}-{s.ci95[1]:.1%})"),
+        ("parse failures", f"{s.parse_failures} ({s.parse_failure_rate:.1%})"),
+        ("mean response tokens", f"{s.mean_length:.1f}"),
+    ]
+    if s.self_consistency_k:
+        rows.append((f"self-consistency@{s.self_consistency_k}", f"{s.self_consistency_accuracy:.1%}"))
+    return rows
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    run = _open_run(args)
+    _run_and_report(run)
+
+
+def _run_and_report(run: Any) -> None:
+    import time
+
+    from .evaluation import paired_bootstrap_diff
+    from .store import read_jsonl
+
+    t0 = time.perf_counter()
+    out = run.run_all()
+    minutes = (time.perf_counter() - t0) / 60
+    print_table("teacher traces", out["teacher"].rows())
+    if "student" in out:
+        print_table("initial student samples", out["student"].rows())
+    last = run.cfg.train.epochs
+    after = out["eval_after"]
+    rows = [("after epoch %d: accuracy" % last, f"{after.accuracy:.1%}  (95% CI {after.ci95[0]:.1%}-{after.ci95[1]:.1%})")]
+    if "eval_before" in out:
+        before = out["eval_before"]
+        split = run.cfg.eval.split
+        b = [r["correct"] for r in read_jsonl(run.dir / "eval" / f"{split}_epoch_0.jsonl")]
+        a = [r["correct"] for r in read_jsonl(run.dir / "eval" / f"{split}_epoch_{last}.jsonl")]
+        diff, lo, hi = paired_bootstrap_diff(b, a)
+        rows = [
+            ("held-out questions", str(before.n)),
+            ("before: accuracy", f"{before.accuracy:.1%}  (95% CI {before.ci95[0]:.1%}-{before.ci95[1]:.1%})"),
+            *rows,
+            ("change (paired bootstrap 95% CI)", f"{diff:+.1%}  ({lo:+.1%} to {hi:+.1%})"),
+            ("before: parse failures / mean tokens", f"{before.parse_failure_rate:.1%} / {before.mean_length:.0f}"),
+        ]
+    rows.append((f"after: parse failures / mean tokens", f"{after.parse_failure_rate:.1%} / {after.mean_length:.0f}"))
+    rows.append(("wall-clock (this invocation)", f"{minutes:.1f} min"))
+    print_table(f"ORPO-Distill result ({run.dir})", rows)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from importlib.resources import files
+
+    args.config = str(files("orpo_distill") / "configs" / "demo.yaml")
+    cmd_run(args)
+
+
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
+    "teacher": (cmd_teacher, "sample and verify teacher traces"),
+    "student": (cmd_student, "sample the student's traces (negatives)"),
+    "pairs": (cmd_pairs, "build the preference pairs of epoch 1"),
+    "train": (cmd_train, "train (resumes after the last complete checkpoint)"),
+    "eval": (cmd_eval, "evaluate the student on the held-out split"),
+    "run": (cmd_run, "every stage in order, skipping finished ones"),
+    "demo": (cmd_demo, "the embedded default: synthetic task, scripted teacher, SmolLM2-135M student"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="orpo-distill", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (fn, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == "demo":
+            p.set_defaults(config=None, overrides=[])
+            p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+            p.add_argument("--overwrite", action="store_true")
+            p.add_argument("--no-progress", action="store_true")
+        else:
+            _add_common(p)
+        if name == "student":
+            p.add_argument("--epoch", type=int, default=1, help="sample before this epoch (1: the initial student)")
+        if name == "eval":
+            p.add_argument("--epoch", type=int, default=None, help="checkpoint to evaluate (0: before training; default: latest)")
+        p.set_defaults(func=fn)
+    return parser
+
+
+def _quiet_libraries() -> None:
+    """Our stages draw their own progress bars; the libraries' per-file loading bars are noise."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"orpo-distill: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("orpo-distill: interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

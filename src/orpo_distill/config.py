@@ -1,0 +1,285 @@
+"""The run configuration: pydantic models of every stage, YAML in, ``--set a.b=c`` overrides.
+
+Unknown keys are errors (a typo must not silently fall back to a default). Validation errors are
+turned into one :class:`UserError` that names each wrong field by its dotted path.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import UserError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SyntheticConfig(Strict):
+    """The built-in word-problem task (see ``datasets/synthetic.py``)."""
+
+    steps: int = Field(2, ge=1, le=8, description="arithmetic operations per problem")
+    max_value: int = Field(20, ge=2, description="largest starting quantity")
+    num_choices: int = Field(4, ge=2, le=8)
+
+
+class DatasetConfig(Strict):
+    kind: Literal["synthetic", "gsm8k", "jsonl", "hf"] = "synthetic"
+    path: str | None = Field(None, description="jsonl/gsm8k: a file; hf: a Hub id or a local dataset folder")
+    train_path: str | None = Field(None, description="optional separate file or split for training")
+    eval_path: str | None = Field(None, description="optional separate file or split for evaluation")
+    hf_config: str | None = Field(None, description="hf: dataset configuration name")
+    train_split: str = "train"
+    eval_split: str = "test"
+    fields: dict[str, str] = Field(
+        default_factory=dict,
+        description="map from our names (id, question, answer, choices) to the source's field names",
+    )
+    train_size: int | None = Field(None, ge=1, description="cap on training questions (None: all)")
+    eval_size: int | None = Field(None, ge=1, description="cap on held-out questions (None: all)")
+    eval_fraction: float = Field(0.2, gt=0, lt=1, description="held-out share when the source has one split")
+    synthetic: SyntheticConfig = SyntheticConfig()
+    seed: int = 0
+
+
+class TaskConfig(Strict):
+    kind: Literal["mcq", "numeric", "yesno", "exact", "custom"] = "mcq"
+    custom: str | None = Field(None, description="custom task as 'module:function' (needs allow_custom_code)")
+    allow_custom_code: bool = False
+    system_prompt: str | None = None
+    instruction: str | None = Field(None, description="override the task's answer-format instruction")
+
+    @model_validator(mode="after")
+    def _custom_needs_name(self) -> "TaskConfig":
+        if self.kind == "custom" and not self.custom:
+            raise ValueError("task.kind 'custom' needs task.custom: 'module:function'")
+        return self
+
+
+class SamplingConfig(Strict):
+    samples: int = Field(4, ge=1, description="samples per question (K)")
+    temperature: float = Field(0.8, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(256, ge=1)
+    batch_size: int = Field(16, ge=1, description="local generators: sequences per forward pass")
+    seed: int = 0
+
+
+class GeneratorConfig(Strict):
+    """Where text comes from. Which fields matter depends on ``kind``."""
+
+    kind: Literal["hf", "openai", "vllm", "replay", "scripted"] = "hf"
+    model: str | None = Field(None, description="Hub id, local folder, or builtin:smollm2-135m-instruct")
+    # openai
+    base_url: str | list[str] | None = None
+    api_key_env: str | None = Field(None, description="name of the environment variable holding the API key")
+    endpoint: Literal["chat", "completions"] = "chat"
+    max_concurrency: int = Field(8, ge=1)
+    timeout: float = Field(120.0, gt=0)
+    max_retries: int = Field(6, ge=0)
+    backoff_base: float = Field(1.0, ge=0)
+    backoff_max: float = Field(60.0, ge=0)
+    stop: list[str] | None = None
+    # replay
+    path: str | None = None
+    # scripted
+    error_rate: float = Field(0.25, ge=0, le=1)
+    # hf / vllm
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+    tensor_parallel_size: int = Field(1, ge=1)
+    sampling: SamplingConfig = SamplingConfig()
+
+    @model_validator(mode="after")
+    def _required_fields(self) -> "GeneratorConfig":
+        if self.kind in ("hf", "vllm") and not self.model:
+            raise ValueError(f"generator kind '{self.kind}' needs 'model' (Hub id or local folder)")
+        if self.kind == "openai" and (not self.base_url or not self.model):
+            raise ValueError("generator kind 'openai' needs 'base_url' and 'model'")
+        if self.kind == "replay" and not self.path:
+            raise ValueError("generator kind 'replay' needs 'path' (a JSONL file of recorded traces)")
+        return self
+
+
+class PairsConfig(Strict):
+    negatives: Literal["student", "teacher", "both"] = "student"
+    filter: Literal["incorrect", "any"] = "incorrect"
+    pairs_per_question: int = Field(2, ge=1)
+    seed: int = 0
+
+
+class LoraConfig(Strict):
+    enabled: bool = False
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | str = "all-linear"
+
+
+PhiSchedule = Literal["constant", "linear"]
+
+
+class TrainConfig(Strict):
+    method: Literal["orpo", "sft"] = "orpo"
+    traces: Literal["single", "all"] = Field("all", description="sft: one teacher trace per question, or all positives")
+    policy: Literal["off", "on", "mixed"] = "mixed"
+    phi: float | list[float] = Field(0.5, description="mixed: refreshed share; a list gives one value per epoch")
+    phi_schedule: PhiSchedule = Field("constant", description="constant, or linear ramp from phi_start to phi")
+    phi_start: float = Field(0.0, ge=0, le=1)
+    when_all_correct: Literal["keep", "teacher"] = Field(
+        "keep", description="refreshed question with no wrong student sample: keep old negatives or use teacher's"
+    )
+    epochs: int = Field(2, ge=1)
+    lr: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    lambda_or: float = Field(0.1, ge=0, alias="lambda", description="weight of the odds-ratio term")
+    nll_on_prompt: bool = False
+    batch_size: int = Field(8, ge=1, description="pairs per micro-batch")
+    grad_accum: int = Field(1, ge=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    gradient_checkpointing: bool = False
+    layout: Literal["packed", "plain"] = Field(
+        "packed", description="packed: one row per question, prompt shared by its pairs; plain: TRL's layout"
+    )
+    max_length: int = Field(1024, ge=8, description="prompt + response tokens; longer pairs are truncated")
+    lora: LoraConfig = LoraConfig()
+    log_every: int = Field(1, ge=1)
+    seed: int = 0
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    @field_validator("phi")
+    @classmethod
+    def _phi_range(cls, v: float | list[float]) -> float | list[float]:
+        for x in v if isinstance(v, list) else [v]:
+            if not 0.0 <= x <= 1.0:
+                raise ValueError(f"phi must be between 0 and 1, got {x}")
+        return v
+
+
+class EvalConfig(Strict):
+    split: Literal["eval", "train"] = "eval"
+    max_tokens: int = Field(256, ge=1)
+    batch_size: int = Field(32, ge=1)
+    every_epoch: bool = True
+    before_training: bool = True
+    self_consistency: int = Field(0, ge=0, description="k samples for self-consistency@k (0: off)")
+    temperature: float = Field(0.7, ge=0, description="sampling temperature for self-consistency")
+
+
+class RunConfig(Strict):
+    run_dir: str = "runs/default"
+    seed: int = 0
+    dataset: DatasetConfig = DatasetConfig()
+    task: TaskConfig = TaskConfig()
+    teacher: GeneratorConfig = GeneratorConfig(kind="scripted")
+    student: GeneratorConfig = GeneratorConfig(kind="hf", model="builtin:smollm2-135m-instruct")
+    pairs: PairsConfig = PairsConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @property
+    def path(self) -> Path:
+        return Path(self.run_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; see the config reference in README.md)"
+        inp = e.get("input")
+        got = "" if e["type"] == "extra_forbidden" or isinstance(inp, dict) else f" (got {inp!r})"
+        lines.append(f"  {loc or '<root>'}: {msg}{got}")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=c`` -> (["a", "b"], value), the value parsed as YAML so numbers and lists work."""
+    if "=" not in text:
+        raise UserError(f"--set expects key.path=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    if not key.strip():
+        raise UserError(f"--set expects key.path=value, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    data = copy.deepcopy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise UserError(f"--set {text}: '{part}' is not a section")
+            node = nxt
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"{p}:{where}: malformed YAML: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{p}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def build_config(data: dict[str, Any], source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise UserError(_format_errors(e, source)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    data = read_yaml(path) if path is not None else {}
+    data = apply_overrides(data, overrides or [])
+    source = str(path) if path is not None else "defaults"
+    if overrides:
+        source += " with --set " + " ".join(overrides)
+    return build_config(data, source)
+
+
+def resolved_dict(cfg: RunConfig) -> dict[str, Any]:
+    """The resolved config as plain data. It holds environment-variable *names*, never key values."""
+    return cfg.model_dump(mode="json", by_alias=True)
+
+
+def save_resolved(cfg: RunConfig, path: str | Path) -> None:
+    from .store import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(resolved_dict(cfg), sort_keys=False))

@@ -1,0 +1,36 @@
+"""Generator backends behind one protocol (see ``base.py``). Each backend is imported only when used,
+so that, for example, vLLM is never imported unless a config names it."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from ..config import GeneratorConfig
+from ..errors import UserError
+from ..records import Record
+from .base import GenerationStats, Generator, Request, Sample
+
+__all__ = ["GenerationStats", "Generator", "Request", "Sample", "build_generator"]
+
+
+def build_generator(cfg: GeneratorConfig, records: Sequence[Record] = (), task_kind: str = "mcq", seed: int = 0) -> Generator:
+    """Build the generator a config section names. ``records`` serves the scripted teacher."""
+    if cfg.kind == "hf":
+        from .hf import HFGenerator
+
+        return HFGenerator.from_config(cfg)
+    if cfg.kind == "openai":
+        from .openai import OpenAIGenerator
+
+        return OpenAIGenerator(cfg)
+    if cfg.kind == "replay":
+        from .replay import ReplayGenerator
+
+        return ReplayGenerator(cfg)
+    if cfg.kind == "scripted":
+        from .scripted import ScriptedTeacher
+
+        return ScriptedTeacher(list(records), error_rate=cfg.error_rate, seed=seed, task_kind=task_kind)
+    if cfg.kind == "vllm":
+        raise UserError("the vllm generator is not available yet; use kind: hf or an OpenAI-compatible vLLM server")
+    raise UserError(f"unknown generator kind {cfg.kind!r}")

@@ -1,0 +1,128 @@
+"""Local transformers generation: batched, left-padded, length-sorted, bf16 autocast, stop at EOS.
+
+The same class serves the student's sampling and the mixed-policy refresh: built from a model name
+it loads the model, built with :meth:`HFGenerator.from_model` it samples from weights in memory (the
+current student during training, with no reload from disk).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import GeneratorConfig
+from ..models import autocast, load_model, load_tokenizer, render_prompt
+from .base import GenerationStats, Request, Sample
+
+
+class HFGenerator:
+    def __init__(self, model: Any, tokenizer: Any, name: str, batch_size: int = 16, progress: bool = True):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.batch_size = batch_size
+        self.progress = progress
+        self.stats = GenerationStats()
+
+    @classmethod
+    def from_config(cls, cfg: GeneratorConfig) -> "HFGenerator":
+        assert cfg.model is not None
+        tok = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        model = load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code, device=cfg.device)
+        return cls(model, tok, name=f"hf:{cfg.model}", batch_size=cfg.sampling.batch_size)
+
+    @classmethod
+    def from_model(cls, model: Any, tokenizer: Any, name: str, batch_size: int = 16, progress: bool = True) -> "HFGenerator":
+        return cls(model, tokenizer, name=name, batch_size=batch_size, progress=progress)
+
+    def generate(self, requests: Sequence[Request]) -> list[list[Sample]]:
+        """Expand each request into ``n`` rows, sort rows by prompt length, generate in batches.
+
+        Rows of similar length share a batch, so left padding stays small. Sampling settings must be
+        the same within a batch, so rows are grouped by (temperature, top_p, max_tokens) first.
+        """
+        start = time.perf_counter()
+        prompts = [render_prompt(self.tokenizer, r.messages) for r in requests]
+        encoded = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        rows = [(i, j) for i, r in enumerate(requests) for j in range(r.n)]
+        rows.sort(key=lambda ij: (self._settings(requests[ij[0]]), len(encoded[ij[0]])))
+        out: list[list[Sample | None]] = [[None] * r.n for r in requests]
+        batches = []
+        for k in range(0, len(rows), self.batch_size):
+            chunk = rows[k : k + self.batch_size]
+            # split a chunk where the sampling settings change
+            groups: dict[tuple, list] = {}
+            for ij in chunk:
+                groups.setdefault(self._settings(requests[ij[0]]), []).append(ij)
+            batches.extend(groups.values())
+        bar = tqdm(total=len(rows), desc=f"generate {self.name}", unit="sample", disable=not self.progress, leave=False)
+        for batch in batches:
+            first = requests[batch[0][0]]
+            texts, ntoks, reasons = self._generate_batch([encoded[i] for i, _ in batch], first)
+            for (i, j), text, nt, fr in zip(batch, texts, ntoks, reasons):
+                out[i][j] = Sample(text=text, num_tokens=nt, finish_reason=fr)
+            bar.update(len(batch))
+            self.stats.completion_tokens += sum(ntoks)
+        bar.close()
+        self.stats.requests += len(requests)
+        self.stats.samples += len(rows)
+        self.stats.seconds += time.perf_counter() - start
+        return [[s for s in samples if s is not None] for samples in out]
+
+    @staticmethod
+    def _settings(r: Request) -> tuple:
+        return (r.temperature, r.top_p, r.max_tokens)
+
+    @torch.no_grad()
+    def _generate_batch(self, ids: list[list[int]], req: Request) -> tuple[list[str], list[int], list[str]]:
+        tok = self.tokenizer
+        pad = tok.pad_token_id
+        width = max(len(x) for x in ids)
+        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(ids), width), dtype=torch.long)
+        for r, x in enumerate(ids):  # left padding: every prompt ends at the same column
+            input_ids[r, width - len(x) :] = torch.tensor(x, dtype=torch.long)
+            attention[r, width - len(x) :] = 1
+        device = next(self.model.parameters()).device
+        kwargs: dict[str, Any] = dict(max_new_tokens=req.max_tokens, pad_token_id=pad, eos_token_id=self._eos_ids())
+        if req.temperature > 0:
+            kwargs.update(do_sample=True, temperature=req.temperature, top_p=req.top_p, top_k=0)
+            if req.seed is not None:
+                torch.manual_seed(req.seed)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with autocast(device):
+                gen = self.model.generate(
+                    input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs
+                )
+        finally:
+            self.model.train(was_training)
+        new = gen[:, width:].cpu()
+        eos = set(self._eos_ids())
+        texts, ntoks, reasons = [], [], []
+        for row in new.tolist():
+            n = len(row)
+            reason = "length"
+            for t, tid in enumerate(row):
+                if tid in eos:
+                    n, reason = t, "stop"
+                    break
+            texts.append(tok.decode(row[:n], skip_special_tokens=True))
+            ntoks.append(n + (1 if reason == "stop" else 0))
+            reasons.append(reason)
+        return texts, ntoks, reasons
+
+    def _eos_ids(self) -> list[int]:
+        ids = []
+        gc = getattr(self.model, "generation_config", None)
+        if gc is not None and gc.eos_token_id is not None:
+            ids.extend(gc.eos_token_id if isinstance(gc.eos_token_id, list) else [gc.eos_token_id])
+        if self.tokenizer.eos_token_id is not None:
+            ids.append(self.tokenizer.eos_token_id)
+        return sorted(set(ids))

@@ -1,0 +1,187 @@
+"""The training objectives as pure functions of per-pair sums: ORPO and SFT.
+
+Nothing here touches a model. The forward pass (``batching.pair_logps``) reduces each pair to a few
+sums and counts, and these functions turn them into the loss. Keeping the sums separate from the
+means lets the training loop decide the normaliser (for example over accumulation steps or ranks)
+and lets ``nll_on_prompt`` change which tokens the NLL counts without touching the OR term.
+
+Definitions (Hong, Lee, Thorne 2024, "ORPO"; DESIGN.md section 1.4). For a response ``y`` to a
+prompt ``x`` with ``|y|`` tokens:
+
+* ``l(y) = (1/|y|) * sum_t log p(y_t | x, y_<t)``: the mean log-probability over the response
+  tokens only (never the prompt), so ``l(y) < 0``;
+* ``log odds(y) = l(y) - log(1 - exp(l(y)))``: the log of ``p / (1 - p)`` with ``p = exp(l(y))``;
+* ``L_OR = mean over pairs of -log sigmoid(log odds(y_w) - log odds(y_l))``;
+* ``L_NLL = (sum of -log p over the NLL tokens of every chosen row) / (number of those tokens)``: a
+  token mean over the whole batch, not a mean of per-pair means. The NLL tokens are the chosen
+  response's tokens, plus the prompt's tokens (all but the first, which nothing predicts) when
+  ``nll_on_prompt`` is set, as TRL's ORPOTrainer and the original ORPO code do;
+* ``L = L_NLL + lam * L_OR``. ``lam`` is TRL's ``beta`` (TRL writes ``nll - beta * logsigmoid(.)``).
+
+Everything is computed in fp32, whatever the dtype of the inputs. Nothing is clamped: a mean
+log-probability of exactly 0 (every token predicted with probability 1 in fp32) gives an infinite
+log odds, and the caller's non-finite check (``NonFiniteLossError``) must catch it; note that such a
+pair can give a finite loss with a NaN gradient when it is the chosen side.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_MINUS_LN2 = -math.log(2.0)
+
+
+def log1mexp(x: Tensor) -> Tensor:
+    """``log(1 - exp(x))`` for ``x < 0``, accurate over the whole range.
+
+    Near 0, ``1 - exp(x)`` cancels catastrophically, so ``log(-expm1(x))`` is used; far from 0,
+    ``exp(x)`` is tiny and ``log1p(-exp(x))`` keeps its digits (Maechler 2012). The branch point is
+    ``-ln 2``. Both branches are evaluated on inputs that keep them finite, so that ``torch.where``
+    does not leak a NaN gradient from the unused branch.
+    """
+    x = x.float()
+    near_zero = x > _MINUS_LN2
+    # Feed each branch a value in its own domain so the discarded branch stays finite (and so does
+    # its gradient); the chosen branch sees the true x.
+    x_near = torch.where(near_zero, x, torch.full_like(x, -1.0))
+    x_far = torch.where(near_zero, torch.full_like(x, -1.0), x)
+    return torch.where(near_zero, torch.log(-torch.expm1(x_near)), torch.log1p(-torch.exp(x_far)))
+
+
+def log_odds(mean_logp: Tensor) -> Tensor:
+    """``log(p / (1 - p))`` for ``p = exp(mean_logp)``, in fp32: ``l - log1mexp(l)``."""
+    mean_logp = mean_logp.float()
+    return mean_logp - log1mexp(mean_logp)
+
+
+@dataclass
+class OrpoOutput:
+    """The ORPO loss and what the training loop logs.
+
+    Scalars (0-d tensors) are means over the pairs of the batch; per-pair tensors have shape ``[B]``.
+    Only ``loss`` carries the gradient the optimizer should follow; the others are for logging
+    (``.detach()`` them before storing).
+    """
+
+    loss: Tensor  # scalar: nll + lam * or_loss
+    nll: Tensor  # scalar: token-mean NLL of the chosen rows
+    or_loss: Tensor  # scalar: mean over pairs of -logsigmoid(log_odds_ratio)
+    log_odds_ratio: Tensor  # [B]: log odds(chosen) - log odds(rejected)
+    logps_chosen: Tensor  # [B]: mean log-prob of each chosen response, l(y_w)
+    logps_rejected: Tensor  # [B]: mean log-prob of each rejected response, l(y_l)
+    reward_accuracy: Tensor  # scalar: share of pairs with log odds(chosen) > log odds(rejected)
+    margin: Tensor  # scalar: mean over pairs of l(y_w) - l(y_l)
+
+    def metrics(self) -> dict[str, float]:
+        """Plain floats under the names DESIGN.md section 1.4 logs (one device sync)."""
+        values = torch.stack(
+            [
+                self.loss.detach(),
+                self.nll.detach(),
+                self.or_loss.detach(),
+                self.logps_chosen.detach().mean(),
+                self.logps_rejected.detach().mean(),
+                self.log_odds_ratio.detach().mean(),
+                self.reward_accuracy.detach(),
+                self.margin.detach(),
+            ]
+        ).tolist()
+        names = [
+            "loss",
+            "nll",
+            "or_loss",
+            "logps/chosen",
+            "logps/rejected",
+            "log_odds_ratio",
+            "reward_accuracy",
+            "margin",
+        ]
+        return dict(zip(names, values))
+
+
+def _as_vector(name: str, t: Tensor, size: int | None) -> Tensor:
+    t = torch.as_tensor(t)
+    if t.dim() != 1:
+        raise ValueError(f"{name} must be a 1-D tensor with one value per pair, got shape {tuple(t.shape)}")
+    if size is not None and t.shape[0] != size:
+        raise ValueError(f"{name} has {t.shape[0]} values but the batch has {size} pairs")
+    return t.float()
+
+
+def _check_positive(**counts: Tensor) -> None:
+    """A response with no tokens has no mean log-prob: a batching bug. One host sync for all counts."""
+    if bool(torch.stack([(c <= 0).any() for c in counts.values()]).any()):
+        for name, c in counts.items():
+            if bool((c <= 0).any()):
+                raise ValueError(f"{name} must be positive for every pair, got {c.tolist()}")
+
+
+def orpo_loss(
+    chosen_logp_sum: Tensor,
+    chosen_tokens: Tensor,
+    rejected_logp_sum: Tensor,
+    rejected_tokens: Tensor,
+    nll_tokens_sum: Tensor,
+    nll_token_count: Tensor,
+    lam: float,
+) -> OrpoOutput:
+    """The ORPO objective from per-pair sums; every argument but ``lam`` has shape ``[B]``.
+
+    Args:
+        chosen_logp_sum: sum of ``log p`` over each chosen response's tokens (negative).
+        chosen_tokens: number of tokens in each chosen response (the denominator of ``l(y_w)``).
+        rejected_logp_sum, rejected_tokens: the same for the rejected responses.
+        nll_tokens_sum: sum of ``-log p`` (a positive NLL) over each pair's NLL tokens: the chosen
+            response, plus the prompt when ``nll_on_prompt``.
+        nll_token_count: number of those NLL tokens per pair.
+        lam: weight of the odds-ratio term (TRL's ``beta``; ``train.lambda`` in the config).
+
+    ``L_NLL`` is ``nll_tokens_sum.sum() / nll_token_count.sum()`` (a token mean over the batch).
+    """
+    b = _as_vector("chosen_logp_sum", chosen_logp_sum, None).shape[0]
+    if b == 0:
+        raise ValueError("orpo_loss needs at least one pair")
+    c_sum = _as_vector("chosen_logp_sum", chosen_logp_sum, b)
+    c_n = _as_vector("chosen_tokens", chosen_tokens, b)
+    r_sum = _as_vector("rejected_logp_sum", rejected_logp_sum, b)
+    r_n = _as_vector("rejected_tokens", rejected_tokens, b)
+    nll_sum = _as_vector("nll_tokens_sum", nll_tokens_sum, b)
+    nll_n = _as_vector("nll_token_count", nll_token_count, b)
+    _check_positive(chosen_tokens=c_n, rejected_tokens=r_n, nll_token_count=nll_n)
+
+    logps_chosen = c_sum / c_n
+    logps_rejected = r_sum / r_n
+    ratio = log_odds(logps_chosen) - log_odds(logps_rejected)
+    or_loss = -F.logsigmoid(ratio).mean()
+    nll = nll_sum.sum() / nll_n.sum()
+    loss = nll + float(lam) * or_loss
+    return OrpoOutput(
+        loss=loss,
+        nll=nll,
+        or_loss=or_loss,
+        log_odds_ratio=ratio,
+        logps_chosen=logps_chosen,
+        logps_rejected=logps_rejected,
+        reward_accuracy=(ratio.detach() > 0).float().mean(),
+        margin=(logps_chosen - logps_rejected).detach().mean(),
+    )
+
+
+def sft_loss(logp_sum: Tensor, token_count: Tensor) -> Tensor:
+    """Token-mean NLL over the batch: ``-sum(logp_sum) / sum(token_count)``, in fp32.
+
+    ``logp_sum`` is the per-example sum of ``log p`` over the response tokens (negative), shape
+    ``[B]``; ``token_count`` the per-example number of those tokens. Long responses weigh more than
+    short ones, as in standard causal-LM fine-tuning.
+    """
+    s = _as_vector("logp_sum", logp_sum, None)
+    n = _as_vector("token_count", token_count, s.shape[0])
+    if s.shape[0] == 0:
+        raise ValueError("sft_loss needs at least one example")
+    _check_positive(token_count=n)
+    return -s.sum() / n.sum()

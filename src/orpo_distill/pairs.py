@@ -1,0 +1,163 @@
+"""Preference pairs and the negative buffer with its mixed-policy refresh (DESIGN.md 1.3 and 1.5).
+
+Everything here is pure: it takes traces as plain dicts (the rows of the trace stores) and returns new
+values; the training stage does the sampling and the file I/O. Randomness comes from
+``random.Random`` seeded by (run seed, epoch, question id), so results do not depend on the order in
+which questions are processed or on how many processes share the work.
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Literal, Mapping, Sequence
+
+Trace = Mapping[str, Any]  # a row of a trace store: id, sample, text, answer, correct, source, ...
+
+
+def _rng(*parts: Any) -> random.Random:
+    return random.Random(zlib.crc32("|".join(map(str, parts)).encode()))
+
+
+# ---- negatives ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Negative:
+    text: str
+    source: Literal["teacher", "student"]
+    epoch: int = 0  # for student negatives: the epoch they were sampled before (1 = initial student)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "source": self.source, "epoch": self.epoch}
+
+
+def student_negatives(traces: Iterable[Trace], epoch: int, filter: str = "incorrect") -> list[Negative]:
+    """The student's traces that count as negatives: the wrong ones (``incorrect``) or all (``any``)."""
+    return [Negative(t["text"], "student", epoch) for t in traces if filter == "any" or not t["correct"]]
+
+
+def teacher_negatives(traces: Iterable[Trace]) -> list[Negative]:
+    return [Negative(t["text"], "teacher") for t in traces if not t["correct"]]
+
+
+def positives(traces: Iterable[Trace]) -> list[str]:
+    """Correct traces that ended on their own: one cut off at ``max_tokens`` may be "correct" only
+    because an intermediate number matched, and would teach the student to stop mid-sentence."""
+    return [t["text"] for t in traces if t["correct"] and t.get("finish_reason") != "length"]
+
+
+# ---- pairs ----------------------------------------------------------------------------------------
+
+
+def make_pairs(
+    qid: str, pos: Sequence[str], neg: Sequence[Negative], n: int, seed: int, epoch: int
+) -> list[tuple[str, Negative]]:
+    """Up to ``n`` (chosen, rejected) pairs for one question.
+
+    Positives are shuffled and cycled; negatives are shuffled and drawn without replacement, so a
+    question yields ``min(n, len(neg))`` pairs (none without a positive or a negative).
+    """
+    if not pos or not neg:
+        return []
+    rng = _rng(seed, epoch, qid)
+    pos = list(pos)
+    neg = list(neg)
+    rng.shuffle(pos)
+    rng.shuffle(neg)
+    return [(pos[i % len(pos)], neg[i]) for i in range(min(n, len(neg)))]
+
+
+def sft_targets(qid: str, pos: Sequence[str], traces: Literal["single", "all"], seed: int) -> list[str]:
+    """SFT targets: one teacher positive per question (plain CoT distillation) or all of them."""
+    if not pos:
+        return []
+    if traces == "all":
+        return list(pos)
+    return [pos[_rng(seed, "sft", qid).randrange(len(pos))]]
+
+
+# ---- the mixed-policy negative buffer --------------------------------------------------------------
+
+
+def phi_for_epoch(epoch: int, epochs: int, policy: str, phi: float | list[float], schedule: str = "constant",
+                  phi_start: float = 0.0) -> float:
+    """The share of questions whose student negatives are regenerated before ``epoch`` (>= 2).
+
+    ``off`` is 0 and ``on`` is 1 whatever ``phi`` says. For ``mixed``: a list gives one value per
+    refresh (index 0 is the refresh before epoch 2); ``linear`` ramps from ``phi_start`` before epoch 2
+    to ``phi`` before the last epoch; ``constant`` is ``phi``.
+    """
+    if epoch < 2:
+        return 0.0
+    if policy == "off":
+        return 0.0
+    if policy == "on":
+        return 1.0
+    if isinstance(phi, list):
+        if epoch - 2 >= len(phi):
+            raise ValueError(f"train.phi lists {len(phi)} values, but epoch {epoch} needs value {epoch - 1} (one per refresh, epochs 2..{epochs})")
+        return float(phi[epoch - 2])
+    if schedule == "linear" and epochs > 2:
+        t = (epoch - 2) / (epochs - 2)
+        return phi_start + t * (phi - phi_start)
+    return float(phi)
+
+
+def choose_refresh(qids: Sequence[str], phi: float, seed: int, epoch: int) -> list[str]:
+    """Exactly ``round(phi * len(qids))`` question ids, drawn with the run's seed, in input order."""
+    k = int(round(phi * len(qids)))
+    chosen = set(_rng(seed, "refresh", epoch).sample(sorted(qids), k))
+    return [q for q in qids if q in chosen]
+
+
+@dataclass
+class RefreshResult:
+    refreshed: int = 0  # questions whose negatives were replaced by the current student's
+    all_correct: int = 0  # refreshed questions where the current student got every sample right
+    fell_back_to_teacher: int = 0
+
+
+@dataclass
+class NegativeBuffer:
+    """Student negatives per question id; refreshed in part before each epoch after the first."""
+
+    negatives: dict[str, list[Negative]] = field(default_factory=dict)
+
+    @classmethod
+    def from_traces(cls, traces_by_qid: Mapping[str, Sequence[Trace]], epoch: int, filter: str) -> "NegativeBuffer":
+        return cls({q: student_negatives(t, epoch, filter) for q, t in traces_by_qid.items()})
+
+    def refresh(
+        self,
+        new_traces: Mapping[str, Sequence[Trace]],
+        epoch: int,
+        filter: str,
+        when_all_correct: str = "keep",
+        teacher_negs: Mapping[str, Sequence[Negative]] | None = None,
+    ) -> RefreshResult:
+        """Replace the negatives of the questions in ``new_traces`` with the new student samples.
+
+        A question whose new samples hold no negative keeps its old negatives (``keep``) or takes the
+        teacher's (``teacher``); either way it is counted in ``all_correct``.
+        """
+        result = RefreshResult()
+        for qid, traces in new_traces.items():
+            fresh = student_negatives(traces, epoch, filter)
+            if fresh:
+                self.negatives[qid] = fresh
+                result.refreshed += 1
+                continue
+            result.all_correct += 1
+            if when_all_correct == "teacher" and teacher_negs and teacher_negs.get(qid):
+                self.negatives[qid] = list(teacher_negs[qid])
+                result.fell_back_to_teacher += 1
+        return result
+
+    def to_dict(self) -> dict[str, Any]:
+        return {q: [n.to_dict() for n in negs] for q, negs in self.negatives.items()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "NegativeBuffer":
+        return cls({q: [Negative(**n) for n in negs] for q, negs in d.items()})

@@ -1,0 +1,173 @@
+"""A run: one directory, one config, and the stages that read and write files in it.
+
+Each stage is a method that is safe to call again: it skips what is already on disk and does only
+what is missing. ``run_all`` calls them in order. The heavy lifting lives in the stage modules
+(sampling, pairs, training, evaluation); this file only wires them to the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from .checkpoints import checkpoint_dir
+from .config import RunConfig, save_resolved
+from .errors import UserError
+from .evaluation import EvalSummary, evaluate
+from .datasets import load_splits
+from .generators import build_generator
+from .generators.base import Generator
+from .generators.hf import HFGenerator
+from .metrics import MetricsLog
+from .models import load_model, load_tokenizer
+from .records import Record
+from .sampling import SampleSummary, sample_traces, sampling_settings
+from .store import TraceStore, atomic_write_json, atomic_write_jsonl, settings_hash
+from .tasks import build_task
+
+
+class Run:
+    def __init__(self, cfg: RunConfig, overwrite: bool = False, progress: bool = True):
+        self.cfg = cfg
+        self.dir = Path(cfg.run_dir)
+        self.overwrite = overwrite
+        self.progress = progress
+        self.dir.mkdir(parents=True, exist_ok=True)
+        save_resolved(cfg, self.dir / "config.yaml")
+        self.metrics = MetricsLog(self.dir / "metrics.jsonl")
+
+    # ---- inputs -------------------------------------------------------------------------------
+
+    @cached_property
+    def splits(self) -> tuple[list[Record], list[Record]]:
+        train, held_out = load_splits(self.cfg.dataset, task_kind=self.cfg.task.kind)
+        if not train:
+            raise UserError("the dataset has no training questions (check dataset.path, fields and train_size)")
+        for r in [*train, *held_out]:  # bad gold fails here, before anything is generated
+            self.task.normalize_gold(r)
+        return train, held_out
+
+    @property
+    def train_records(self) -> list[Record]:
+        return self.splits[0]
+
+    @property
+    def eval_records(self) -> list[Record]:
+        return self.splits[1] if self.cfg.eval.split == "eval" else self.splits[0]
+
+    @cached_property
+    def task(self) -> Any:
+        return build_task(self.cfg.task)
+
+    def task_fingerprint(self) -> Any:
+        """What about the prompt and the answer check a stored trace depends on."""
+        t = self.cfg.task
+        return {"kind": t.kind, "custom": t.custom, "system": t.system_prompt, "instruction": t.instruction}
+
+    # ---- stages -------------------------------------------------------------------------------
+
+    def teacher_store(self) -> TraceStore:
+        cfg = self.cfg.teacher
+        name = f"{cfg.kind}:{cfg.model or cfg.path or 'scripted'}"
+        settings = sampling_settings(name, cfg.sampling, self.task_fingerprint())
+        if cfg.kind == "scripted":
+            settings["error_rate"] = cfg.error_rate
+        return TraceStore(self.dir / "teacher" / "traces.jsonl", settings_hash(settings), overwrite=self.overwrite)
+
+    def teacher(self, generator: Generator | None = None) -> SampleSummary:
+        """Sample and verify ``teacher.sampling.samples`` traces per training question."""
+        store = self.teacher_store()
+        k = self.cfg.teacher.sampling.samples
+        if generator is None and any(store.count(r.id) < k for r in self.train_records):
+            generator = build_generator(self.cfg.teacher, self.train_records, self.cfg.task.kind, self.cfg.seed)
+        summary = self._sample(store, generator, self.cfg.teacher.sampling, "teacher")
+        return summary
+
+    def student_store(self, epoch: int, generator_name: str | None = None) -> TraceStore:
+        cfg = self.cfg.student
+        name = generator_name or f"{cfg.kind}:{cfg.model}"
+        settings = sampling_settings(name, cfg.sampling, self.task_fingerprint())
+        return TraceStore(self.dir / "student" / f"epoch_{epoch}.jsonl", settings_hash(settings), overwrite=self.overwrite)
+
+    def student(self, epoch: int = 1, generator: Generator | None = None, records: list[Record] | None = None) -> SampleSummary:
+        """Sample the student's traces before ``epoch`` (epoch 1: the initial student)."""
+        records = self.train_records if records is None else records
+        store = self.student_store(epoch, None if generator is None or epoch == 1 else generator.name)
+        k = self.cfg.student.sampling.samples
+        if generator is None and any(store.count(r.id) < k for r in records):
+            generator = build_generator(self.cfg.student, records, self.cfg.task.kind, self.cfg.seed)
+        return self._sample(store, generator, self.cfg.student.sampling, f"student/epoch_{epoch}", records)
+
+    def train(self) -> dict[str, Any]:
+        """Train every epoch not yet in a complete checkpoint (see ``recipe.py``)."""
+        from .recipe import Distiller
+
+        return Distiller(self).train()
+
+    def evaluate(self, epoch: int, model: Any = None, tokenizer: Any = None) -> EvalSummary:
+        """Greedy evaluation of the student after ``epoch`` (0: before training); cached on disk."""
+        split = self.cfg.eval.split
+        key = _eval_key(split, epoch)
+        path = self.dir / "eval" / f"{key}.jsonl"
+        summaries = self.eval_summaries()
+        if path.exists() and key in summaries:
+            return EvalSummary.from_dict(summaries[key])
+        if model is None:
+            model, tokenizer = self.load_student_for_eval(epoch)
+        gen = HFGenerator.from_model(model, tokenizer, name=f"hf:student@epoch_{epoch}",
+                                     batch_size=self.cfg.eval.batch_size, progress=self.progress)
+        ecfg = self.cfg.eval
+        rows, summary = evaluate(self.eval_records, self.task, gen, ecfg.max_tokens, ecfg.self_consistency,
+                                 ecfg.temperature, seed=self.cfg.seed)
+        atomic_write_jsonl(path, rows)
+        summaries = self.eval_summaries()
+        summaries[key] = {**summary.as_dict(), "epoch": epoch, "split": split,
+                          "tokens_per_s": gen.stats.completion_tokens / gen.stats.seconds if gen.stats.seconds else 0.0}
+        atomic_write_json(self.dir / "eval" / "summary.json", summaries)
+        self.metrics.log("eval", key=key, **summary.as_dict())
+        return summary
+
+    def eval_summaries(self) -> dict[str, Any]:
+        path = self.dir / "eval" / "summary.json"
+        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+    def load_student_for_eval(self, epoch: int) -> tuple[Any, Any]:
+        scfg = self.cfg.student
+        tok = load_tokenizer(scfg.model, trust_remote_code=scfg.trust_remote_code)
+        if epoch == 0:
+            return load_model(scfg.model, dtype=scfg.dtype, trust_remote_code=scfg.trust_remote_code, device=scfg.device), tok
+        ckpt = checkpoint_dir(self.dir, epoch)
+        if not (ckpt / "state.json").is_file():
+            raise UserError(f"no complete checkpoint for epoch {epoch} in {ckpt.parent}; run `orpo-distill train` first")
+        if self.cfg.train.lora.enabled:
+            from peft import PeftModel
+
+            base = load_model(scfg.model, dtype=scfg.dtype, trust_remote_code=scfg.trust_remote_code, device=scfg.device)
+            return PeftModel.from_pretrained(base, str(ckpt)).merge_and_unload(), tok
+        return load_model(str(ckpt), dtype=scfg.dtype, trust_remote_code=scfg.trust_remote_code, device=scfg.device), tok
+
+    def run_all(self) -> dict[str, Any]:
+        """Every stage in order; each skips what is already complete."""
+        from .recipe import uses_student_negatives
+
+        out: dict[str, Any] = {"teacher": self.teacher()}
+        if uses_student_negatives(self.cfg):
+            out["student"] = self.student(epoch=1)
+        if self.cfg.eval.before_training:
+            out["eval_before"] = self.evaluate(0)
+        out["train"] = self.train()
+        last = self.cfg.train.epochs
+        out["eval_after"] = self.evaluate(last)
+        return out
+
+    def _sample(self, store: TraceStore, generator: Generator | None, sampling: Any, stage: str, records: list[Record] | None = None) -> SampleSummary:
+        records = self.train_records if records is None else records
+        summary = sample_traces(records, self.task, generator, sampling, store, stage, progress=self.progress)
+        self.metrics.log("sampling", **summary.as_dict())
+        return summary
+
+
+def _eval_key(split: str, epoch: int) -> str:
+    return f"{split}_epoch_{epoch}"

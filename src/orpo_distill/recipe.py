@@ -1,0 +1,260 @@
+"""The distillation recipe: epochs of training with the mixed-policy refresh between them.
+
+Per epoch ``e``:
+  1. (``e > 1``, student negatives) choose ``round(phi_e * Q)`` questions with the run's seed and
+     regenerate their negatives with the current student (``student/epoch_e.jsonl``);
+  2. build this epoch's pairs (or SFT targets) and write ``pairs/epoch_e.jsonl``;
+  3. train one epoch;
+  4. write ``checkpoints/epoch_e`` (model, optimizer, scheduler, RNG, negative buffer);
+  5. evaluate on the held-out split when ``eval.every_epoch``.
+A rerun resumes after the last complete checkpoint and ends with the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .batching import group_pairs, tokenize_pair
+from .checkpoints import latest_checkpoint, load_training_state, save_checkpoint
+from .config import RunConfig
+from .errors import UserError
+from .generators.hf import HFGenerator
+from .models import load_model, load_tokenizer, pick_device, render_prompt
+from .pairs import (
+    Negative,
+    NegativeBuffer,
+    choose_refresh,
+    make_pairs,
+    phi_for_epoch,
+    positives,
+    sft_targets,
+    teacher_negatives,
+)
+from .store import atomic_write_jsonl
+from .training import (
+    SftExample,
+    apply_lora,
+    make_optimizer,
+    make_scheduler,
+    steps_per_epoch,
+    train_epoch,
+)
+
+if TYPE_CHECKING:
+    from .pipeline import Run
+
+
+def uses_student_negatives(cfg: RunConfig) -> bool:
+    return cfg.train.method == "orpo" and cfg.pairs.negatives in ("student", "both")
+
+
+def _group(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        out.setdefault(r["id"], []).append(r)
+    for v in out.values():
+        v.sort(key=lambda r: r["sample"])
+    return out
+
+
+@dataclass
+class EpochData:
+    rows: list[dict[str, Any]]  # what pairs/epoch_E.jsonl holds
+    dropped_no_positive: int
+    dropped_no_negative: int
+
+
+class Distiller:
+    """Holds what the epochs share: the model, the optimizer, the traces and the negative buffer."""
+
+    def __init__(self, run: "Run"):
+        self.run = run
+        self.cfg = run.cfg
+        self.tcfg = run.cfg.train
+        self.tokenizer = load_tokenizer(self.cfg.student.model, trust_remote_code=self.cfg.student.trust_remote_code)
+        self.records = {r.id: r for r in run.train_records}
+        self.teacher = _group(run.teacher_store().all_rows())
+        self.qids = [r.id for r in run.train_records if positives(self.teacher.get(r.id, []))]
+        self.teacher_negs = {q: teacher_negatives(self.teacher.get(q, [])) for q in self.qids}
+        self.buffer = NegativeBuffer()
+
+    # ---- data ------------------------------------------------------------------------------------
+
+    def initial_buffer(self) -> NegativeBuffer:
+        rows = _group(self.run.student_store(1).all_rows())
+        buf = NegativeBuffer.from_traces({q: rows.get(q, []) for q in self.qids}, 1, self.cfg.pairs.filter)
+        if self.tcfg.when_all_correct == "teacher":
+            for q, negs in buf.negatives.items():
+                if not negs:
+                    buf.negatives[q] = list(self.teacher_negs[q])
+        return buf
+
+    def epoch_data(self, epoch: int) -> EpochData:
+        """The pairs (ORPO) or targets (SFT) of one epoch, as rows in TRL's conversational format."""
+        seed = self.cfg.pairs.seed + self.cfg.seed
+        rows, no_pos, no_neg = [], 0, 0
+        for r in self.run.train_records:
+            pos = positives(self.teacher.get(r.id, []))
+            if not pos:
+                no_pos += 1
+                continue
+            prompt = self.run.task.messages(r)
+            if self.tcfg.method == "sft":
+                for text in sft_targets(r.id, pos, self.tcfg.traces, seed):
+                    rows.append({"id": r.id, "prompt": prompt, "completion": [{"role": "assistant", "content": text}]})
+                continue
+            negs: list[Negative] = []
+            if self.cfg.pairs.negatives in ("teacher", "both"):
+                negs += self.teacher_negs[r.id]
+            if self.cfg.pairs.negatives in ("student", "both"):
+                negs += self.buffer.negatives.get(r.id, [])
+            pairs = make_pairs(r.id, pos, negs, self.cfg.pairs.pairs_per_question, seed, epoch)
+            if not pairs:
+                no_neg += 1
+            for chosen, neg in pairs:
+                rows.append({
+                    "id": r.id,
+                    "prompt": prompt,
+                    "chosen": [{"role": "assistant", "content": chosen}],
+                    "rejected": [{"role": "assistant", "content": neg.text}],
+                    "rejected_source": neg.source,
+                    "rejected_epoch": neg.epoch,
+                })
+        return EpochData(rows, no_pos, no_neg)
+
+    def tokenize(self, rows: list[dict[str, Any]]) -> list[Any]:
+        """Token ids of an epoch's rows: SFT examples, or one pair group per question for ORPO."""
+        tok, max_len = self.tokenizer, self.tcfg.max_length
+        sft: list[Any] = []
+        pairs = []
+        for row in rows:
+            prompt_text = render_prompt(tok, row["prompt"])
+            if "completion" in row:
+                p = tokenize_pair(tok, prompt_text, row["completion"][0]["content"], "", max_len)
+                sft.append(SftExample(p.prompt_ids, p.chosen_ids))
+            else:
+                pairs.append(tokenize_pair(tok, prompt_text, row["chosen"][0]["content"], row["rejected"][0]["content"], max_len))
+        return sft if sft else group_pairs(pairs)
+
+    def upper_bound_examples(self) -> int:
+        """An upper bound on examples per epoch, for a schedule that never runs past its end."""
+        if self.tcfg.method == "sft":
+            if self.tcfg.traces == "single":
+                return len(self.qids)
+            return sum(len(positives(self.teacher[q])) for q in self.qids)
+        return len(self.qids) * self.cfg.pairs.pairs_per_question
+
+    def write_pairs(self, epoch: int, data: EpochData) -> Path:
+        path = self.run.dir / "pairs" / f"epoch_{epoch}.jsonl"
+        atomic_write_jsonl(path, data.rows)
+        self.run.metrics.log("pairs", epoch=epoch, rows=len(data.rows), dropped_no_positive=data.dropped_no_positive,
+                             dropped_no_negative=data.dropped_no_negative)
+        return path
+
+    # ---- the refresh ---------------------------------------------------------------------------
+
+    def refresh(self, epoch: int, model: Any) -> None:
+        t = self.tcfg
+        phi = phi_for_epoch(epoch, t.epochs, t.policy, t.phi, t.phi_schedule, t.phi_start)
+        chosen = choose_refresh(sorted(self.buffer.negatives), phi, self.cfg.seed, epoch)
+        if chosen:
+            gen = HFGenerator.from_model(model, self.tokenizer, name=f"hf:student@epoch_{epoch - 1}",
+                                         batch_size=self.cfg.student.sampling.batch_size, progress=self.run.progress)
+            self.run.student(epoch=epoch, generator=gen, records=[self.records[q] for q in chosen])
+            store = self.run.student_store(epoch, gen.name)
+            new = {q: store.for_question(q) for q in chosen}
+        else:
+            new = {}
+        result = self.buffer.refresh(new, epoch, self.cfg.pairs.filter, t.when_all_correct, self.teacher_negs)
+        self.run.metrics.log("refresh", epoch=epoch, phi=phi, questions=len(self.buffer.negatives),
+                             selected=len(chosen), refreshed=result.refreshed, all_correct=result.all_correct,
+                             fell_back_to_teacher=result.fell_back_to_teacher)
+
+    # ---- the whole training stage -----------------------------------------------------------------
+
+    def load_student(self, checkpoint: Path | None) -> Any:
+        scfg = self.cfg.student
+        if self.tcfg.lora.enabled:
+            model = load_model(scfg.model, dtype="float32", trust_remote_code=scfg.trust_remote_code, device=scfg.device)
+            if checkpoint is None:
+                return apply_lora(model, self.tcfg.lora)
+            from peft import PeftModel
+
+            return PeftModel.from_pretrained(model, str(checkpoint), is_trainable=True)
+        name = str(checkpoint) if checkpoint is not None else scfg.model
+        model = load_model(name, dtype="float32", trust_remote_code=scfg.trust_remote_code, device=scfg.device)
+        if self.tcfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            model.config.use_cache = False
+        return model
+
+    def train(self) -> dict[str, Any]:
+        from accelerate import Accelerator
+
+        t, run = self.tcfg, self.run
+        acc = Accelerator(cpu=pick_device(self.cfg.student.device).type == "cpu")
+        ckpt = latest_checkpoint(run.dir)
+        state: dict[str, Any] = {"global_step": 0}
+        if ckpt is not None:
+            state = json.loads((ckpt / "state.json").read_text())
+            if state["epoch"] >= t.epochs:
+                return {"epochs": t.epochs, "resumed_from": state["epoch"], "trained": False}
+        torch.manual_seed(t.seed + self.cfg.seed)
+        model = self.load_student(ckpt)
+        optimizer = make_optimizer(model, t)
+        total = t.epochs * steps_per_epoch(self.upper_bound_examples(), t, acc.num_processes)
+        scheduler = make_scheduler(optimizer, t, total)
+        model, optimizer = acc.prepare(model, optimizer)
+        start = 1
+        if ckpt is not None:
+            state, buffer = load_training_state(ckpt, optimizer, scheduler)
+            self.buffer = NegativeBuffer.from_dict(buffer)
+            start = state["epoch"] + 1
+            run.metrics.log("resume", checkpoint=str(ckpt), epoch=state["epoch"])
+        elif uses_student_negatives(self.cfg):
+            self.buffer = self.initial_buffer()
+        global_step = state.get("global_step", 0)
+        for epoch in range(start, t.epochs + 1):
+            if epoch > 1 and uses_student_negatives(self.cfg):
+                self.refresh(epoch, acc.unwrap_model(model))
+            data = self.epoch_data(epoch)
+            if acc.is_main_process:
+                self.write_pairs(epoch, data)
+            if not data.rows:
+                raise UserError(f"epoch {epoch} has nothing to train on: {data.dropped_no_positive} questions have no "
+                                f"correct teacher trace and {data.dropped_no_negative} no negative")
+            examples = self.tokenize(data.rows)
+            result = train_epoch(model, examples, optimizer, scheduler, t, epoch, self.tokenizer.pad_token_id, acc,
+                                 log=lambda row: run.metrics.log("train", **row), global_step=global_step,
+                                 progress=run.progress)
+            global_step += result.steps
+            run.metrics.log("epoch", epoch=epoch, steps=result.steps, examples=result.examples, tokens=result.tokens,
+                            seconds=result.seconds)
+            if acc.is_main_process:
+                save_checkpoint(run.dir, epoch, acc.unwrap_model(model), self.tokenizer, optimizer, scheduler,
+                                self.buffer.to_dict(), {"global_step": global_step})
+            acc.wait_for_everyone()
+            if self.cfg.eval.every_epoch:
+                run.evaluate(epoch, model=acc.unwrap_model(model), tokenizer=self.tokenizer)
+        if acc.is_main_process:
+            self.export(acc.unwrap_model(model))
+        return {"epochs": t.epochs, "resumed_from": start - 1, "trained": True, "global_step": global_step}
+
+    def export(self, model: Any) -> Path:
+        """``model/``: the distilled student as a plain checkpoint (LoRA merged) for ``from_pretrained``."""
+        target = self.run.dir / "model"
+        tmp = target.with_name(".model.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        if self.tcfg.lora.enabled:
+            model = model.merge_and_unload()
+        model.save_pretrained(tmp)
+        self.tokenizer.save_pretrained(tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+        return target

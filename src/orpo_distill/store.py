@@ -1,0 +1,166 @@
+"""Append-only JSONL stores with stable keys, and atomic whole-file writes.
+
+Teacher traces cost money and time, so a store never loses a line that was flushed and never holds
+a key twice. Appends are flushed and fsynced per batch. A process killed in the middle of a write
+can leave at most one torn last line; opening the store cuts it off (that sample is then generated
+again). Every line records the settings hash it was made with: reopening a store with different
+settings is refused rather than silently mixing old traces into a new run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from .errors import UserError
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file and a rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    """Yield the objects of a JSONL file; a bad line is a UserError naming the file and line."""
+    path = Path(path)
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield obj
+
+
+def settings_hash(obj: Any) -> str:
+    """A short stable hash of anything JSON-serialisable (prompt template and sampling settings)."""
+    blob = json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def _repair_torn_tail(path: Path) -> int:
+    """Cut a last line that lacks its newline (a write killed midway). Returns bytes removed."""
+    size = path.stat().st_size
+    if size == 0:
+        return 0
+    with path.open("rb+") as f:
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return 0
+        # find the last newline; everything after it is the torn line
+        pos = size - 1
+        chunk = 4096
+        while pos > 0:
+            start = max(0, pos - chunk)
+            f.seek(start)
+            buf = f.read(pos - start)
+            idx = buf.rfind(b"\n")
+            if idx >= 0:
+                cut = start + idx + 1
+                break
+            pos = start
+        else:
+            cut = 0
+        f.truncate(cut)
+        f.flush()
+        os.fsync(f.fileno())
+        return size - cut
+
+
+class TraceStore:
+    """One JSONL file of generated samples keyed by ``(id, sample)``.
+
+    ``settings`` is the hash of what produced the samples; opening a store whose lines carry another
+    hash raises :class:`UserError` unless ``overwrite`` is set, in which case the old file is kept
+    aside as ``NAME.jsonl.old`` and a fresh one begins.
+    """
+
+    def __init__(self, path: Path, settings: str, overwrite: bool = False):
+        self.path = Path(path)
+        self.settings = settings
+        self.rows: dict[tuple[str, int], dict[str, Any]] = {}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            _repair_torn_tail(self.path)
+            rows = list(read_jsonl(self.path))
+            other = {r.get("settings") for r in rows} - {settings}
+            if other and not overwrite:
+                raise UserError(
+                    f"{self.path} was generated with other settings (hash {sorted(map(str, other))[0]}, "
+                    f"now {settings}): the prompt, model or sampling settings changed. Use a new run_dir, "
+                    "or pass --overwrite to set the old file aside and generate again."
+                )
+            if other:
+                os.replace(self.path, self.path.with_suffix(".jsonl.old"))
+                rows = []
+            for r in rows:
+                self.rows.setdefault((str(r["id"]), int(r["sample"])), r)
+
+    def __contains__(self, key: tuple[str, int]) -> bool:
+        return key in self.rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def count(self, qid: str) -> int:
+        """How many samples of question ``qid`` are stored (indices 0..count-1 are assumed dense)."""
+        n = 0
+        while (qid, n) in self.rows:
+            n += 1
+        return n
+
+    def for_question(self, qid: str) -> list[dict[str, Any]]:
+        return [self.rows[(qid, i)] for i in range(self.count(qid))]
+
+    def append(self, rows: list[dict[str, Any]]) -> int:
+        """Append new rows (skipping keys already present), flushed and fsynced. Returns rows written."""
+        fresh = []
+        for r in rows:
+            key = (str(r["id"]), int(r["sample"]))
+            if key in self.rows:
+                continue
+            r = {**r, "settings": self.settings}
+            self.rows[key] = r
+            fresh.append(r)
+        if not fresh:
+            return 0
+        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in fresh).encode("utf-8")
+        with self.path.open("ab") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return len(fresh)
+
+    def all_rows(self) -> list[dict[str, Any]]:
+        return list(self.rows.values())

@@ -1,0 +1,405 @@
+"""Tokenizing, collating, and the forward pass: plain layout vs references and TRL, packed vs plain."""
+
+from __future__ import annotations
+
+import os
+import random
+import warnings
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from orpo_distill.batching import (
+    PairGroup,
+    TokenizedPair,
+    collate_packed,
+    collate_plain,
+    collate_sft,
+    group_pairs,
+    model_forward,
+    pair_logps,
+    pair_logps_packed,
+    sft_logps,
+    tokenize_pair,
+    truncate_pair,
+)
+from orpo_distill.errors import UserError
+from orpo_distill.logprobs import token_logprobs_from_logits
+from orpo_distill.losses import orpo_loss, sft_loss
+
+VOCAB = 128
+PAD = 0
+
+
+def tiny_model(impl: str = "sdpa", tie: bool = False, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=tie,
+        attn_implementation=impl,
+    )
+    return LlamaForCausalLM(cfg).float().eval()  # eval: no dropout; gradients still flow
+
+
+def _ids(rng: random.Random, lo: int, hi: int) -> list[int]:
+    return [rng.randrange(1, VOCAB) for _ in range(rng.randint(lo, hi))]
+
+
+def random_groups(seed: int, ks: list[int]) -> list[PairGroup]:
+    """Groups of mixed prompt/response lengths; positives are cycled so chosen responses repeat."""
+    rng = random.Random(seed)
+    groups = []
+    for k in ks:
+        prompt = _ids(rng, 1, 9)
+        positives = [_ids(rng, 1, 8) for _ in range(rng.randint(1, 2))]
+        pairs = [(positives[i % len(positives)], _ids(rng, 1, 8)) for i in range(k)]
+        groups.append(PairGroup(prompt, pairs))
+    return groups
+
+
+def flatten(groups: list[PairGroup]) -> list[TokenizedPair]:
+    return [TokenizedPair(g.prompt_ids, c, r) for g in groups for c, r in g.pairs]
+
+
+def _loss(sums: dict[str, torch.Tensor], lam: float = 0.3):
+    return orpo_loss(
+        sums["chosen_logp_sum"],
+        sums["chosen_tokens"],
+        sums["rejected_logp_sum"],
+        sums["rejected_tokens"],
+        sums["nll_sum"],
+        sums["nll_count"],
+        lam=lam,
+    )
+
+
+def _param_grads(model: nn.Module, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    return {n: (g if g is not None else torch.zeros_like(p)) for (n, p), g in zip(params.items(), grads)}
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizing
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "</s>", "<unk>"] + [f"w{i}" for i in range(20)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+
+
+def test_tokenize_pair_appends_eos_once(tokenizer) -> None:
+    pair = tokenize_pair(tokenizer, "w1 w2", "w3 w4", "w5 </s>", max_length=64)
+    assert pair == TokenizedPair(prompt_ids=[4, 5], chosen_ids=[6, 7, 1], rejected_ids=[8, 1])
+
+
+def test_tokenize_pair_truncates_prompt_left_then_responses_right(tokenizer) -> None:
+    prompt = " ".join(f"w{i}" for i in range(10))  # ids 3..12
+    # prompt 10 tokens, chosen 6 + eos = 7: 17 > 12. The prompt keeps max(12 - 7, min(10, 12 // 2)) = 6
+    # tokens (its floor), then the responses get 12 - 6 = 6 tokens.
+    pair = tokenize_pair(tokenizer, prompt, "w0 w1 w2 w3 w4 w5", "w9", max_length=12)
+    assert pair.prompt_ids == list(range(7, 13))  # the last 6 prompt tokens
+    assert pair.chosen_ids == [3, 4, 5, 6, 7, 8]  # cut from the right, eos lost with it
+    assert pair.rejected_ids == [12, 1]
+    # room for everything: nothing is cut
+    whole = tokenize_pair(tokenizer, prompt, "w0", "w1", max_length=12)
+    assert whole.prompt_ids == list(range(3, 13)) and whole.chosen_ids == [3, 1]
+
+
+def test_truncate_pair_keeps_bounds_and_cuts_only_as_needed() -> None:
+    rng = random.Random(3)
+    for _ in range(300):
+        p = TokenizedPair(_ids(rng, 1, 40), _ids(rng, 1, 40), _ids(rng, 1, 40))
+        m = rng.randint(8, 60)
+        t = truncate_pair(p, m)
+        longest = max(len(t.chosen_ids), len(t.rejected_ids))
+        assert len(t.prompt_ids) + longest <= m
+        assert t.prompt_ids == p.prompt_ids[len(p.prompt_ids) - len(t.prompt_ids) :]  # a suffix
+        assert t.chosen_ids == p.chosen_ids[: len(t.chosen_ids)] and t.chosen_ids  # a non-empty prefix
+        assert t.rejected_ids == p.rejected_ids[: len(t.rejected_ids)] and t.rejected_ids
+        if len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) <= m:
+            assert t == p
+        if len(t.chosen_ids) < len(p.chosen_ids) or len(t.rejected_ids) < len(p.rejected_ids):
+            # responses are cut only once the prompt is at its floor
+            assert len(t.prompt_ids) == min(len(p.prompt_ids), m // 2)
+        elif len(t.prompt_ids) < len(p.prompt_ids):
+            assert len(t.prompt_ids) + longest == m  # the prompt lost no more than needed
+
+
+def test_tokenize_pair_user_errors(tokenizer) -> None:
+    with pytest.raises(UserError, match="no tokens"):
+        tokenize_pair(tokenizer, "", "w1", "w2", max_length=16)
+    no_eos = SimpleNamespace(eos_token_id=None)
+    with pytest.raises(UserError, match="eos"):
+        tokenize_pair(no_eos, "w1", "w1", "w2", max_length=16)
+
+
+# ---------------------------------------------------------------------------------------------
+# plain layout
+
+
+def test_collate_plain_layout() -> None:
+    pairs = [TokenizedPair([5, 6], [7, 8, 9], [10]), TokenizedPair([11], [12], [13, 14])]
+    b = collate_plain(pairs, pad_id=PAD, nll_on_prompt=False)
+    assert b["input_ids"].tolist() == [
+        [5, 6, 7, 8, 9],  # chosen 0
+        [11, 12, 0, 0, 0],  # chosen 1
+        [5, 6, 10, 0, 0],  # rejected 0
+        [11, 13, 14, 0, 0],  # rejected 1
+    ]
+    assert b["attention_mask"].tolist() == [[1] * 5, [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 0, 0]]
+    assert b["labels"].tolist() == [
+        [-100, -100, 7, 8, 9],
+        [-100, 12, -100, -100, -100],
+        [-100, -100, 10, -100, -100],
+        [-100, 13, 14, -100, -100],
+    ]
+    assert b["response_mask"].sum(-1).tolist() == [3, 1, 1, 2]
+    assert b["nll_mask"].int().tolist() == [[0, 0, 1, 1, 1], [0, 1, 0, 0, 0], [0] * 5, [0] * 5]
+    b2 = collate_plain(pairs, pad_id=PAD, nll_on_prompt=True)
+    # the prompt counts for the NLL (but not its first token), never for the OR term
+    assert b2["nll_mask"].int().tolist() == [[0, 1, 1, 1, 1], [0, 1, 0, 0, 0], [0] * 5, [0] * 5]
+    assert b2["labels"][0].tolist() == [-100, 6, 7, 8, 9]
+    assert torch.equal(b2["response_mask"], b["response_mask"])
+
+
+def _reference_sums(model: nn.Module, pairs: list[TokenizedPair], nll_on_prompt: bool) -> dict[str, torch.Tensor]:
+    """One unpadded sequence at a time, full logits, explicit loops: the definition."""
+    out = {k: [] for k in ["chosen_logp_sum", "chosen_tokens", "rejected_logp_sum", "rejected_tokens", "nll_sum", "nll_count"]}
+    for p in pairs:
+        for side in ("chosen", "rejected"):
+            resp = getattr(p, f"{side}_ids")
+            ids = torch.tensor([p.prompt_ids + resp])
+            logp = torch.log_softmax(model(ids).logits[0].float(), -1)
+            per_tok = [logp[t - 1, ids[0, t]] for t in range(1, ids.shape[1])]  # per_tok[t-1] is token t
+            n_p = len(p.prompt_ids)
+            resp_sum = torch.stack(per_tok[n_p - 1 :]).sum()
+            out[f"{side}_logp_sum"].append(resp_sum)
+            out[f"{side}_tokens"].append(torch.tensor(float(len(resp))))
+            if side == "chosen":
+                nll = -torch.stack(per_tok).sum() if nll_on_prompt else -resp_sum
+                out["nll_sum"].append(nll)
+                out["nll_count"].append(torch.tensor(float(len(per_tok) if nll_on_prompt else len(resp))))
+    return {k: torch.stack(v) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("nll_on_prompt", [False, True])
+def test_pair_logps_matches_unpadded_reference(nll_on_prompt: bool) -> None:
+    model = tiny_model(tie=True)
+    pairs = flatten(random_groups(1, [1, 2, 2]))
+    batch = collate_plain(pairs, PAD, nll_on_prompt)
+    kind, *_ = model_forward(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    assert kind == "hidden"  # the chunked path, not the full-logits fallback
+    got = pair_logps(model, batch, chunk_size=5)
+    ref = _reference_sums(model, pairs, nll_on_prompt)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-5, msg=k)
+
+
+class _ScaledLogits(LlamaForCausalLM):
+    """A model that transforms logits after its head (like Cohere's logit_scale)."""
+
+    def forward(self, input_ids=None, attention_mask=None, logits_to_keep=0, **kwargs):
+        out = super().forward(input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep, **kwargs)
+        out.logits = out.logits * 0.5
+        return out
+
+
+def test_logit_transform_falls_back_to_full_logits() -> None:
+    base = tiny_model()
+    model = _ScaledLogits(base.config).float().eval()
+    model.load_state_dict(base.state_dict())
+    pairs = flatten(random_groups(2, [2]))
+    batch = collate_plain(pairs, PAD, False)
+    with pytest.warns(UserWarning, match="full logits"):
+        got = pair_logps(model, batch)
+    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    tok = token_logprobs_from_logits(logits, batch["labels"])
+    torch.testing.assert_close(got["chosen_logp_sum"], (tok[:2] * batch["response_mask"][:2]).sum(-1))
+
+
+def test_model_without_output_head_uses_its_logits() -> None:
+    inner = tiny_model()
+
+    class Bare(nn.Module):  # no get_output_embeddings, no logits_to_keep
+        def __init__(self):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask=None, use_cache=False):
+            return SimpleNamespace(logits=self.inner(input_ids, attention_mask=attention_mask).logits)
+
+    pairs = flatten(random_groups(4, [1, 3]))
+    batch = collate_plain(pairs, PAD, True)
+    torch.testing.assert_close(pair_logps(Bare(), batch)["nll_sum"], pair_logps(inner, batch)["nll_sum"])
+
+
+def test_sft_matches_transformers_causal_lm_loss() -> None:
+    model = tiny_model()
+    rng = random.Random(5)
+    examples = [(_ids(rng, 1, 6), _ids(rng, 1, 6)) for _ in range(4)]
+    batch = collate_sft(examples, PAD)
+    logp_sum, token_count = sft_logps(model, batch, chunk_size=3)
+    ours = sft_loss(logp_sum, token_count)
+    hf = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    assert ours.item() == pytest.approx(hf.item(), rel=1e-5)
+    g_ours, g_hf = _param_grads(model, ours), _param_grads(model, hf)
+    for name in g_ours:
+        torch.testing.assert_close(g_ours[name], g_hf[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# TRL's ORPOTrainer
+
+
+def _trl_trainer(beta: float):
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from trl.experimental.orpo.orpo_trainer import ORPOTrainer
+        from trl.experimental.utils import DPODataCollatorWithPadding
+
+    class FakeORPOTrainer:
+        """The attributes TRL's loss path reads, and TRL's own methods (not copies)."""
+
+        is_encoder_decoder = False
+        padding_value = PAD
+        aux_loss_enabled = False
+        accelerator = SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda x: x)
+        concatenated_inputs = staticmethod(ORPOTrainer.concatenated_inputs)
+        get_batch_logps = staticmethod(ORPOTrainer.get_batch_logps)
+        concatenated_forward = ORPOTrainer.concatenated_forward
+        odds_ratio_loss = ORPOTrainer.odds_ratio_loss
+        get_batch_loss_metrics = ORPOTrainer.get_batch_loss_metrics
+
+    trainer = FakeORPOTrainer()
+    trainer.beta = beta
+    return trainer, DPODataCollatorWithPadding(pad_token_id=PAD)
+
+
+def _trl_features(p: TokenizedPair) -> dict[str, list[int]]:
+    """What ORPOTrainer.tokenize_row yields: prompt + response rows, labels -100 on the prompt."""
+    feats = {"prompt_input_ids": p.prompt_ids, "prompt_attention_mask": [1] * len(p.prompt_ids)}
+    for side in ("chosen", "rejected"):
+        resp = getattr(p, f"{side}_ids")
+        feats[f"{side}_input_ids"] = p.prompt_ids + resp
+        feats[f"{side}_attention_mask"] = [1] * (len(p.prompt_ids) + len(resp))
+        feats[f"{side}_labels"] = [-100] * len(p.prompt_ids) + resp
+    return feats
+
+
+def test_matches_trl_orpo_trainer() -> None:
+    """TRL counts the prompt in the NLL: our nll_on_prompt=True. TRL's beta is our lambda."""
+    lam = 0.25
+    model = tiny_model()
+    pairs = flatten(random_groups(7, [1, 3, 2]))
+    trainer, collator = _trl_trainer(lam)
+    trl_batch = collator([_trl_features(p) for p in pairs])
+
+    trl_chosen, trl_rejected, _, _, trl_nll = trainer.concatenated_forward(model, trl_batch)
+    trl_loss, metrics = trainer.get_batch_loss_metrics(model, trl_batch)
+
+    ours = _loss(pair_logps(model, collate_plain(pairs, PAD, nll_on_prompt=True), chunk_size=7), lam=lam)
+    torch.testing.assert_close(ours.logps_chosen, trl_chosen, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.logps_rejected, trl_rejected, rtol=1e-5, atol=1e-5)
+    assert ours.nll.item() == pytest.approx(trl_nll.item(), abs=1e-5)
+    assert ours.nll.item() == pytest.approx(metrics["nll_loss"], abs=1e-5)
+    # TRL's metric "log_odds_ratio" is mean(logsigmoid(ratio)) = -L_OR; "log_odds_chosen" is mean(ratio)
+    assert ours.or_loss.item() == pytest.approx(-metrics["log_odds_ratio"], abs=1e-5)
+    assert ours.log_odds_ratio.mean().item() == pytest.approx(metrics["log_odds_chosen"], abs=1e-5)
+    assert ours.reward_accuracy.item() == pytest.approx(metrics["rewards/accuracies"], abs=1e-6)
+    assert ours.loss.item() == pytest.approx(trl_loss.item(), abs=1e-5)
+    g_ours, g_trl = _param_grads(model, ours.loss), _param_grads(model, trl_loss)
+    for name in g_ours:
+        torch.testing.assert_close(g_ours[name], g_trl[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# packed layout
+
+
+def test_collate_packed_layout() -> None:
+    group = PairGroup([5, 6, 7], [([8, 9], [10]), ([8, 9], [11, 12])])
+    b = collate_packed([group, PairGroup([20], [([21], [22])])], pad_id=PAD, nll_on_prompt=False)
+    # the shared chosen response [8, 9] appears once
+    assert b["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10, 11, 12], [20, 21, 22, 0, 0, 0, 0, 0]]
+    assert b["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 3, 3, 4]
+    assert b["position_ids"][1, :3].tolist() == [0, 1, 1]
+    m = b["attention_mask"][0, 0].int()
+    assert m.shape == (8, 8)
+    assert m[2].tolist() == [1, 1, 1, 0, 0, 0, 0, 0]  # prompt: causal
+    assert m[4].tolist() == [1, 1, 1, 1, 1, 0, 0, 0]  # chosen's 2nd token: prompt + own past
+    assert m[5].tolist() == [1, 1, 1, 0, 0, 1, 0, 0]  # rejected 1: prompt + itself, not the chosen
+    assert m[7].tolist() == [1, 1, 1, 0, 0, 0, 1, 1]  # rejected 2, 2nd token
+    pad = b["attention_mask"][1, 0].int()
+    assert pad[5].tolist() == [0, 0, 0, 0, 0, 1, 0, 0]  # padding sees only itself
+    assert pad[:3, 3:].sum() == 0  # real tokens never see padding
+    # targets: each response's first token is predicted by the prompt's last token (flat index 2)
+    assert b["target_ids"].tolist() == [8, 9, 10, 11, 12, 21, 22]
+    assert b["source_index"].tolist() == [2, 3, 2, 2, 6, 8, 8]
+    assert b["pair_chosen"].tolist()[:2] == [1, 1]  # both pairs read the same chosen segment
+    assert b["segment_tokens"].tolist() == [2, 2, 1, 2, 0, 1, 1]
+    with_prompt = collate_packed([group], pad_id=PAD, nll_on_prompt=True)
+    assert with_prompt["target_ids"].tolist()[:2] == [6, 7]  # prompt tokens but the first
+    assert with_prompt["source_index"].tolist()[:2] == [0, 1]
+
+
+def test_group_pairs_groups_by_prompt_in_order() -> None:
+    a, b = [1, 2], [3]
+    pairs = [TokenizedPair(a, [4], [5]), TokenizedPair(b, [6], [7]), TokenizedPair(a, [8], [9]), TokenizedPair(a, [4], [10])]
+    groups = group_pairs(pairs)
+    assert [g.prompt_ids for g in groups] == [a, b]
+    assert groups[0].pairs == [([4], [5]), ([8], [9]), ([4], [10])]
+    assert groups[0].packed_length() == 2 + 5  # [4] counted once
+    capped = group_pairs(pairs, max_pairs=2)
+    assert [len(g.pairs) for g in capped] == [2, 1, 1]
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("nll_on_prompt", [False, True])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_packed_equals_plain_loss_and_gradients(impl: str, nll_on_prompt: bool, seed: int) -> None:
+    model = tiny_model(impl, tie=seed == 1, seed=seed)
+    ks = [1, 2, 3, 4]
+    random.Random(seed).shuffle(ks)
+    groups = random_groups(10 + seed, ks)
+    plain = _loss(pair_logps(model, collate_plain(flatten(groups), PAD, nll_on_prompt), chunk_size=6))
+    packed = _loss(pair_logps_packed(model, collate_packed(groups, PAD, nll_on_prompt), chunk_size=6))
+    for field in ("loss", "nll", "or_loss", "log_odds_ratio", "logps_chosen", "logps_rejected"):
+        torch.testing.assert_close(getattr(packed, field), getattr(plain, field), rtol=1e-5, atol=1e-5, msg=field)
+    g_plain, g_packed = _param_grads(model, plain.loss), _param_grads(model, packed.loss)
+    for name in g_plain:
+        torch.testing.assert_close(g_packed[name], g_plain[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_packed_mask_matters() -> None:
+    """Guard against a vacuous equality: a plain causal mask over the packed row gives other numbers."""
+    model = tiny_model("sdpa")
+    groups = random_groups(3, [3])
+    batch = collate_packed(groups, PAD, False)
+    right = pair_logps_packed(model, batch)["rejected_logp_sum"]
+    batch["attention_mask"] = torch.ones_like(batch["attention_mask"]).tril()
+    wrong = pair_logps_packed(model, batch)["rejected_logp_sum"]
+    assert not torch.allclose(right, wrong, atol=1e-3)
+
+
+def test_packed_refuses_attention_without_dense_masks() -> None:
+    model = tiny_model("sdpa")
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(UserError, match="sdpa"):
+        pair_logps_packed(model, collate_packed(random_groups(0, [1]), PAD, False))
