@@ -124,3 +124,22 @@ def test_refuses_non_synthetic_data(records):
         teacher.generate([Request(key="gsm8k-train-0", messages=(), n=1)])
     with pytest.raises(UserError, match="error_rate"):
         ScriptedTeacher(records, error_rate=1.5)
+
+
+def test_resumed_samples_equal_uninterrupted_ones():
+    """Sample s of a question is the same text whether made in one request or after a resume,
+    because the sampling stage seeds a request that starts at sample s with base + s."""
+    from orpo_distill.config import DatasetConfig
+    from orpo_distill.datasets import load_splits
+    from orpo_distill.sampling import request_seed
+    from orpo_distill.generators.base import Request
+    from orpo_distill.generators.scripted import ScriptedTeacher
+
+    train, _ = load_splits(DatasetConfig(kind="synthetic", train_size=10, eval_size=2))
+    teacher = ScriptedTeacher(train, error_rate=0.4, seed=3)
+    msgs = ({"role": "user", "content": "q"},)
+    for r in train:
+        whole = teacher.generate([Request(r.id, msgs, n=5, seed=request_seed(0, r.id, 0))])[0]
+        first = teacher.generate([Request(r.id, msgs, n=2, seed=request_seed(0, r.id, 0))])[0]
+        rest = teacher.generate([Request(r.id, msgs, n=3, seed=request_seed(0, r.id, 2))])[0]
+        assert [s.text for s in whole] == [s.text for s in first + rest]

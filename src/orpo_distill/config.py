@@ -17,7 +17,8 @@ from .errors import UserError
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # coerce_numbers_to_str: `run_dir: 2024` or `--set student.model=1234` name a string, not a number
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
 
 
 class SyntheticConfig(Strict):
@@ -187,6 +188,23 @@ class RunConfig(Strict):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _partial_generator_sections(cls, data: Any) -> Any:
+        """A teacher or student section naming neither ``kind`` nor ``model`` refines the default
+        generator (scripted teacher, builtin student) instead of starting from a bare ``hf`` one with no
+        model, so ``--set teacher.sampling.samples=8`` alone works."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for name in ("teacher", "student"):
+            section = data.get(name)
+            if isinstance(section, dict) and "kind" not in section and "model" not in section:
+                default = cls.model_fields[name].default
+                base = {"kind": default.kind, **({"model": default.model} if default.model else {})}
+                data[name] = {**base, **section}
+        return data
+
     @property
     def path(self) -> Path:
         return Path(self.run_dir)
@@ -210,17 +228,28 @@ def _format_errors(err: ValidationError, source: str) -> str:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``a.b=c`` -> (["a", "b"], value), the value parsed as YAML so numbers and lists work."""
+    """``a.b=c`` -> (["a", "b"], value).
+
+    The value is read as YAML when it is a number, a boolean, null, a quoted string or a flow list or
+    mapping (``0.25``, ``true``, ``[0.1, 0.5]``, ``{question: q}``); anything else is taken literally,
+    so ``task.system_prompt=Answer: briefly`` stays a string rather than becoming a mapping, and
+    ``task.instruction=Use #tags`` keeps what YAML would drop as a comment.
+    """
     if "=" not in text:
         raise UserError(f"--set expects key.path=value, got {text!r}")
     key, raw = text.split("=", 1)
     if not key.strip():
         raise UserError(f"--set expects key.path=value, got {text!r}")
+    path, raw = key.strip().split("."), raw.strip()
+    if not raw:
+        return path, ""
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.safe_load(raw)
     except yaml.YAMLError:
-        value = raw
-    return key.strip().split("."), value
+        return path, raw
+    if raw[0] in "[{\"'" or value is None or isinstance(value, (bool, int, float)):
+        return path, value
+    return path, raw
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -283,3 +312,114 @@ def save_resolved(cfg: RunConfig, path: str | Path) -> None:
     from .store import atomic_write_text
 
     atomic_write_text(Path(path), yaml.safe_dump(resolved_dict(cfg), sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# reference
+
+
+def _type_name(annotation: Any) -> str:
+    text = str(annotation).replace("typing.", "")
+    return text.replace("<class '", "").replace("'>", "")
+
+
+# Meanings of the fields whose Field() carries no description, keyed by section class and name.
+_MEANINGS: dict[tuple[str, str], str] = {
+    ("RunConfig", "run_dir"): "the run directory: every stage reads and writes here",
+    ("RunConfig", "seed"): "seed for data order, refresh choice, pairing and sampling",
+    ("DatasetConfig", "kind"): "synthetic (built in), gsm8k (local files), jsonl (field map), hf (Hub id or saved folder)",
+    ("DatasetConfig", "train_split"): "hf/gsm8k: name of the training split",
+    ("DatasetConfig", "eval_split"): "hf/gsm8k: name of the held-out split",
+    ("DatasetConfig", "seed"): "seed of the synthetic task and of the train/eval split",
+    ("SyntheticConfig", "num_choices"): "options per question",
+    ("TaskConfig", "kind"): "how answers are extracted and checked",
+    ("TaskConfig", "allow_custom_code"): "must be true for task.custom to import user code",
+    ("TaskConfig", "system_prompt"): "optional system message before every question",
+    ("GeneratorConfig", "kind"): "hf (local transformers), openai (any compatible server), replay (recorded file), scripted (synthetic teacher)",
+    ("GeneratorConfig", "base_url"): "openai: server base URL(s) ending in /v1; a list spreads requests over servers",
+    ("GeneratorConfig", "endpoint"): "openai: chat/completions (messages) or completions (plain prompt)",
+    ("GeneratorConfig", "max_concurrency"): "openai: requests in flight at once",
+    ("GeneratorConfig", "timeout"): "openai: seconds before a request counts as timed out (then retried)",
+    ("GeneratorConfig", "max_retries"): "openai: retries per request on 429, 5xx, timeouts, resets, bad JSON",
+    ("GeneratorConfig", "backoff_base"): "openai: first backoff in seconds (doubles each retry, with jitter)",
+    ("GeneratorConfig", "backoff_max"): "openai: longest single wait, Retry-After included",
+    ("GeneratorConfig", "stop"): "openai: stop sequences",
+    ("GeneratorConfig", "path"): "replay: JSONL of recorded traces ({id, text} per line)",
+    ("GeneratorConfig", "error_rate"): "scripted: share of traces with a deliberate mistake (teacher negatives)",
+    ("GeneratorConfig", "dtype"): "hf: weight dtype (auto: bf16 on GPU, fp32 on CPU with bf16 autocast)",
+    ("GeneratorConfig", "device"): "hf: auto, cpu, cuda, cuda:1, ...",
+    ("GeneratorConfig", "trust_remote_code"): "hf: allow model code from the Hub (off unless you set it)",
+    ("GeneratorConfig", "tensor_parallel_size"): "vllm: GPUs per engine",
+    ("SamplingConfig", "temperature"): "sampling temperature (0: greedy)",
+    ("SamplingConfig", "top_p"): "nucleus sampling threshold",
+    ("SamplingConfig", "max_tokens"): "longest response in tokens",
+    ("SamplingConfig", "seed"): "base of the per-request seeds",
+    ("PairsConfig", "negatives"): "where rejected responses come from: student, teacher or both",
+    ("PairsConfig", "filter"): "student negatives: incorrect samples only, or any sample",
+    ("PairsConfig", "pairs_per_question"): "pairs per question per epoch (positives cycle, negatives drawn without replacement)",
+    ("PairsConfig", "seed"): "seed of the pairing",
+    ("TrainConfig", "method"): "orpo (preference) or sft (teacher positives only)",
+    ("TrainConfig", "policy"): "off (phi 0), on (phi 1) or mixed (phi as given)",
+    ("TrainConfig", "epochs"): "training epochs; the refresh runs before each epoch after the first",
+    ("TrainConfig", "lr"): "peak learning rate (AdamW)",
+    ("TrainConfig", "weight_decay"): "AdamW weight decay",
+    ("TrainConfig", "phi_start"): "linear schedule: phi before epoch 2 (ramps to phi before the last epoch)",
+    ("TrainConfig", "grad_accum"): "micro-batches per optimizer step",
+    ("TrainConfig", "nll_on_prompt"): "also count prompt tokens in the NLL term (what TRL does)",
+    ("TrainConfig", "max_grad_norm"): "gradient clipping norm",
+    ("TrainConfig", "warmup_ratio"): "share of steps spent warming up the learning rate",
+    ("TrainConfig", "scheduler"): "learning-rate decay after warmup",
+    ("TrainConfig", "precision"): "auto: bf16 autocast where the GPU or CPU has bf16 units; loss in fp32 always",
+    ("TrainConfig", "gradient_checkpointing"): "recompute activations in backward to save memory",
+    ("TrainConfig", "log_every"): "log a metrics line every N optimizer steps",
+    ("TrainConfig", "seed"): "seed of the data order",
+    ("LoraConfig", "enabled"): "train a LoRA adapter (PEFT) instead of all weights",
+    ("LoraConfig", "r"): "LoRA rank",
+    ("LoraConfig", "alpha"): "LoRA alpha",
+    ("LoraConfig", "dropout"): "LoRA dropout",
+    ("LoraConfig", "target_modules"): "modules to adapt (PEFT names, or all-linear)",
+    ("EvalConfig", "split"): "evaluate on the held-out split (eval) or on the training questions",
+    ("EvalConfig", "max_tokens"): "longest response in tokens",
+    ("EvalConfig", "batch_size"): "sequences per generation batch",
+    ("EvalConfig", "every_epoch"): "evaluate after every epoch, not only the last",
+    ("EvalConfig", "before_training"): "evaluate the initial student (epoch 0) in `run`",
+}
+
+
+def config_reference() -> str:
+    """The config reference as a markdown table, generated from the models (README.md embeds it)."""
+    lines = ["| field | type | default | meaning |", "| --- | --- | --- | --- |"]
+
+    def walk(obj: BaseModel, prefix: str) -> None:
+        for name, f in type(obj).model_fields.items():
+            key = f.alias or name
+            value = getattr(obj, name)
+            if isinstance(value, BaseModel):
+                walk(value, f"{prefix}{key}.")
+                continue
+            shown = "" if value is None else f"`{value}`"
+            typ = _type_name(f.annotation).replace("|", "\\|")
+            meaning = f.description or _MEANINGS.get((type(obj).__name__, name), "")
+            lines.append(f"| `{prefix}{key}` | {typ} | {shown} | {meaning} |")
+
+    walk(RunConfig(), "")
+    return "\n".join(lines) + "\n"
+
+
+def _update_readme(path: Path) -> None:
+    import re
+
+    text = path.read_text(encoding="utf-8")
+    new = re.sub(
+        r"(<!-- config-reference:start -->\n).*?(<!-- config-reference:end -->)",
+        lambda m: m.group(1) + config_reference() + m.group(2),
+        text,
+        flags=re.S,
+    )
+    path.write_text(new, encoding="utf-8")
+
+
+if __name__ == "__main__":  # python -m orpo_distill.config [README.md]: refresh the reference table
+    import sys
+
+    _update_readme(Path(sys.argv[1] if len(sys.argv) > 1 else "README.md"))

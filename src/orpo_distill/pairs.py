@@ -13,6 +13,8 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal, Mapping, Sequence
 
+from .errors import UserError
+
 Trace = Mapping[str, Any]  # a row of a trace store: id, sample, text, answer, correct, source, ...
 
 
@@ -97,7 +99,8 @@ def phi_for_epoch(epoch: int, epochs: int, policy: str, phi: float | list[float]
         return 1.0
     if isinstance(phi, list):
         if epoch - 2 >= len(phi):
-            raise ValueError(f"train.phi lists {len(phi)} values, but epoch {epoch} needs value {epoch - 1} (one per refresh, epochs 2..{epochs})")
+            raise UserError(f"train.phi lists {len(phi)} values, but epoch {epoch} needs value {epoch - 1} "
+                            f"(one per refresh, epochs 2..{epochs})")
         return float(phi[epoch - 2])
     if schedule == "linear" and epochs > 2:
         t = (epoch - 2) / (epochs - 2)

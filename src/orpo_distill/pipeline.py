@@ -81,7 +81,8 @@ class Run:
         store = self.teacher_store()
         k = self.cfg.teacher.sampling.samples
         if generator is None and any(store.count(r.id) < k for r in self.train_records):
-            generator = build_generator(self.cfg.teacher, self.train_records, self.cfg.task.kind, self.cfg.seed)
+            generator = build_generator(self.cfg.teacher, self.train_records, self.cfg.task.kind, self.cfg.seed,
+                                        progress=self.progress)
         summary = self._sample(store, generator, self.cfg.teacher.sampling, "teacher")
         return summary
 
@@ -97,7 +98,7 @@ class Run:
         store = self.student_store(epoch, None if generator is None or epoch == 1 else generator.name)
         k = self.cfg.student.sampling.samples
         if generator is None and any(store.count(r.id) < k for r in records):
-            generator = build_generator(self.cfg.student, records, self.cfg.task.kind, self.cfg.seed)
+            generator = build_generator(self.cfg.student, records, self.cfg.task.kind, self.cfg.seed, progress=self.progress)
         return self._sample(store, generator, self.cfg.student.sampling, f"student/epoch_{epoch}", records)
 
     def train(self) -> dict[str, Any]:
@@ -165,7 +166,8 @@ class Run:
     def _sample(self, store: TraceStore, generator: Generator | None, sampling: Any, stage: str, records: list[Record] | None = None) -> SampleSummary:
         records = self.train_records if records is None else records
         summary = sample_traces(records, self.task, generator, sampling, store, stage, progress=self.progress)
-        self.metrics.log("sampling", **summary.as_dict())
+        if summary.new_samples or summary.failed_requests:  # a rerun that found it all on disk is no event
+            self.metrics.log("sampling", **summary.as_dict())
         return summary
 
 

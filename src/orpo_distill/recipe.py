@@ -198,17 +198,23 @@ class Distiller:
         from accelerate import Accelerator
 
         t, run = self.tcfg, self.run
+        if uses_student_negatives(self.cfg):  # a bad phi schedule fails now, not before epoch 3
+            for e in range(2, t.epochs + 1):
+                phi_for_epoch(e, t.epochs, t.policy, t.phi, t.phi_schedule, t.phi_start)
         acc = Accelerator(cpu=pick_device(self.cfg.student.device).type == "cpu")
         ckpt = latest_checkpoint(run.dir)
         state: dict[str, Any] = {"global_step": 0}
         if ckpt is not None:
             state = json.loads((ckpt / "state.json").read_text())
             if state["epoch"] >= t.epochs:
+                if acc.is_main_process and not (run.dir / "model" / "config.json").is_file():
+                    self.export(self.load_student(ckpt))  # killed after the last checkpoint, before the export
                 return {"epochs": t.epochs, "resumed_from": state["epoch"], "trained": False}
         torch.manual_seed(t.seed + self.cfg.seed)
         model = self.load_student(ckpt)
         optimizer = make_optimizer(model, t)
-        total = t.epochs * steps_per_epoch(self.upper_bound_examples(), t, acc.num_processes)
+        group = self.cfg.pairs.pairs_per_question if t.method == "orpo" else 1
+        total = t.epochs * steps_per_epoch(self.upper_bound_examples(), t, acc.num_processes, group_size=group)
         scheduler = make_scheduler(optimizer, t, total)
         model, optimizer = acc.prepare(model, optimizer)
         start = 1

@@ -77,11 +77,21 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_ste
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=max(1, total_steps))
 
 
-def steps_per_epoch(num_examples: int, cfg: TrainConfig, world_size: int = 1) -> int:
-    """Optimizer steps in an epoch of ``num_examples`` pairs (or SFT examples): an upper bound when
-    groups do not fill micro-batches exactly."""
-    per_rank = math.ceil(num_examples / world_size)
-    return math.ceil(math.ceil(per_rank / cfg.batch_size) / cfg.grad_accum)
+def steps_per_epoch(num_examples: int, cfg: TrainConfig, world_size: int = 1, group_size: int = 1) -> int:
+    """An upper bound on the optimizer steps of an epoch of ``num_examples`` pairs (or SFT examples)
+    that come in groups of at most ``group_size`` (a question's pairs stay in one micro-batch).
+
+    Sizes the learning-rate schedule, which must not run past its end. :func:`micro_batches` closes a
+    batch only when the next group does not fit, so every batch but the last holds at least
+    ``batch_size - group_size + 1`` pairs (a group larger than the batch goes alone).
+    """
+    groups = math.ceil(num_examples / group_size)
+    per_rank = math.ceil(groups / world_size)  # ranks take a strided share of the groups
+    if group_size > cfg.batch_size:
+        micro = per_rank
+    else:
+        micro = min(per_rank, math.ceil(per_rank * group_size / (cfg.batch_size - group_size + 1)))
+    return math.ceil(micro / cfg.grad_accum)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -180,7 +190,7 @@ def train_epoch(
             raise NonFiniteLossError(
                 f"epoch {epoch}, step {global_step + 1}: the loss is {loss.item()} ({metrics}); the step was "
                 "refused and no weights or checkpoints were changed. Lower train.lr, use train.precision=fp32, "
-                "or check the pairs in pairs/epoch_{epoch}.jsonl."
+                f"or check the pairs in pairs/epoch_{epoch}.jsonl."
             )
         accelerator.backward(loss / cfg.grad_accum)
         window.append(metrics)
@@ -190,6 +200,16 @@ def train_epoch(
         if not last_micro:
             continue
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        if not math.isfinite(float(grad_norm)):
+            # A finite loss can still have a NaN/inf gradient (an overflow in the backward); clipping
+            # would spread it to every gradient and the step would write NaN into every weight.
+            optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(
+                f"epoch {epoch}, step {global_step + 1}: the gradient norm is {float(grad_norm)} (loss "
+                f"{window[-1].get('loss')}); the step was refused and no weights or checkpoints were changed. "
+                "Lower train.lr or train.max_grad_norm, or use train.precision=fp32."
+            )
+        lr = scheduler.get_last_lr()[0]  # the rate this step uses (after scheduler.step() it is the next one's)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -197,7 +217,7 @@ def train_epoch(
         result.steps += 1
         elapsed = time.perf_counter() - t0
         row = {k: sum(m[k] for m in window) / len(window) for k in window[0]}
-        row.update(epoch=epoch, step=global_step, lr=scheduler.get_last_lr()[0],
+        row.update(epoch=epoch, step=global_step, lr=lr,
                    grad_norm=float(grad_norm), tokens_per_s=tokens / elapsed if elapsed > 0 else 0.0)
         result.tokens += tokens
         result.seconds += elapsed

@@ -75,10 +75,14 @@ def check_fields(fields: dict[str, str]) -> dict[str, str]:
 
 
 def parse_choices(raw: Any, where: str) -> tuple[list[str] | None, list[str] | None]:
-    """``(texts, labels)``: labels only for mappings like ``{"label": [...], "text": [...]}``."""
+    """``(texts, labels)``: labels only for mappings like ``{"label": [...], "text": [...]}`` (ARC) or
+    ``{"A": "...", "B": "..."}`` (MedQA's ``options``)."""
     if raw is None:
         return None, None
     labels = None
+    if isinstance(raw, dict) and raw and "text" not in raw and all(isinstance(v, str) for v in raw.values()):
+        labels = [str(k).strip() for k in raw]
+        raw = {"text": list(raw.values()), "label": labels}
     if isinstance(raw, dict):
         if "text" not in raw:
             raise UserError(f"{where}: choices given as a mapping need a 'text' list (and optionally 'label')")

@@ -13,12 +13,13 @@ from .base import GenerationStats, Generator, Request, Sample
 __all__ = ["GenerationStats", "Generator", "Request", "Sample", "build_generator"]
 
 
-def build_generator(cfg: GeneratorConfig, records: Sequence[Record] = (), task_kind: str = "mcq", seed: int = 0) -> Generator:
+def build_generator(cfg: GeneratorConfig, records: Sequence[Record] = (), task_kind: str = "mcq", seed: int = 0,
+                    progress: bool = True) -> Generator:
     """Build the generator a config section names. ``records`` serves the scripted teacher."""
     if cfg.kind == "hf":
         from .hf import HFGenerator
 
-        return HFGenerator.from_config(cfg)
+        return HFGenerator.from_config(cfg, progress=progress)
     if cfg.kind == "openai":
         from .openai import OpenAIGenerator
 

@@ -19,24 +19,31 @@ from .base import GenerationStats, Request, Sample
 
 
 class HFGenerator:
-    def __init__(self, model: Any, tokenizer: Any, name: str, batch_size: int = 16, progress: bool = True):
+    """``bf16=False`` turns the bf16 autocast off (plain fp32 on CPU), for the benchmark's fp32 arm."""
+
+    def __init__(
+        self, model: Any, tokenizer: Any, name: str, batch_size: int = 16, progress: bool = True, bf16: bool = True
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
         self.batch_size = batch_size
         self.progress = progress
+        self.bf16 = bf16
         self.stats = GenerationStats()
 
     @classmethod
-    def from_config(cls, cfg: GeneratorConfig) -> "HFGenerator":
+    def from_config(cls, cfg: GeneratorConfig, progress: bool = True) -> "HFGenerator":
         assert cfg.model is not None
         tok = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
         model = load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code, device=cfg.device)
-        return cls(model, tok, name=f"hf:{cfg.model}", batch_size=cfg.sampling.batch_size)
+        return cls(model, tok, name=f"hf:{cfg.model}", batch_size=cfg.sampling.batch_size, progress=progress)
 
     @classmethod
-    def from_model(cls, model: Any, tokenizer: Any, name: str, batch_size: int = 16, progress: bool = True) -> "HFGenerator":
-        return cls(model, tokenizer, name=name, batch_size=batch_size, progress=progress)
+    def from_model(
+        cls, model: Any, tokenizer: Any, name: str, batch_size: int = 16, progress: bool = True, bf16: bool = True
+    ) -> "HFGenerator":
+        return cls(model, tokenizer, name=name, batch_size=batch_size, progress=progress, bf16=bf16)
 
     def generate(self, requests: Sequence[Request]) -> list[list[Sample]]:
         """Expand each request into ``n`` rows, sort rows by prompt length, generate in batches.
@@ -97,7 +104,7 @@ class HFGenerator:
         was_training = self.model.training
         self.model.eval()
         try:
-            with autocast(device):
+            with autocast(device, enabled=self.bf16):
                 gen = self.model.generate(
                     input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs
                 )

@@ -242,10 +242,16 @@ class ScriptedTeacher:
         self.stats = GenerationStats()
 
     def plan(self, key: str, request_seed: int | None, index: int) -> tuple[str, bool, random.Random]:
-        """The style of sample ``index``, whether it is wrong, and the rng for its wording."""
-        offset = random.Random(f"scripted-style|{self.seed}|{request_seed}|{key}").randrange(len(STYLE_NAMES))
-        rng = random.Random(f"scripted|{self.seed}|{request_seed}|{key}|{index}")
-        return STYLE_NAMES[(offset + index) % len(STYLE_NAMES)], rng.random() < self.error_rate, rng
+        """The style of sample ``index``, whether it is wrong, and the rng for its wording.
+
+        Everything depends on ``request_seed + index`` only. The sampling stage gives a request that
+        resumes at sample ``s`` the seed ``base + s``, so sample ``s`` of a question is the same text
+        whether it was made in one request or after a kill in a later one.
+        """
+        slot = (request_seed or 0) + index
+        offset = random.Random(f"scripted-style|{self.seed}|{key}").randrange(len(STYLE_NAMES))
+        rng = random.Random(f"scripted|{self.seed}|{key}|{slot}")
+        return STYLE_NAMES[(offset + slot) % len(STYLE_NAMES)], rng.random() < self.error_rate, rng
 
     def sample(self, key: str, request_seed: int | None, index: int) -> tuple[Sample, str | None]:
         record = self.records.get(key)

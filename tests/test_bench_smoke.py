@@ -1,0 +1,128 @@
+"""bench/generate.py runs end to end and its table is complete and sane.
+
+The real benchmark needs SmolLM2 and minutes; these tests run ``--quick`` on the tiny random Llama
+(conftest's ``tiny_model_dir``, real SmolLM2 tokenizer), so they check the command, the arms and the
+counting, never the speed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "generate.py"
+ARMS = ("hf fp32", "loop fp32")  # plus "hf bf16" or "hf bf16 (inactive)", depending on the CPU
+
+
+def load_bench() -> ModuleType:
+    """bench/ is scripts, not a package: import the file by path (registered, as dataclasses need)."""
+    if "bench_generate" in sys.modules:
+        return sys.modules["bench_generate"]
+    spec = importlib.util.spec_from_file_location("bench_generate", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_generate"] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules["bench_generate"]
+        raise
+    return module
+
+
+def table_rows(text: str) -> list[dict[str, str]]:
+    """The markdown table's body rows as dicts keyed by its header."""
+    lines = [l for l in text.splitlines() if l.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (c.strip() for c in l.strip("|").split("|")))) for l in lines[2:]]
+
+
+def test_quick_markdown_command(tiny_model_dir: Path) -> None:
+    """The command a user runs: every arm at every quick batch size, positive numbers, the machine named."""
+    cmd = [sys.executable, str(SCRIPT), "--quick", "--markdown", "--model", str(tiny_model_dir)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "command: `python bench/generate.py --quick --markdown --model" in out
+    assert "CPU: " in out and "torch " in out and "bf16 autocast: " in out
+
+    rows = table_rows(out)
+    by_key = {(r["batch"], r["arm"]): r for r in rows}
+    assert len(rows) == 6 and len(by_key) == 6
+    for batch in ("1", "2"):
+        arms = {arm for b, arm in by_key if b == batch}
+        assert set(ARMS) <= arms and any(a.startswith("hf bf16") for a in arms)
+    for r in rows:
+        assert int(r["prompts"]) == int(r["batch"])
+        assert 0 < int(r["gen tokens"]) <= 8 * int(r["prompts"])  # --quick: 8 new tokens per prompt
+        assert float(r["seconds"]) > 0 and float(r["tokens/s"]) > 0
+        assert r["vs loop"].endswith("x")
+    # batch 1, fp32, no padding: our generator and the plain loop compute the same greedy tokens,
+    # so they count the same; a drift here means the two arms no longer measure the same work
+    assert by_key[("1", "hf fp32")]["gen tokens"] == by_key[("1", "loop fp32")]["gen tokens"]
+    assert by_key[("1", "loop fp32")]["vs loop"] == "1.00x"
+
+
+def test_rich_table_in_process(tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bench = load_bench()
+    assert bench.main(["--quick", "--batch-sizes", "3", "--model", str(tiny_model_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "Generation throughput" in out
+    for arm in (*ARMS, "hf bf16"):
+        assert arm in out
+
+
+def test_count_generated_stops_after_first_eos() -> None:
+    bench = load_bench()
+    assert bench.count_generated([5, 6, 2, 9, 2], {2}) == 3  # EOS itself counts, padding after it does not
+    assert bench.count_generated([5, 6, 7], {2}) == 3
+    assert bench.count_generated([2, 2, 2], {2}) == 1
+
+
+def test_summarise_takes_medians_and_speedup_against_loop() -> None:
+    bench = load_bench()
+    timings = {
+        "hf": [(100, 1.0), (100, 2.0), (100, 4.0)],  # 100, 50, 25 tokens/s
+        "loop": [(100, 10.0), (100, 20.0), (100, 5.0)],  # 10, 5, 20 tokens/s
+    }
+    rows = {r.arm: r for r in bench.summarise(16, 16, timings, baseline="loop")}
+    assert rows["hf"].tokens_per_s == 50 and rows["hf"].seconds == 2.0
+    assert (rows["hf"].low, rows["hf"].high) == (25, 100)
+    assert rows["loop"].tokens_per_s == 10
+    assert rows["hf"].speedup == 5 and rows["loop"].speedup == 1
+
+
+def test_measure_warms_up_then_alternates_arms() -> None:
+    bench = load_bench()
+    calls: list[tuple[str, int, int | None]] = []
+
+    def arm(name: str):
+        def run(max_new_tokens: int, limit: int | None) -> int:
+            calls.append((name, max_new_tokens, limit))
+            return max_new_tokens
+
+        return run
+
+    timings = bench.measure({"a": arm("a"), "b": arm("b")}, 64, 3, 16, warmup_limits={"b": 2})
+    assert calls[:2] == [("a", 16, None), ("b", 16, 2)]  # short warm-up; the loop-like arm on 2 prompts
+    assert [c[0] for c in calls[2:]] == ["a", "b", "b", "a", "a", "b"]  # order rotates each repeat
+    assert all(c[1:] == (64, None) for c in calls[2:])
+    assert [t for t, _ in timings["a"]] == [64, 64, 64]
+
+
+def test_options_quick_defaults_and_bad_values() -> None:
+    bench = load_bench()
+    args = bench.parse_args(["--quick", "--repeats", "2"])
+    assert (args.batch_sizes, args.max_new_tokens, args.repeats) == ((1, 2), 8, 2)
+    args = bench.parse_args(["--batch-sizes", "1,16,64"])
+    assert (args.batch_sizes, args.max_new_tokens, args.repeats, args.model) == (
+        (1, 16, 64), 64, 3, "builtin:smollm2-135m-instruct")
+    for bad in (["--batch-sizes", "0,4"], ["--batch-sizes", "x"], ["--repeats", "0"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(bad)

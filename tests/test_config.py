@@ -1,0 +1,192 @@
+"""The run configuration: clear errors naming the field or line, --set overrides, no secrets on disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fake_openai_server import FakeOpenAIServer, Good, Received, Status
+from orpo_distill.config import (
+    RunConfig,
+    apply_overrides,
+    build_config,
+    load_config,
+    parse_override,
+    read_yaml,
+    resolved_dict,
+)
+from orpo_distill.errors import UserError
+from orpo_distill.pipeline import Run
+
+
+def error_of(data: dict) -> str:
+    with pytest.raises(UserError) as e:
+        build_config(data, source="my.yaml")
+    return str(e.value)
+
+
+def test_defaults_are_valid():
+    cfg = build_config({})
+    assert isinstance(cfg, RunConfig) and cfg.teacher.kind == "scripted"
+    assert cfg.student.model == "builtin:smollm2-135m-instruct"
+
+
+def test_unknown_key_is_named_by_its_path():
+    msg = error_of({"train": {"epochs": 2, "phii": 0.5}})
+    assert "my.yaml" in msg and "train.phii" in msg and "unknown field" in msg
+    assert "unknown field" in error_of({"trian": {}}) and "trian" in error_of({"trian": {}})
+
+
+def test_wrong_type_names_field_and_value():
+    msg = error_of({"train": {"epochs": "many"}})
+    assert "train.epochs" in msg and "'many'" in msg
+    assert "teacher.sampling.temperature" in error_of({"teacher": {"sampling": {"temperature": [1]}}})
+    assert "student.kind" in error_of({"student": {"kind": "gpt"}})
+
+
+@pytest.mark.parametrize("phi", [1.5, -0.1, [0.2, 1.1]])
+def test_phi_outside_zero_one_is_refused(phi):
+    msg = error_of({"train": {"phi": phi}})
+    assert "train.phi" in msg and "between 0 and 1" in msg
+
+
+def test_phi_list_and_bounds_accepted():
+    assert build_config({"train": {"phi": [0.0, 0.5, 1.0]}}).train.phi == [0.0, 0.5, 1.0]
+    assert build_config({"train": {"phi": 1}}).train.phi == 1
+
+
+@pytest.mark.parametrize("section", ["teacher", "student"])
+@pytest.mark.parametrize("k", [0, -3])
+def test_non_positive_k_is_refused(section, k):
+    msg = error_of({section: {"kind": "scripted", "sampling": {"samples": k}}})
+    assert f"{section}.sampling.samples" in msg and "greater than or equal to 1" in msg
+
+
+def test_generator_kind_needs_its_fields():
+    assert "needs 'base_url' and 'model'" in error_of({"teacher": {"kind": "openai", "model": "m"}})
+    assert "needs 'path'" in error_of({"teacher": {"kind": "replay"}})
+
+
+def test_malformed_yaml_names_the_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("run_dir: runs/x\ntrain:\n  epochs: 2\n  phi: [0.1, 0.2\n  lr: 1e-5\n", encoding="utf-8")
+    with pytest.raises(UserError) as e:
+        read_yaml(path)
+    msg = str(e.value)
+    assert str(path) in msg and "malformed YAML" in msg
+    assert "line 5" in msg  # where the unclosed list runs into the next key
+
+
+def test_yaml_must_be_a_mapping_and_utf8(tmp_path):
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- a\n- b\n", encoding="utf-8")
+    with pytest.raises(UserError, match="top level must be a mapping"):
+        read_yaml(listy)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(b"task:\n  system_prompt: caf\xe9\n")
+    with pytest.raises(UserError, match="not UTF-8"):
+        read_yaml(latin)
+    with pytest.raises(UserError, match="config file not found"):
+        read_yaml(tmp_path / "nope.yaml")
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("", encoding="utf-8")
+    assert load_config(empty) == build_config({})
+
+
+@pytest.mark.parametrize(
+    "text, path, value",
+    [
+        ("train.phi=0.25", ["train", "phi"], 0.25),
+        ("train.epochs=3", ["train", "epochs"], 3),
+        ("train.phi=[0.1, 0.5, 1]", ["train", "phi"], [0.1, 0.5, 1]),
+        ("train.lora.enabled=true", ["train", "lora", "enabled"], True),
+        ("teacher.base_url=http://localhost:8000/v1", ["teacher", "base_url"], "http://localhost:8000/v1"),
+        ("task.system_prompt=Answer: briefly", ["task", "system_prompt"], "Answer: briefly"),
+        ("task.instruction=End with #answer", ["task", "instruction"], "End with #answer"),
+        ("task.instruction='quoted: yes'", ["task", "instruction"], "quoted: yes"),
+        ("dataset.fields={question: q, answer: a}", ["dataset", "fields"], {"question": "q", "answer": "a"}),
+        ("task.system_prompt=null", ["task", "system_prompt"], None),
+        ("run_dir=", ["run_dir"], ""),
+        ("run_dir = runs/a=b ", ["run_dir"], "runs/a=b"),
+    ],
+)
+def test_parse_override(text, path, value):
+    assert parse_override(text) == (path, value)
+
+
+@pytest.mark.parametrize("bad", ["train.phi", "=3"])
+def test_parse_override_needs_key_and_value(bad):
+    with pytest.raises(UserError, match="--set expects key.path=value"):
+        parse_override(bad)
+
+
+def test_overrides_apply_over_the_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("run_dir: runs/base\ntrain:\n  epochs: 2\n  phi: 0.5\n", encoding="utf-8")
+    cfg = load_config(path, ["train.phi=[0.0, 1.0]", "train.lr=1e-5", "teacher.sampling.samples=6",
+                             "task.system_prompt=Be brief: one line", "run_dir=2024", "train.lambda=0.2"])
+    assert cfg.train.phi == [0.0, 1.0] and cfg.train.lr == 1e-5 and cfg.train.epochs == 2
+    assert cfg.teacher.sampling.samples == 6 and cfg.task.system_prompt == "Be brief: one line"
+    assert cfg.run_dir == "2024" and cfg.train.lambda_or == 0.2
+    with pytest.raises(UserError) as e:
+        load_config(path, ["train.phi=2"])
+    assert "train.phi" in str(e.value) and "--set train.phi=2" in str(e.value)
+    with pytest.raises(UserError, match="'phi' is not a section"):
+        apply_overrides({"train": {"phi": 0.5}}, ["train.phi.x=1"])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = build_config({"run_dir": str(tmp_path / "r"), "train": {"lambda": 0.3, "phi": [0.1, 0.2]}})
+    Run(cfg, progress=False)
+    saved = tmp_path / "r" / "config.yaml"
+    assert yaml.safe_load(saved.read_text())["train"]["lambda"] == 0.3
+    assert load_config(saved) == cfg
+
+
+KEY = "sk-live-DO-NOT-LEAK-4242"
+
+
+def test_secrets_never_reach_the_run_dir(tmp_path, monkeypatch, capsys):
+    """The key is read from the named variable and sent, but no file of the run holds it, not even the
+    log of a failed request whose error body echoes the Authorization header back."""
+    monkeypatch.setenv("ORPO_TEST_TEACHER_KEY", KEY)
+
+    def responder(rec: Received) -> Good:
+        return Good(texts=[f"t{i}\nThe answer is (A)." for i in range(int(rec.body["n"]))])
+
+    with FakeOpenAIServer(responder) as server:
+        # the first request fails for good with a body that echoes the key, as some proxies do
+        server.push(Status(400, body=f'{{"error": "invalid key Bearer {KEY}"}}'))
+        cfg = build_config({
+            "run_dir": str(tmp_path / "run"),
+            "dataset": {"train_size": 6, "eval_size": 2},
+            "teacher": {"kind": "openai", "base_url": server.base_url, "model": "teacher-x", "max_concurrency": 1,
+                        "api_key_env": "ORPO_TEST_TEACHER_KEY", "max_retries": 0, "sampling": {"samples": 2}},
+        })
+        run = Run(cfg, progress=False)
+        summary = run.teacher()
+        assert server.received and all(r.headers["authorization"] == f"Bearer {KEY}" for r in server.received)
+    assert summary.samples == 10 and summary.failed_requests == 1
+
+    files = [p for p in Path(cfg.run_dir).rglob("*") if p.is_file()]
+    names = {p.relative_to(cfg.run_dir).as_posix() for p in files}
+    assert {"config.yaml", "teacher/traces.jsonl", "teacher/traces.failures.jsonl", "metrics.jsonl"} <= names
+    assert "invalid key Bearer ***" in (Path(cfg.run_dir) / "teacher" / "traces.failures.jsonl").read_text()
+    for p in files:
+        assert KEY.encode() not in p.read_bytes(), p
+    assert "api_key_env: ORPO_TEST_TEACHER_KEY" in (Path(cfg.run_dir) / "config.yaml").read_text()
+    assert KEY not in str(resolved_dict(cfg))
+    captured = capsys.readouterr()
+    assert KEY not in captured.out and KEY not in captured.err
+
+
+def test_partial_generator_sections_refine_the_defaults():
+    cfg = load_config(None, ["teacher.sampling.samples=8", "student.sampling.max_tokens=64"])
+    assert cfg.teacher.kind == "scripted" and cfg.teacher.sampling.samples == 8
+    assert cfg.student.kind == "hf" and cfg.student.model == "builtin:smollm2-135m-instruct"
+    assert cfg.student.sampling.max_tokens == 64
+    # naming a model or a kind still means that generator, with the usual checks
+    assert build_config({"teacher": {"model": "org/big"}}).teacher.kind == "hf"
+    assert "needs 'model'" in error_of({"student": {"kind": "hf"}})
