@@ -1,0 +1,190 @@
+"""Kill and resume: a training process SIGKILLed after a checkpoint ends, once rerun, with the same weights
+as a run that was never interrupted; and checkpoints are whole or absent."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from orpo_distill import checkpoints, cli
+from orpo_distill.checkpoints import latest_checkpoint, save_checkpoint
+from orpo_distill.config import RunConfig, resolved_dict
+from orpo_distill.metrics import read_metrics
+
+FAST = {
+    "dataset.train_size": 4,
+    "teacher.error_rate": 0.0,  # every question has a positive; the student negatives are what is tested
+    "student.sampling.max_tokens": 4,
+    "student.sampling.samples": 2,
+    "pairs.negatives": "student",
+    "pairs.pairs_per_question": 1,
+    "train.policy": "mixed",
+    "train.phi": 0.5,
+    "train.epochs": 3,
+    "train.batch_size": 2,  # 2 steps an epoch: time to kill it between checkpoints
+    "train.lr": 1e-3,
+    "train.precision": "fp32",
+    "train.max_length": 128,
+    "eval.every_epoch": False,
+    "eval.before_training": False,
+}
+
+
+def write_config(cfg: RunConfig, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(resolved_dict(cfg), sort_keys=False), encoding="utf-8")
+    return path
+
+
+def orpo_distill_command() -> list[str]:
+    script = Path(sys.executable).parent / "orpo-distill"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "orpo_distill.cli"]
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "model" / "model.safetensors"))
+
+
+def test_training_killed_after_a_checkpoint_resumes_to_the_same_weights(tiny_config: Any, tmp_path: Path) -> None:
+    """Every run is its own process, as a user's would be: `orpo-distill train` SIGKILLed after
+    checkpoints/epoch_1 appears, then the same command again, against an uninterrupted run (started
+    alongside, to save time)."""
+    killed_cfg = tiny_config(**FAST, run_dir=str(tmp_path / "killed"))
+    reference_cfg = tiny_config(**FAST, run_dir=str(tmp_path / "reference"))
+    killed_yaml = write_config(killed_cfg, tmp_path / "killed.yaml")
+    killed, reference = Path(killed_cfg.run_dir), Path(reference_cfg.run_dir)
+
+    procs: list[subprocess.Popen] = []
+
+    def train(config: Path, name: str) -> subprocess.Popen:
+        log = (tmp_path / f"{name}.stderr").open("wb")  # a file, not a pipe that could fill and block
+        procs.append(subprocess.Popen([*orpo_distill_command(), "train", str(config), "--no-progress"],
+                                      stdout=subprocess.DEVNULL, stderr=log))
+        log.close()
+        return procs[-1]
+
+    def stderr(name: str) -> str:
+        return (tmp_path / f"{name}.stderr").read_text(errors="replace")[-2000:]
+
+    uninterrupted = train(write_config(reference_cfg, tmp_path / "reference.yaml"), "reference")
+    proc = train(killed_yaml, "killed")
+    try:
+        deadline = time.monotonic() + 300
+        while not (killed / "checkpoints" / "epoch_1" / "state.json").is_file():
+            assert proc.poll() is None, f"training ended before its first checkpoint: {stderr('killed')}"
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert proc.returncode == -signal.SIGKILL
+        assert not (killed / "model").exists(), "the run finished before the kill; the test proves nothing"
+        assert latest_checkpoint(killed).name in ("epoch_1", "epoch_2")
+
+        # rerun to completion: the same command
+        assert train(killed_yaml, "resumed").wait(timeout=300) == 0, stderr("resumed")
+        assert uninterrupted.wait(timeout=300) == 0, stderr("reference")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+    resumes = [e for e in read_metrics(killed / "metrics.jsonl") if e["event"] == "resume"]
+    assert len(resumes) == 1 and resumes[0]["epoch"] in (1, 2)
+    a, b = weights(killed), weights(reference)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after kill and resume"
+    initial = load_file(str(Path(killed_cfg.student.model) / "model.safetensors"))
+    assert any(not torch.equal(a[k], initial[k]) for k in a), "training changed nothing; the comparison proves nothing"
+    # the same data was trained on, and the steps after the resume logged the same numbers
+    for epoch in (1, 2, 3):
+        assert (killed / "pairs" / f"epoch_{epoch}.jsonl").read_text() == (reference / "pairs" / f"epoch_{epoch}.jsonl").read_text()
+    steps = {e["step"]: e["loss"] for e in read_metrics(reference / "metrics.jsonl") if e["event"] == "train"}
+    after = [e for e in read_metrics(killed / "metrics.jsonl") if e["event"] == "train"][-4:]
+    assert [e["step"] for e in after] == list(range(3, 7))
+    assert all(e["loss"] == steps[e["step"]] for e in after)
+
+    # killed after the last checkpoint but before model/ was exported: a rerun exports it
+    shutil.rmtree(killed / "model")
+    assert cli.main(["train", str(killed_yaml), "--no-progress"]) == 0
+    again = weights(killed)
+    assert all(torch.equal(again[k], b[k]) for k in b)
+
+
+# ---- checkpoints are whole or absent -----------------------------------------------------------------
+
+
+class _Saveable:
+    def __init__(self, tag: str):
+        self.tag = tag
+
+    def save_pretrained(self, path: Path) -> None:
+        (Path(path) / f"{self.tag}.json").write_text("{}")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tag": self.tag}
+
+
+def _save(run_dir: Path, epoch: int) -> Path:
+    return save_checkpoint(run_dir, epoch, _Saveable("model"), _Saveable("tokenizer"), _Saveable("opt"),
+                           _Saveable("sched"), {"q": []}, {"global_step": epoch * 10})
+
+
+def test_latest_checkpoint_ignores_and_removes_leftover_temp_folders(tmp_path: Path) -> None:
+    assert latest_checkpoint(tmp_path) is None
+    _save(tmp_path, 1)
+    root = tmp_path / "checkpoints"
+    # a write of epoch 2 killed midway: even its state.json is there, but it was never renamed into place
+    stale = root / ".epoch_2.tmp"
+    stale.mkdir()
+    (stale / "model.json").write_text("{}")
+    (stale / "state.json").write_text(json.dumps({"epoch": 2}))
+    # a folder without state.json (not complete) is not a checkpoint either
+    (root / "epoch_3").mkdir()
+    assert latest_checkpoint(tmp_path) == root / "epoch_1"
+    assert not stale.exists()
+    assert (root / "epoch_3").exists(), "only temp folders are removed"
+
+
+def test_latest_checkpoint_orders_epochs_as_numbers(tmp_path: Path) -> None:
+    for e in (2, 9, 10):
+        _save(tmp_path, e)
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "epoch_10"
+    state = json.loads((tmp_path / "checkpoints" / "epoch_10" / "state.json").read_text())
+    assert state == {"global_step": 100, "epoch": 10}
+
+
+def test_a_checkpoint_write_that_dies_midway_leaves_the_previous_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _save(tmp_path, 1)
+    real_save = torch.save
+
+    def dying_save(obj: Any, path: Any, *a: Any, **kw: Any) -> None:
+        if str(path).endswith("rng.pt"):
+            raise KeyboardInterrupt  # stands in for a kill between two files
+        real_save(obj, path, *a, **kw)
+
+    monkeypatch.setattr(checkpoints.torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        _save(tmp_path, 2)
+    monkeypatch.undo()
+    root = tmp_path / "checkpoints"
+    assert not (root / "epoch_2").exists() and (root / ".epoch_2.tmp").exists()
+    assert latest_checkpoint(tmp_path) == root / "epoch_1"
+    assert not (root / ".epoch_2.tmp").exists()
+    # and the next attempt writes it whole
+    _save(tmp_path, 2)
+    assert latest_checkpoint(tmp_path) == root / "epoch_2"
+    assert {p.name for p in (root / "epoch_2").iterdir()} == {
+        "model.json", "tokenizer.json", "optimizer.pt", "scheduler.pt", "rng.pt", "buffer.json", "state.json"}

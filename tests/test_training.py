@@ -1,0 +1,286 @@
+"""The training loop: micro-batches, step counts, the non-finite guard, packed == plain, and LoRA export."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from orpo_distill import batching, training
+from orpo_distill.batching import PairGroup
+from orpo_distill.config import TrainConfig
+from orpo_distill.errors import NonFiniteLossError
+from orpo_distill.models import load_model
+from orpo_distill.pipeline import Run
+from orpo_distill.recipe import Distiller
+from orpo_distill.training import (
+    SftExample,
+    epoch_order,
+    example_size,
+    make_optimizer,
+    make_scheduler,
+    micro_batches,
+    steps_per_epoch,
+    train_epoch,
+)
+
+# A small, fast run: few questions, one pair each, short sequences, fp32 so results are exact.
+FAST = {
+    "dataset.train_size": 4,
+    "dataset.eval_size": 2,
+    "student.sampling.max_tokens": 4,
+    "pairs.negatives": "teacher",
+    "pairs.pairs_per_question": 1,
+    "train.epochs": 1,
+    "train.batch_size": 2,
+    "train.precision": "fp32",
+    "train.max_length": 128,
+    "eval.max_tokens": 4,
+    "eval.every_epoch": False,
+    "eval.before_training": False,
+}
+
+
+def group(n_pairs: int, tag: int) -> PairGroup:
+    return PairGroup([1, tag], [([tag, i, 2], [tag, i, 3]) for i in range(n_pairs)])
+
+
+# ---- micro-batches and step counts ----------------------------------------------------------------
+
+
+def test_micro_batches_fill_up_to_batch_size_pairs_and_keep_groups_whole() -> None:
+    sizes = [3, 2, 2, 1, 4, 6, 1, 1, 1, 1, 1]
+    groups = [group(n, t) for t, n in enumerate(sizes)]
+    order = list(range(len(groups)))
+    batches = micro_batches(groups, order, batch_size=4)
+    # every group exactly once, whole (the same object with all its pairs), in the given order
+    flat = [g for b in batches for g in b]
+    assert [id(g) for g in flat] == [id(g) for g in groups]
+    assert [len(g.pairs) for g in flat] == sizes
+    for b in batches:
+        total = sum(example_size(g) for g in b)
+        assert total <= 4 or len(b) == 1, "only a group bigger than the batch may exceed it, alone"
+    # greedy: a batch is closed only when the next group does not fit
+    for b, nxt in zip(batches, batches[1:]):
+        assert sum(example_size(g) for g in b) + example_size(nxt[0]) > 4
+    assert [[len(g.pairs) for g in b] for b in batches] == [[3], [2, 2], [1], [4], [6], [1, 1, 1, 1], [1]]
+
+
+def test_micro_batches_follow_the_order_and_count_sft_examples() -> None:
+    examples = [SftExample([1], [i]) for i in range(7)]
+    order = epoch_order(7, seed=3, epoch=2)
+    assert sorted(order) == list(range(7)) and order == epoch_order(7, seed=3, epoch=2)
+    assert order != epoch_order(7, seed=3, epoch=3) or order != epoch_order(7, seed=4, epoch=2)
+    batches = micro_batches(examples, order, batch_size=3)
+    assert [[e.target_ids[0] for e in b] for b in batches] == [order[0:3], order[3:6], order[6:7]]
+
+
+def _cfg(**kw: Any) -> TrainConfig:
+    return TrainConfig(**kw)
+
+
+def test_steps_per_epoch_plain_counts() -> None:
+    assert steps_per_epoch(16, _cfg(batch_size=8)) == 2
+    assert steps_per_epoch(17, _cfg(batch_size=8)) == 3
+    assert steps_per_epoch(17, _cfg(batch_size=8, grad_accum=2)) == 2
+    assert steps_per_epoch(16, _cfg(batch_size=4, grad_accum=1), world_size=2) == 2
+    assert steps_per_epoch(1, _cfg(batch_size=8)) == 1
+
+
+@pytest.mark.parametrize("k, batch_size, grad_accum, world", list(itertools.product([1, 2, 3, 5], [1, 2, 4, 8], [1, 3], [1, 2])))
+def test_steps_per_epoch_bounds_the_steps_train_epoch_takes(k: int, batch_size: int, grad_accum: int, world: int) -> None:
+    """The schedule is sized with steps_per_epoch; an epoch that takes more steps runs the learning rate
+    past the schedule's end (cosine comes back up, linear sits at 0). Groups of K pairs stay together, so
+    a batch can hold fewer than batch_size pairs."""
+    cfg = _cfg(batch_size=batch_size, grad_accum=grad_accum)
+    for questions in (1, 2, 5, 9, 16):
+        # a question yields at most K pairs; some yield fewer
+        groups = [group(k if q % 3 else max(1, k - 1), q) for q in range(questions)]
+        worst = 0
+        for rank in range(world):
+            order = epoch_order(len(groups), 0, 1)[rank::world]
+            micro = len(micro_batches(groups, order, batch_size))
+            worst = max(worst, math.ceil(micro / grad_accum))
+        bound = steps_per_epoch(questions * k, cfg, world, group_size=k)
+        assert worst <= bound, f"{questions} questions: {worst} steps, schedule sized for {bound}"
+        if k == 1:
+            assert bound == steps_per_epoch(questions, cfg, world)
+
+
+# ---- the non-finite guard --------------------------------------------------------------------------
+
+
+def _teacher_traces(run: Run) -> None:
+    """One right and one wrong trace per question, written straight into the teacher store, so that every
+    question yields exactly one pair whatever the scripted teacher's randomness does."""
+    rows = []
+    for r in run.train_records:
+        gold = run.task.normalize_gold(r)
+        wrong = "A" if gold != "A" else "B"
+        for i, (letter, ok) in enumerate([(gold, True), (wrong, False)]):
+            text = f"Let me work through it. {r.question.split('.')[0]}. So it is option {letter}.\nThe answer is ({letter})."
+            rows.append({"id": r.id, "sample": i, "text": text, "answer": letter, "correct": ok, "source": "teacher",
+                         "finish_reason": "stop"})
+    run.teacher_store().append(rows)
+
+
+@pytest.fixture
+def tiny_epoch(tiny_config: Any, tiny_model_dir: Path) -> dict[str, Any]:
+    """The first epoch's tokenized pair groups (one per question) of a small run, and the tiny model."""
+    run = Run(tiny_config(**FAST), progress=False)
+    _teacher_traces(run)
+    d = Distiller(run)
+    data = d.epoch_data(1)
+    examples = d.tokenize(data.rows)
+    assert len(examples) == 4 and all(len(g.pairs) == 1 for g in examples)
+    model = load_model(str(tiny_model_dir), dtype="float32")
+    return {"run": run, "examples": examples, "model": model, "pad": d.tokenizer.pad_token_id}
+
+
+def _accelerator() -> Any:
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=True)
+
+
+def _train(model: Any, examples: list[Any], cfg: TrainConfig, pad: int) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    opt = make_optimizer(model, cfg)
+    sched = make_scheduler(opt, cfg, steps_per_epoch(len(examples), cfg))
+    train_epoch(model, examples, opt, sched, cfg, 1, pad, _accelerator(), log=rows.append, progress=False)
+    return rows
+
+
+def _state(model: Any) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.filterwarnings("ignore:.*does not reproduce the model's logits")
+def test_nan_loss_raises_before_the_step_and_leaves_weights_unchanged(
+    tiny_epoch: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # NaN weights fail batching's head check, which warns once per process: keep that state to this test
+    monkeypatch.setattr(batching, "_warned", set())
+    model = tiny_epoch["model"]
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("nan")  # every hidden state, hence the loss, becomes NaN
+    before = _state(model)
+    cfg = _cfg(batch_size=2, precision="fp32", lr=1e-2)
+    opt = make_optimizer(model, cfg)
+    sched = make_scheduler(opt, cfg, 2)
+    calls = {"step": 0}
+    real_step = opt.step
+
+    def counting_step(*a: Any, **kw: Any) -> Any:
+        calls["step"] += 1
+        return real_step(*a, **kw)
+
+    opt.step = counting_step  # type: ignore[method-assign]
+    logged: list[dict[str, Any]] = []
+    with pytest.raises(NonFiniteLossError, match=r"epoch 1, step 1: the loss is nan"):
+        train_epoch(model, tiny_epoch["examples"], opt, sched, cfg, 1, tiny_epoch["pad"], _accelerator(),
+                    log=logged.append, progress=False)
+    assert calls["step"] == 0 and logged == []
+    after = model.state_dict()
+    for k, v in before.items():
+        assert torch.equal(v, after[k]) or torch.allclose(v, after[k], equal_nan=True, rtol=0, atol=0), k
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_infinite_loss_is_refused_too(tiny_epoch: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guard reads the loss itself: an inf loss from otherwise finite weights is refused."""
+    real = training.orpo_loss
+
+    def inf_loss(*args: Any, **kw: Any) -> Any:
+        out = real(*args, **kw)
+        out.loss = out.loss + float("inf")
+        return out
+
+    monkeypatch.setattr(training, "orpo_loss", inf_loss)
+    model = tiny_epoch["model"]
+    before = _state(model)
+    with pytest.raises(NonFiniteLossError, match="the loss is inf"):
+        _train(model, tiny_epoch["examples"], _cfg(batch_size=2, precision="fp32", lr=1e-2), tiny_epoch["pad"])
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_nan_gradient_with_finite_loss_is_refused_before_the_step(tiny_epoch: dict[str, Any]) -> None:
+    """A finite loss whose backward yields a NaN gradient: clipping would spread the NaN to every
+    gradient and AdamW would write NaN into every weight, then into the checkpoint."""
+    model = tiny_epoch["model"]
+    handle = model.model.layers[0].mlp.up_proj.weight.register_hook(lambda g: g * float("nan"))
+    before = _state(model)
+    try:
+        with pytest.raises(NonFiniteLossError, match="gradient"):
+            _train(model, tiny_epoch["examples"], _cfg(batch_size=2, precision="fp32", lr=1e-2), tiny_epoch["pad"])
+    finally:
+        handle.remove()
+    after = model.state_dict()
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+
+
+# ---- packed == plain ---------------------------------------------------------------------------------
+
+
+def test_packed_and_plain_layouts_give_the_same_steps(tiny_epoch: dict[str, Any]) -> None:
+    """Same per-step metrics (fp32, 1e-5) over two optimizer steps: the gradient norms, and the second
+    step's numbers, also check that both layouts produced the same gradients."""
+    base = tiny_epoch["model"]
+    examples = tiny_epoch["examples"][:2]
+    runs = {}
+    for layout in ("packed", "plain"):
+        cfg = _cfg(batch_size=1, precision="fp32", lr=1e-2, layout=layout, warmup_ratio=0.0)
+        model = copy.deepcopy(base)
+        runs[layout] = (_train(model, examples, cfg, tiny_epoch["pad"]), model)
+    packed, plain = runs["packed"][0], runs["plain"][0]
+    assert len(packed) == len(plain) == 2
+    keys = ["loss", "nll", "or_loss", "logps/chosen", "logps/rejected", "log_odds_ratio", "margin", "grad_norm"]
+    for p, q in zip(packed, plain):
+        for k in keys:
+            assert p[k] == pytest.approx(q[k], abs=1e-5, rel=1e-5), (p["step"], k)
+        assert p["reward_accuracy"] == q["reward_accuracy"]
+    assert packed[0]["loss"] != pytest.approx(packed[1]["loss"], abs=1e-6), "the first step changed nothing"
+    # (the weights themselves are not compared: Adam's first step moves every weight by about lr in the
+    # direction of its gradient's sign, so a gradient of 1e-9 on either side of 0 moves a weight by 2 lr)
+
+
+# ---- LoRA ---------------------------------------------------------------------------------------------
+
+
+def test_lora_saves_the_adapter_and_exports_a_merged_model(tiny_config: Any, tiny_model_dir: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config(**{**FAST, "train.lora.enabled": True, "train.lora.r": 4, "train.lora.alpha": 8,
+                         "train.lr": 5e-2, "train.warmup_ratio": 0.0, "train.batch_size": 8})
+    run = Run(cfg, progress=False)
+    _teacher_traces(run)
+    result = run.train()
+    assert result["trained"]
+    ckpt = run.dir / "checkpoints" / "epoch_1"
+    assert (ckpt / "adapter_config.json").is_file() and (ckpt / "adapter_model.safetensors").is_file()
+    assert not (ckpt / "model.safetensors").exists(), "a LoRA checkpoint holds the adapter, not a full copy"
+    model_dir = run.dir / "model"
+    assert (model_dir / "config.json").is_file() and not (model_dir / "adapter_config.json").exists()
+
+    merged = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    assert not any("lora" in k for k in merged.state_dict())
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+    base_logits_model = copy.deepcopy(base)
+    adapted = PeftModel.from_pretrained(base, str(ckpt)).eval()
+    ids = torch.tensor([[1, 523, 9876, 42, 7, 30000, 12, 5]])
+    with torch.no_grad():
+        a = adapted(input_ids=ids).logits
+        m = merged(input_ids=ids).logits
+        b = base_logits_model(input_ids=ids).logits
+    assert torch.allclose(a, m, atol=1e-5)
+    assert (a - b).abs().max() > 1e-3, "the adapter learned nothing, so the comparison proves nothing"
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["epoch"] == 1 and state["global_step"] == 1
