@@ -191,7 +191,7 @@ def test_jsonl_separate_eval_file_and_shared_ids(tmp_path):
     train, eval_ = load_splits(DatasetConfig(kind="jsonl", train_path=str(tr), eval_path=str(ev), fields=FIELDS))
     assert [r.id for r in train] == [f"r{i}" for i in range(6)] and [r.id for r in eval_] == ["e0", "e1", "e2"]
     clash = write_jsonl(tmp_path / "clash.jsonl", mcq_rows(3)[2:])
-    with pytest.raises(UserError, match=re.escape(f"id 'r2' appears in both") + ".*" + re.escape(f"{tr}:3") + ".*" + re.escape(f"{clash}:1")):
+    with pytest.raises(UserError, match=re.escape("id 'r2' appears in both") + ".*" + re.escape(f"{tr}:3") + ".*" + re.escape(f"{clash}:1")):
         load_splits(DatasetConfig(kind="jsonl", train_path=str(tr), eval_path=str(clash), fields=FIELDS))
 
 
@@ -215,7 +215,7 @@ def test_jsonl_malformed_json(tmp_path):
     with pytest.raises(UserError, match=re.escape(f"{f}:2: malformed JSON")):
         load_splits(cfg, "exact")
     f, cfg = bad(tmp_path, ['["a list"]'])
-    with pytest.raises(UserError, match=re.escape(f"{f}:1: each line must be a JSON object")):
+    with pytest.raises(UserError, match=re.escape(f"{f}:1: expected a JSON object")):
         load_splits(cfg, "exact")
 
 

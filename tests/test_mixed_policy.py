@@ -7,7 +7,6 @@ which is what ``checkpoints/epoch_{E-1}`` holds, not the initial student.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 

@@ -68,8 +68,9 @@ def test_correct_traces_follow_the_program(records):
             assert [(a, c) for a, _, _, c in eqs] == list(zip(m["values"], m["values"][1:]))
             assert [(op, b) for _, op, b, _ in eqs] == [("+" if o == "add" else "-", amt) for o, amt, _ in m["steps"]]
             assert all((a + b if op == "+" else a - b) == c for a, op, b, c in eqs)
-            assert re.search(rf"\b{m['correct']}\b[^.\n]*, which is option \({r.answer}\)\.", text), text
-            assert 20 <= len(text.split()) <= 70
+            listed = ", ".join(f"({L}) {c}" for L, c in zip("ABCDEFGH", r.choices))
+            assert f"The options are {listed}; {m['correct']} is ({r.answer})." in text, text
+            assert 20 <= len(text.split()) <= 90
 
 
 def test_wrong_traces_carry_a_real_mistake_to_a_wrong_letter(records):

@@ -149,7 +149,7 @@ def _run_and_report(run: Any) -> None:
             ("change (paired bootstrap 95% CI)", f"{diff:+.1%}  ({lo:+.1%} to {hi:+.1%})"),
             ("before: parse failures / mean tokens", f"{before.parse_failure_rate:.1%} / {before.mean_length:.0f}"),
         ]
-    rows.append((f"after: parse failures / mean tokens", f"{after.parse_failure_rate:.1%} / {after.mean_length:.0f}"))
+    rows.append(("after: parse failures / mean tokens", f"{after.parse_failure_rate:.1%} / {after.mean_length:.0f}"))
     rows.append(("wall-clock (this invocation)", f"{minutes:.1f} min"))
     print_table(f"ORPO-Distill result ({run.dir})", rows)
 
@@ -161,6 +161,59 @@ def cmd_demo(args: argparse.Namespace) -> None:
     cmd_run(args)
 
 
+def _compare_arguments(p: argparse.ArgumentParser) -> None:
+    _add_common(p)
+    p.add_argument("--variants", action="append", default=[], metavar="A,B,...",
+                   help="variants to compare (default: sft-single, sft-diverse, orpo-teacher-neg, orpo-off, orpo-on, "
+                        "orpo-mixed); orpo-mixed@PHI sets phi, e.g. orpo-mixed@0.25")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per variant (default 3; 1 with --quick)")
+    p.add_argument("--quick", action="store_true",
+                   help="the small size: at most 64 training and 100 held-out questions, 2 epochs, 1 seed")
+    p.add_argument("--out", default=None,
+                   help="comparison folder (default: the config's run_dir, plus -quick with --quick)")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep every run's checkpoints/ (default: removed once the run is finished; model/ stays)")
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .compare import QUICK_SEEDS, quick_config, run_comparison
+    from .config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.quick:
+        cfg = quick_config(cfg)
+    n = args.seeds if args.seeds is not None else (QUICK_SEEDS if args.quick else 3)
+    if n < 1:
+        raise UserError(f"--seeds must be at least 1, got {n}")
+    out = Path(args.out or cfg.run_dir)
+    run_comparison(cfg, args.variants, [cfg.seed + i for i in range(n)], out, progress=not args.no_progress,
+                   overwrite=args.overwrite, keep_checkpoints=args.keep_checkpoints)
+    print((out / "comparison.md").read_text(encoding="utf-8"))
+    print(f"report: {out / 'report.md'} and {out / 'report.html'}")
+
+
+def _report_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="a run directory (config.yaml, metrics.jsonl) or a comparison folder (comparison.json)")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .report import write_report
+
+    path = write_report(Path(args.path))
+    print(f"wrote {path}, {path.with_suffix('.html')} and {path.parent / 'plots'}/")
+
+
+# Commands whose arguments differ from the common ones (config, --set, --overwrite, --no-progress).
+ARGUMENTS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
+    "compare": _compare_arguments,
+    "report": _report_arguments,
+}
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
     "teacher": (cmd_teacher, "sample and verify teacher traces"),
     "student": (cmd_student, "sample the student's traces (negatives)"),
@@ -169,6 +222,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
     "eval": (cmd_eval, "evaluate the student on the held-out split"),
     "run": (cmd_run, "every stage in order, skipping finished ones"),
     "demo": (cmd_demo, "the embedded default: synthetic task, scripted teacher, SmolLM2-135M student"),
+    "compare": (cmd_compare, "run several variants and seeds on shared traces; one table and a report"),
+    "report": (cmd_report, "report.md, report.html and plots from a run directory or a comparison folder"),
 }
 
 
@@ -182,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
             p.add_argument("--overwrite", action="store_true")
             p.add_argument("--no-progress", action="store_true")
+        elif name in ARGUMENTS:
+            ARGUMENTS[name](p)
         else:
             _add_common(p)
         if name == "student":

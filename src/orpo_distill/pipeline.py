@@ -81,8 +81,8 @@ class Run:
         store = self.teacher_store()
         k = self.cfg.teacher.sampling.samples
         if generator is None and any(store.count(r.id) < k for r in self.train_records):
-            generator = build_generator(self.cfg.teacher, self.train_records, self.cfg.task.kind, self.cfg.seed,
-                                        progress=self.progress)
+            generator = build_generator(self.cfg.teacher, self.train_records, self.cfg.task.kind,
+                                        self.cfg.teacher.sampling.seed, progress=self.progress)
         summary = self._sample(store, generator, self.cfg.teacher.sampling, "teacher")
         return summary
 

@@ -19,6 +19,12 @@ from typing import Any, Iterable, Iterator
 from .errors import UserError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temp file and a rename, so readers never see half a file."""
     path = Path(path)
@@ -29,6 +35,7 @@ def atomic_write_text(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -43,24 +50,37 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
-def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    """Yield the objects of a JSONL file; a bad line is a UserError naming the file and line."""
+def iter_jsonl(path: Path, what: str = "file") -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield ``("file:line", object)`` for each non-blank line of a JSONL file.
+
+    Lines are decoded one by one, so a bad byte or bad JSON is a :class:`UserError` naming its line;
+    a byte-order mark on the first line is accepted. ``what`` names the file in the not-found error.
+    """
     path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}")
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+                raise UserError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start + 1} of the line)") from None
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+                raise UserError(f"{where}: malformed JSON: {e.msg} (column {e.colno})") from None
             if not isinstance(obj, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield obj
+                raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            yield where, obj
+
+
+def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    """The objects of a JSONL file (see :func:`iter_jsonl` for the errors)."""
+    for _, obj in iter_jsonl(path):
+        yield obj
 
 
 def settings_hash(obj: Any) -> str:

@@ -13,7 +13,6 @@ is read as a 0-based index into the choices.
 
 from __future__ import annotations
 
-import json
 import re
 from contextlib import ExitStack
 from importlib import resources
@@ -22,6 +21,7 @@ from typing import Any, Iterable, Iterator
 
 from ..config import DatasetConfig
 from ..errors import UserError
+from ..store import iter_jsonl
 from ..records import Record
 from .splits import cap, ensure_disjoint, question_id, split_by_fraction
 
@@ -40,26 +40,8 @@ _CALC_NOTE = re.compile(r"<<[^<>]*>>")
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Yield ``("file:line", object)`` for each non-blank line, decoding each line on its own so that a
-    bad byte or bad JSON is reported at its line."""
-    if not path.is_file():
-        raise UserError(f"dataset file not found: {path}")
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            try:
-                text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise UserError(f"{where}: not UTF-8 text (byte {e.start + 1} of the line)") from None
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where}: malformed JSON: {e.msg} (column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise UserError(f"{where}: each line must be a JSON object, got {type(obj).__name__}")
-            yield where, obj
+    """Yield ``("file:line", object)`` for each non-blank line; errors name the line."""
+    return iter_jsonl(path, what="dataset file")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,13 +11,13 @@ line), or ``texts`` (a list of traces). Several lines may share an id; their tra
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Sequence
 
 from ..config import GeneratorConfig
 from ..errors import UserError
+from ..store import iter_jsonl
 from .base import GenerationStats, Request, Sample
 
 ID_FIELDS = ("id", "question_id")
@@ -57,26 +57,10 @@ def parse_trace_line(obj: Any, where: str) -> tuple[str, list[str]]:
 
 def load_traces(path: Path) -> dict[str, list[str]]:
     """All traces in ``path`` by question id, in file order; bad lines raise :class:`UserError`."""
-    if not path.is_file():
-        raise UserError(f"generator.path: replay file not found: {path}")
     traces: dict[str, list[str]] = {}
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise UserError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start} of the line)") from None
-            if lineno == 1:
-                line = line.removeprefix("\ufeff")  # a byte-order mark some editors write
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where}: malformed JSON: {e.msg} (column {e.colno})") from None
-            qid, texts = parse_trace_line(obj, where)
-            traces.setdefault(qid, []).extend(texts)
+    for where, obj in iter_jsonl(path, what="generator.path: replay file"):
+        qid, texts = parse_trace_line(obj, where)
+        traces.setdefault(qid, []).extend(texts)
     return traces
 
 

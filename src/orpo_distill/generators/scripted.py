@@ -173,18 +173,27 @@ STYLE_NAMES = tuple(STYLES)
 
 
 def ending(record: Record, value: int, task_kind: str) -> Ending:
-    """The option a trace picks for its final value. A wrong value that is not listed takes the
-    nearest wrong option, so a wrong trace never states the right letter."""
+    """How a trace maps its final value to an option. A wrong value that is not listed takes the
+    nearest wrong option, so a wrong trace never states the right letter.
+
+    The lookup is written out ("The options are (A) 14, (B) 21, ...; 21 is (B).") rather than
+    stated in passing: a small student can copy a list and match a number in it, but cannot learn
+    to recall a letter from a list it does not look at (measured: without the lookup line the
+    distilled SmolLM2-135M computed the right value 80% of the time and still answered (A) always).
+    """
     if task_kind != "mcq":
         return Ending(value, "", f"The answer is {value}.")
     assert record.choices is not None
     values = [int(c) for c in record.choices]
+    listed = ", ".join(f"({LETTERS[k]}) {v}" for k, v in enumerate(values))
     if value in values:
-        i, opt = values.index(value), "option"
+        i = values.index(value)
+        match = f"{value} is ({LETTERS[i]})"
     else:
         wrong = [i for i in range(len(values)) if LETTERS[i] != record.answer]
-        i, opt = min(wrong, key=lambda k: (abs(values[k] - value), k)), "closest to option"
-    return Ending(value, f", which is {opt} ({LETTERS[i]})", f"The answer is ({LETTERS[i]}).")
+        i = min(wrong, key=lambda k: (abs(values[k] - value), k))
+        match = f"{value} is not listed; the closest is ({LETTERS[i]})"
+    return Ending(value, "", f"The options are {listed}; {match}.\nThe answer is ({LETTERS[i]}).")
 
 
 def write_trace(record: Record, style: str, wrong: bool, rng: random.Random, task_kind: str = "mcq") -> tuple[str, str | None]:

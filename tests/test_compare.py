@@ -1,0 +1,355 @@
+"""``orpo-distill compare``: the variants map to the paper's configurations, the teacher traces, initial
+student samples and base evaluation are generated once and reused, a killed comparison resumes without
+retraining what finished, and the statistics are the ones the table claims."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+from orpo_distill import cli, compare, pipeline
+from orpo_distill.compare import (
+    aggregate,
+    bootstrap_mean,
+    is_finished,
+    load_plan,
+    open_plan,
+    paired_difference,
+    parse_variants,
+    run_comparison,
+    run_dir,
+    shared_config,
+    shared_dir,
+    variant_config,
+    variant_overrides,
+)
+from orpo_distill.config import RunConfig, resolved_dict
+from orpo_distill.errors import UserError
+from orpo_distill.generators.hf import HFGenerator
+from orpo_distill.generators.scripted import ScriptedTeacher
+from orpo_distill.metrics import read_metrics
+
+FAST = {
+    "dataset.train_size": 4,
+    "dataset.eval_size": 4,
+    "teacher.error_rate": 0.0,  # every question has a positive; teacher-negative variants are not tested here
+    "student.sampling.max_tokens": 6,
+    "student.sampling.samples": 2,
+    "pairs.pairs_per_question": 1,
+    "train.epochs": 2,
+    "train.batch_size": 4,
+    "train.lr": 1e-3,
+    "train.precision": "fp32",
+    "train.max_length": 128,
+    "eval.max_tokens": 6,
+    "eval.every_epoch": False,
+}
+
+
+def write_config(cfg: RunConfig, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(resolved_dict(cfg), sort_keys=False), encoding="utf-8")
+    return path
+
+
+# ---- variants and configurations -----------------------------------------------------------------
+
+
+def test_variant_names_map_to_the_paper_configurations(tiny_config: Any, tmp_path: Path) -> None:
+    base = tiny_config(**FAST, **{"train.phi": 0.4})
+    cfgs = {v: variant_config(base, tmp_path, v, 0) for v in
+            ["sft-single", "sft-diverse", "orpo-teacher-neg", "orpo-off", "orpo-on", "orpo-mixed", "orpo-mixed@0.25"]}
+    assert (cfgs["sft-single"].train.method, cfgs["sft-single"].train.traces) == ("sft", "single")
+    assert (cfgs["sft-diverse"].train.method, cfgs["sft-diverse"].train.traces) == ("sft", "all")
+    assert (cfgs["orpo-teacher-neg"].train.method, cfgs["orpo-teacher-neg"].pairs.negatives) == ("orpo", "teacher")
+    for name, policy in [("orpo-off", "off"), ("orpo-on", "on"), ("orpo-mixed", "mixed")]:
+        c = cfgs[name]
+        assert (c.train.method, c.pairs.negatives, c.train.policy) == ("orpo", "student", policy)
+    assert cfgs["orpo-mixed"].train.phi == 0.4  # phi from the config
+    assert cfgs["orpo-mixed@0.25"].train.phi == 0.25 and cfgs["orpo-mixed@0.25"].train.policy == "mixed"
+    assert cfgs["orpo-on"].run_dir == str(tmp_path / "orpo-on" / "seed_0")
+
+
+def test_variants_change_only_training_fields_so_the_shared_traces_stay_valid(tiny_config: Any, tmp_path: Path) -> None:
+    """What the stores hash (generator, sampling, task) and the data must be the same for every variant of
+    a seed; the seed moves the student's sampling seed, not the data or the teacher."""
+    base = tiny_config(**FAST)
+    for seed in (0, 3):
+        shared = shared_config(base, tmp_path, seed)
+        for v in compare.DEFAULT_VARIANTS + ["orpo-mixed@0.25"]:
+            c = variant_config(base, tmp_path, v, seed)
+            assert (c.teacher, c.student, c.task, c.dataset, c.eval, c.seed) == \
+                   (shared.teacher, shared.student, shared.task, shared.dataset, shared.eval, shared.seed)
+    s0, s3 = shared_config(base, tmp_path, 0), shared_config(base, tmp_path, 3)
+    assert s3.seed == 3 and s3.student.sampling.seed == s0.student.sampling.seed + 3
+    assert s3.teacher == s0.teacher and s3.dataset == s0.dataset
+
+
+@pytest.mark.parametrize("bad", ["orpo-offf", "orpo-mixed@1.5", "orpo-mixed@x", "sft-single@0.2"])
+def test_bad_variant_names_are_user_errors(bad: str) -> None:
+    with pytest.raises(UserError, match="variant"):
+        parse_variants([f"sft-single,{bad}"])
+
+
+def test_variant_lists_parse_in_order_without_repeats() -> None:
+    assert parse_variants(["orpo-off, sft-single", "orpo-off", "orpo-mixed@0.25"]) == \
+        ["orpo-off", "sft-single", "orpo-mixed@0.25"]
+    assert parse_variants([]) == compare.DEFAULT_VARIANTS
+    assert variant_overrides("orpo-mixed@0.25")["train.phi_schedule"] == "constant"
+
+
+def test_a_folder_refuses_another_configuration_but_grows_with_new_variants(tiny_config: Any, tmp_path: Path) -> None:
+    base = tiny_config(**FAST)
+    open_plan(tmp_path / "c", base, ["sft-single"], [0])
+    plan = open_plan(tmp_path / "c", base, ["orpo-off", "sft-single"], [1])
+    assert plan.variants == ["sft-single", "orpo-off"] and plan.seeds == [0, 1]
+    assert load_plan(tmp_path / "c").variants == plan.variants
+    with pytest.raises(UserError, match="train.lr"):
+        open_plan(tmp_path / "c", tiny_config(**{**FAST, "train.lr": 0.5}), ["sft-single"], [0])
+
+
+# ---- statistics ------------------------------------------------------------------------------------
+
+
+def test_bootstrap_interval_brackets_the_mean_and_narrows_with_more_questions() -> None:
+    rng = np.random.default_rng(1)
+    small = (rng.random((1, 50)) < 0.4).astype(float)
+    large = (rng.random((1, 2000)) < 0.4).astype(float)
+    m1, lo1, hi1 = bootstrap_mean(small)
+    m2, lo2, hi2 = bootstrap_mean(large)
+    assert lo1 < m1 < hi1 and lo2 < m2 < hi2
+    assert (hi2 - lo2) < (hi1 - lo1) / 3  # ~ 1/sqrt(40) as wide
+    assert abs(m2 - 0.4) < 0.04
+    assert bootstrap_mean(np.ones((3, 10))) == (1.0, 1.0, 1.0)
+    assert bootstrap_mean(small) == bootstrap_mean(small)  # deterministic
+
+
+def test_bootstrap_carries_the_seed_to_seed_spread() -> None:
+    """Two seeds that disagree completely: resampling questions alone would give a narrow interval; the
+    seed level widens it to cover both seeds' accuracies."""
+    m = np.vstack([np.ones(400), np.zeros(400)])
+    mean, lo, hi = bootstrap_mean(m)
+    assert mean == 0.5 and lo <= 0.05 and hi >= 0.95
+
+
+def test_paired_difference_uses_the_common_questions_and_seeds() -> None:
+    a = {0: {"q1": True, "q2": True, "q3": False}, 1: {"q1": True, "q2": True, "q3": True}}
+    b = {0: {"q1": False, "q2": True, "q3": False, "q9": True}}
+    d = paired_difference(a, b)
+    assert d is not None and d["seeds"] == 1 and d["questions"] == 3
+    assert d["diff"] == pytest.approx(1 / 3)
+    assert d["ci95"][0] <= d["diff"] <= d["ci95"][1]
+    same = paired_difference(a, a)
+    assert same is not None and same["diff"] == 0 and same["ci95"] == [0.0, 0.0]
+
+
+# ---- running: sharing and reuse -------------------------------------------------------------------------
+
+
+class Calls:
+    """Counts generator construction and generation calls, by generator."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        self.built: Counter[str] = Counter()
+        self.requests: Counter[str] = Counter()
+        real_build = pipeline.build_generator
+        real_scripted, real_hf = ScriptedTeacher.generate, HFGenerator.generate
+        calls = self
+
+        def build(cfg: Any, *a: Any, **k: Any) -> Any:
+            calls.built[cfg.kind] += 1
+            return real_build(cfg, *a, **k)
+
+        def scripted(self: Any, requests: Any) -> Any:
+            calls.requests["teacher"] += len(requests)
+            return real_scripted(self, requests)
+
+        def hf(self: Any, requests: Any) -> Any:
+            calls.requests[self.name] += len(requests)
+            return real_hf(self, requests)
+
+        monkeypatch.setattr(pipeline, "build_generator", build)
+        monkeypatch.setattr(ScriptedTeacher, "generate", scripted)
+        monkeypatch.setattr(HFGenerator, "generate", hf)
+
+
+def test_comparison_generates_shared_traces_once_and_reuses_them(tiny_config: Any, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = Calls(monkeypatch)
+    base = tiny_config(**FAST)
+    out = tmp_path / "cmp"
+    variants, seeds = ["sft-single", "orpo-mixed"], [0, 1]
+    result = run_comparison(base, variants, seeds, out, progress=False, log=lambda _: None)
+
+    # the teacher: built once and asked once per training question, for the whole comparison
+    assert calls.built["scripted"] == 1 and calls.requests["teacher"] == 4
+    # the initial student: built once per seed (its samples are per seed), never per variant
+    assert calls.built["hf"] == 2
+    # the base model: evaluated once (greedy decoding does not depend on the seed)
+    assert calls.requests["hf:student@epoch_0"] == 4
+    # what the variants generate themselves: the refresh of orpo-mixed (round(0.5 * 4) questions per seed)
+    # and the final evaluations of every run
+    assert calls.requests["hf:student@epoch_1"] == 2 * 2
+    assert calls.requests["hf:student@epoch_2"] == 4 * len(variants) * len(seeds)
+
+    teacher = (shared_dir(out, 0) / "teacher" / "traces.jsonl").read_bytes()
+    assert (shared_dir(out, 1) / "teacher" / "traces.jsonl").read_bytes() == teacher
+    student = {s: (shared_dir(out, s) / "student" / "epoch_1.jsonl").read_bytes() for s in seeds}
+    assert student[0] != student[1], "the seeds should draw their own initial student samples"
+    for v in variants:
+        for s in seeds:
+            d = run_dir(out, v, s)
+            assert (d / "teacher" / "traces.jsonl").read_bytes() == teacher
+            assert (d / "eval" / "eval_epoch_0.jsonl").read_bytes() == \
+                (shared_dir(out, 0) / "eval" / "eval_epoch_0.jsonl").read_bytes()
+            assert not (d / "checkpoints").exists() and (d / "model" / "config.json").is_file()
+            events = [e["event"] for e in read_metrics(d / "metrics.jsonl")]
+            assert "sampling" not in events or v == "orpo-mixed"  # only the refresh samples in a variant dir
+    assert (run_dir(out, "orpo-mixed", 1) / "student" / "epoch_1.jsonl").read_bytes() == student[1]
+    assert not (run_dir(out, "sft-single", 0) / "student").exists()
+
+    # the table: every variant with both seeds, the base row, the paired comparisons
+    saved = json.loads((out / "comparison.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    assert saved["missing"] == [] and list(saved["variants"]) == variants
+    for v in variants:
+        row = saved["variants"][v]
+        assert row["seeds"] == seeds and len(row["accuracy_per_seed"]) == 2 and row["questions"] == 4
+        assert row["ci95"][0] <= row["accuracy"] <= row["ci95"][1]
+        assert row["train_minutes"] > 0 and 0 <= row["parse_failure_rate"] <= 1 and row["mean_length"] > 0
+    assert saved["base"]["questions"] == 4
+    pairs = {(p["variant"], p["reference"]) for p in saved["paired"]}
+    assert {("orpo-mixed", "sft-single"), ("orpo-mixed", "base"), ("sft-single", "base")} <= pairs
+    md = (out / "comparison.md").read_text()
+    assert "| sft-single |" in md and "| orpo-mixed |" in md and "base model (epoch 0)" in md
+    assert (out / "report.md").is_file() and (out / "report.html").is_file()
+
+    # a rerun generates and trains nothing
+    before = {p: p.read_bytes() for p in out.glob("*/seed_*/metrics.jsonl")}
+    calls.built.clear()
+    calls.requests.clear()
+    run_comparison(base, variants, seeds, out, progress=False, log=lambda _: None)
+    assert not calls.built and not calls.requests
+    assert {p: p.read_bytes() for p in out.glob("*/seed_*/metrics.jsonl")} == before
+
+
+def test_incomplete_shared_traces_stop_the_comparison(tiny_config: Any, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A teacher request that fails leaves a gap; variants must not fill it with draws of their own."""
+    from orpo_distill.generators.base import Sample
+
+    real = ScriptedTeacher.generate
+
+    def flaky(self: Any, requests: Any) -> Any:
+        out = real(self, requests)
+        out[0] = [Sample(text="", error="boom")]
+        self.stats.failed_requests += 1
+        return out
+
+    monkeypatch.setattr(ScriptedTeacher, "generate", flaky)
+    with pytest.raises(UserError, match="teacher traces are missing"):
+        run_comparison(tiny_config(**FAST), ["sft-single"], [0], tmp_path / "cmp", progress=False, log=lambda _: None)
+    assert not run_dir(tmp_path / "cmp", "sft-single", 0).exists()
+
+
+# ---- kill and resume ------------------------------------------------------------------------------------
+
+
+def test_a_run_killed_before_its_model_export_is_completed_without_training(tiny_config: Any, tmp_path: Path) -> None:
+    """With eval.every_epoch the last evaluation comes before the export of model/: a run killed between
+    the two is not finished, and its rerun exports the model from the last checkpoint (not retraining)."""
+    cfg = tiny_config(**{**FAST, "train.epochs": 1, "eval.every_epoch": True})
+    out = tmp_path / "cmp"
+    run_comparison(cfg, ["sft-single"], [0], out, progress=False, keep_checkpoints=True, log=lambda _: None)
+    d = run_dir(out, "sft-single", 0)
+    assert (d / "checkpoints" / "epoch_1").is_dir()  # kept on request
+    shutil.rmtree(d / "model")
+    assert not is_finished(d, variant_config(cfg, out, "sft-single", 0))
+    trained = [e for e in read_metrics(d / "metrics.jsonl") if e["event"] in ("train", "epoch")]
+
+    run_comparison(cfg, ["sft-single"], [0], out, progress=False, log=lambda _: None)
+    assert (d / "model" / "config.json").is_file()
+    assert [e for e in read_metrics(d / "metrics.jsonl") if e["event"] in ("train", "epoch")] == trained
+    assert not (d / "checkpoints").exists()  # removed once the run is finished
+
+
+def orpo_distill_command() -> list[str]:
+    script = Path(sys.executable).parent / "orpo-distill"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "orpo_distill.cli"]
+
+
+def test_compare_killed_after_the_first_run_resumes_without_retraining_it(tiny_config: Any, tmp_path: Path) -> None:
+    """A real `orpo-distill compare` process, SIGKILLed once its first run has finished, then the same
+    command again: the finished run is left alone and the comparison completes."""
+    cfg = tiny_config(**FAST)
+    config = write_config(cfg, tmp_path / "cmp.yaml")
+    out = tmp_path / "cmp"
+    args = ["compare", str(config), "--variants", "sft-single,orpo-off", "--seeds", "1", "--out", str(out),
+            "--no-progress"]
+    first = run_dir(out, "sft-single", 0)
+    first_cfg = variant_config(cfg, out, "sft-single", 0)
+    log = (tmp_path / "killed.stderr").open("wb")
+    proc = subprocess.Popen([*orpo_distill_command(), *args], stdout=subprocess.DEVNULL, stderr=log)
+    log.close()
+    try:
+        deadline = time.monotonic() + 300
+        while not is_finished(first, first_cfg):
+            assert proc.poll() is None, (tmp_path / "killed.stderr").read_text()[-2000:]
+            assert time.monotonic() < deadline, "the first run did not finish within 300 s"
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "comparison.json").exists(), "the comparison finished before the kill; the test proves nothing"
+    time.sleep(0.05)  # so that a rewrite would show in the modification times
+    files = [first / "metrics.jsonl", first / "eval" / "summary.json", first / "config.yaml",
+             first / "model" / "model.safetensors"]
+    kept = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in files}
+
+    assert cli.main(args) == 0  # the same command again
+
+    for p, (data, mtime) in kept.items():
+        assert p.read_bytes() == data and p.stat().st_mtime_ns == mtime, f"{p} was rewritten: the run was redone"
+    result = json.loads((out / "comparison.json").read_text())
+    assert result["missing"] == []
+    assert {v: r["seeds"] for v, r in result["variants"].items()} == {"sft-single": [0], "orpo-off": [0]}
+    teacher = (shared_dir(out, 0) / "teacher" / "traces.jsonl").read_bytes()
+    for v in ("sft-single", "orpo-off"):
+        assert (run_dir(out, v, 0) / "teacher" / "traces.jsonl").read_bytes() == teacher
+        epochs = [e["epoch"] for e in read_metrics(run_dir(out, v, 0) / "metrics.jsonl") if e["event"] == "epoch"]
+        assert sorted(set(epochs)) == [1, 2]
+    assert aggregate(load_plan(out)) == result
+
+
+def test_compare_cli_rejects_bad_arguments(tiny_config: Any, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = write_config(tiny_config(**FAST), tmp_path / "cmp.yaml")
+    assert cli.main(["compare", str(config), "--variants", "orpo-sideways"]) == 2
+    assert "unknown variant 'orpo-sideways'" in capsys.readouterr().err
+    assert cli.main(["compare", str(config), "--seeds", "0"]) == 2
+    assert "--seeds" in capsys.readouterr().err
+
+
+def test_quick_size_caps_the_config_and_uses_its_own_folder(tiny_config: Any) -> None:
+    big = tiny_config(**{**FAST, "dataset.train_size": 500, "dataset.eval_size": None, "train.epochs": 5})
+    q = compare.quick_config(big)
+    assert q.dataset.train_size == compare.QUICK_SIZES["dataset.train_size"]
+    assert q.dataset.eval_size == compare.QUICK_SIZES["dataset.eval_size"]
+    assert q.train.epochs == compare.QUICK_SIZES["train.epochs"]
+    assert q.run_dir == big.run_dir + "-quick"
+    small = tiny_config(**FAST)
+    assert compare.quick_config(small).dataset.train_size == 4  # never grows a config

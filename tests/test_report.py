@@ -1,0 +1,132 @@
+"""``orpo-distill report``: every plot is drawn from a finished comparison and from a run directory, the
+HTML report carries its images inside, and the diversity figures mean what they say."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orpo_distill import cli, report
+from orpo_distill.compare import run_comparison, run_dir
+from orpo_distill.errors import UserError
+from orpo_distill.report import Heading, Para, Table, distinct_n, mean_pairwise_similarity, teacher_diversity
+
+FAST = {
+    "dataset.train_size": 4,
+    "dataset.eval_size": 4,
+    "student.sampling.max_tokens": 6,
+    "student.sampling.samples": 2,
+    "pairs.pairs_per_question": 1,
+    "train.epochs": 2,
+    "train.batch_size": 2,  # two logged steps an epoch, so the curves have a shape
+    "train.lr": 1e-3,
+    "train.precision": "fp32",
+    "train.max_length": 128,
+    "eval.max_tokens": 6,
+    "eval.every_epoch": True,  # an evaluation after epoch 1 too: the per-epoch plot
+}
+COMPARISON_PLOTS = ["accuracy", "accuracy_per_epoch", "training_curves", "refresh", "teacher_diversity"]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def check_png(path: Path) -> None:
+    from matplotlib.image import imread
+
+    data = path.read_bytes()
+    assert data[:8] == PNG, f"{path} is not a PNG"
+    assert len(data) > 10_000, f"{path} is suspiciously small ({len(data)} bytes)"
+    pixels = imread(path)
+    assert pixels.shape[0] >= 300 and pixels.shape[1] >= 500
+    assert pixels.std() > 0.05, f"{path} is (nearly) blank"
+
+
+def check_report(root: Path, names: list[str]) -> str:
+    md = (root / "report.md").read_text(encoding="utf-8")
+    page = (root / "report.html").read_text(encoding="utf-8")
+    for name in names:
+        png = root / "plots" / f"{name}.png"
+        check_png(png)
+        assert f"(plots/{name}.png)" in md
+        assert base64.b64encode(png.read_bytes()).decode("ascii") in page, f"{name}.png is not embedded"
+    assert not re.search(r"""(src|href)=['"](?!data:)""", page), "report.html refers to a file or URL"
+    return md
+
+
+def test_report_renders_every_plot_of_a_finished_comparison(tiny_config: Any, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "cmp"
+    run_comparison(tiny_config(**FAST), ["sft-single", "orpo-mixed"], [0], out, progress=False, log=lambda _: None)
+    # compare wrote the report; remove it to see `orpo-distill report` write it again, alone
+    for p in [out / "report.md", out / "report.html", *(out / "plots").glob("*.png")]:
+        p.unlink()
+    assert cli.main(["report", str(out)]) == 0
+    assert "report.md" in capsys.readouterr().out
+
+    md = check_report(out, COMPARISON_PLOTS)
+    assert sorted(p.stem for p in (out / "plots").glob("*.png")) == sorted(COMPARISON_PLOTS)
+    for heading in ("## Accuracy per variant", "## Paired differences", "## Training", "## Mixed-policy refresh",
+                    "## Teacher traces"):
+        assert heading in md
+    result = json.loads((out / "comparison.json").read_text())
+    assert f"| orpo-mixed | 1 | {100 * result['variants']['orpo-mixed']['accuracy']:.1f}%" in md
+    assert "| orpo-mixed | 2 | 0.50 | 2.0 | " in md  # the refresh before epoch 2: round(0.5 * 4) questions
+
+    # a run directory of the same comparison gets its own report (no accuracy-per-variant plot)
+    one = run_dir(out, "orpo-mixed", 0)
+    assert report.detect(one) == "run"
+    report.write_report(one)
+    md = check_report(one, ["accuracy_per_epoch", "training_curves", "refresh", "teacher_diversity"])
+    assert "## Evaluation" in md and "| 0 | 4 |" in md and "| 2 | 4 |" in md
+
+
+def test_training_curves_follow_epoch_progress_and_skip_duplicates(tmp_path: Path) -> None:
+    """A resumed run logs the steps of the killed epoch again; the curve keeps one point per step."""
+    lines = [
+        {"event": "train", "epoch": 1, "step": 1, "nll": 3.0}, {"event": "train", "epoch": 1, "step": 2, "nll": 2.0},
+        {"event": "epoch", "epoch": 1, "steps": 2, "seconds": 1.0},
+        {"event": "train", "epoch": 2, "step": 3, "nll": 9.0},  # killed here
+        {"event": "resume", "epoch": 1},
+        {"event": "train", "epoch": 2, "step": 3, "nll": 1.5}, {"event": "train", "epoch": 2, "step": 4, "nll": 1.0},
+        {"event": "epoch", "epoch": 2, "steps": 2, "seconds": 1.0},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    x, rows = report.training_rows(tmp_path)
+    assert x == [0.5, 1.0, 1.5, 2.0]
+    assert [r["nll"] for r in rows] == [3.0, 2.0, 1.5, 1.0]
+
+
+def test_distinct_n_and_similarity_on_known_texts() -> None:
+    same = ["add 3 then add 4", "add 3 then add 4"]
+    assert distinct_n(same, 1) == pytest.approx(4 / 10)  # add, 3, then, 4 out of 10 words
+    assert distinct_n(["a b c", "d e f"], 2) == 1.0
+    assert mean_pairwise_similarity(same) == 1.0
+    assert mean_pairwise_similarity(["a b c d", "w x y z"]) == 0.0
+    assert math.isnan(mean_pairwise_similarity(["only one"]))
+    div = teacher_diversity([
+        {"id": "q1", "text": "a b", "correct": True}, {"id": "q1", "text": "a b", "correct": False},
+        {"id": "q2", "text": "c d", "correct": False}, {"id": "q2", "text": "e f", "correct": False},
+    ])
+    assert div is not None
+    assert div["k"] == 2 and div["correct_share"] == 0.25 and div["correct_histogram"] == [1, 1, 0]
+    assert div["mean_similarity"] == 0.5 and div["per_question_similarity"] == [1.0, 0.0]
+
+
+def test_html_is_escaped_and_markdown_tables_are_safe(tmp_path: Path) -> None:
+    blocks = [Heading("a <b> title", 1), Para("use `x|y` **now**"), Table(["k"], [["a|b"]])]
+    md = report.render_markdown(blocks, tmp_path)
+    assert "| a\\|b |" in md
+    page = report.render_html(blocks, tmp_path, "t")
+    assert "a &lt;b&gt; title" in page and "<code>x|y</code>" in page and "<strong>now</strong>" in page
+
+
+def test_report_of_something_else_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(UserError, match="neither a run directory"):
+        report.detect(tmp_path)
+    assert cli.main(["report", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
