@@ -284,3 +284,17 @@ def test_lora_saves_the_adapter_and_exports_a_merged_model(tiny_config: Any, tin
     assert (a - b).abs().max() > 1e-3, "the adapter learned nothing, so the comparison proves nothing"
     state = json.loads((ckpt / "state.json").read_text())
     assert state["epoch"] == 1 and state["global_step"] == 1
+
+
+def test_token_budget_closes_micro_batches_and_keeps_groups_whole():
+    from orpo_distill.batching import PairGroup
+    from orpo_distill.training import example_tokens, micro_batches
+
+    groups = [PairGroup(prompt_ids=[1] * 10, pairs=[([2 + j] * 5, [30 + j] * 5) for j in range(k)]) for k in (1, 2, 1, 3, 1)]
+    order = list(range(len(groups)))
+    batches = micro_batches(groups, order, batch_size=100, token_budget=40)
+    assert [g for b in batches for g in b] == groups  # every group once, in order, never split
+    for b in batches:
+        assert len(b) == 1 or sum(example_tokens(g) for g in b) <= 40
+    assert [len(b) for b in batches] == [1, 1, 1, 1, 1]  # 20, 30, 20, 40, 20 tokens: no two fit
+    assert len(micro_batches(groups, order, batch_size=100, token_budget=None)) == 1

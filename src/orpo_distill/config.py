@@ -142,6 +142,9 @@ class TrainConfig(Strict):
     lambda_or: float = Field(0.1, ge=0, alias="lambda", description="weight of the odds-ratio term")
     nll_on_prompt: bool = False
     batch_size: int = Field(8, ge=1, description="pairs per micro-batch")
+    token_budget: int | None = Field(
+        None, ge=16, description="also cap a micro-batch at this many packed tokens (None: pairs only)"
+    )
     grad_accum: int = Field(1, ge=1)
     max_grad_norm: float = Field(1.0, gt=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)

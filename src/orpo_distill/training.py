@@ -87,8 +87,8 @@ def steps_per_epoch(num_examples: int, cfg: TrainConfig, world_size: int = 1, gr
     """
     groups = math.ceil(num_examples / group_size)
     per_rank = math.ceil(groups / world_size)  # ranks take a strided share of the groups
-    if group_size > cfg.batch_size:
-        micro = per_rank
+    if group_size > cfg.batch_size or cfg.token_budget is not None:
+        micro = per_rank  # worst case: one group per micro-batch
     else:
         micro = min(per_rank, math.ceil(per_rank * group_size / (cfg.batch_size - group_size + 1)))
     return math.ceil(micro / cfg.grad_accum)
@@ -110,21 +110,32 @@ class EpochResult:
     last: dict[str, float] = field(default_factory=dict)
 
 
-def micro_batches(examples: Sequence[Example], order: list[int], batch_size: int) -> list[list[Example]]:
-    """Consecutive examples in ``order`` filling up to ``batch_size`` pairs each (at least one example).
+def example_tokens(e: Example) -> int:
+    """Tokens an example puts in a packed row (what ``train.token_budget`` counts)."""
+    if isinstance(e, PairGroup):
+        return e.packed_length()
+    return len(e.prompt_ids) + len(e.target_ids)
+
+
+def micro_batches(examples: Sequence[Example], order: list[int], batch_size: int,
+                  token_budget: int | None = None) -> list[list[Example]]:
+    """Consecutive examples in ``order``, each batch filled up to ``batch_size`` pairs and, when set,
+    ``token_budget`` packed tokens; a batch holds at least one example.
 
     A question's pairs stay together (its group), so the packed layout shares its prompt.
     """
     batches: list[list[Example]] = []
     current: list[Example] = []
-    size = 0
+    size = tokens = 0
     for i in order:
         e = examples[i]
-        if current and size + example_size(e) > batch_size:
+        over_budget = token_budget is not None and tokens + example_tokens(e) > token_budget
+        if current and (size + example_size(e) > batch_size or over_budget):
             batches.append(current)
-            current, size = [], 0
+            current, size, tokens = [], 0, 0
         current.append(e)
         size += example_size(e)
+        tokens += example_tokens(e)
     if current:
         batches.append(current)
     return batches
@@ -174,7 +185,7 @@ def train_epoch(
     device = accelerator.device
     bf16 = use_bf16(cfg.precision, device)
     order = epoch_order(len(examples), cfg.seed, epoch)[accelerator.process_index :: accelerator.num_processes]
-    batches = micro_batches(examples, order, cfg.batch_size)
+    batches = micro_batches(examples, order, cfg.batch_size, cfg.token_budget)
     result = EpochResult()
     model.train()
     bar = tqdm(total=math.ceil(len(batches) / cfg.grad_accum), desc=f"epoch {epoch} ({cfg.method})", unit="step",
