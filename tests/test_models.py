@@ -85,3 +85,14 @@ def test_builtin_is_a_plain_checkpoint():
     assert torch.isfinite(logits).all()
     # a real pretrained model, not random weights: the continuation is a sensible word
     assert tok.decode(logits[0, -1].argmax().item()).strip() == "Paris"
+
+
+def test_bad_or_missing_device_is_a_user_error():
+    from orpo_distill.models import pick_device
+
+    with pytest.raises(UserError, match="not a device name"):
+        pick_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no CUDA GPU"):
+            pick_device("cuda")
+    assert pick_device("cpu").type == "cpu"

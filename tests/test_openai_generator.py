@@ -347,3 +347,14 @@ def test_fake_server_records_what_it_received(server):
     (rec,) = server.received
     assert isinstance(rec, Received) and rec.method == "POST" and rec.prompt == "What is 2+2?"
     assert isinstance(rec.action, Status) and rec.action.code == 418
+
+
+def test_api_key_from_a_dotenv_file_is_stripped_and_a_bad_one_refused(monkeypatch):
+    from orpo_distill.generators.openai import read_api_key
+
+    monkeypatch.setenv("ORPO_TEST_KEY", "sk-SECRET123\n")
+    assert read_api_key("ORPO_TEST_KEY") == "sk-SECRET123"
+    monkeypatch.setenv("ORPO_TEST_KEY", "sk-SEC\nRET123")
+    with pytest.raises(UserError) as e:
+        read_api_key("ORPO_TEST_KEY")
+    assert "SEC" not in str(e.value)

@@ -181,3 +181,18 @@ def test_every_variant_runs(tiny_config: Any, tmp_path: Path, variant: str) -> N
     if cfg.train.policy == "on":
         assert len({r["id"] for r in rows(run / "student" / "epoch_2.jsonl")}) == 4
         assert {r["rejected_epoch"] for r in pairs} == {2}
+
+
+def test_eval_without_checkpoints_uses_the_exported_model(tiny_config: Any, tmp_path: Path) -> None:
+    """compare removes checkpoints/ and keeps model/: `eval` must evaluate that, not the base model."""
+    import shutil
+
+    cfg = tiny_config(**{"train.epochs": 1, "eval.before_training": False})
+    config_file = write_config(cfg, tmp_path / "run.yaml")
+    assert cli.main(["run", str(config_file), "--no-progress"]) == 0
+    run_dir = Path(cfg.run_dir)
+    shutil.rmtree(run_dir / "checkpoints")
+    shutil.rmtree(run_dir / "eval")
+    assert cli.main(["eval", str(config_file), "--no-progress"]) == 0
+    assert (run_dir / "eval" / "eval_epoch_1.jsonl").is_file()
+    assert not (run_dir / "eval" / "eval_epoch_0.jsonl").exists()

@@ -178,3 +178,14 @@ def test_corrupt_line_before_the_tail_is_refused_not_dropped(tmp_path):
     with pytest.raises(UserError, match=rf"{path}:2: malformed JSON"):
         TraceStore(path, "h")
     assert path.read_bytes() == before
+
+
+def test_overwrite_never_destroys_an_earlier_set_aside_file(tmp_path):
+    path = tmp_path / "traces.jsonl"
+    for i, settings in enumerate(["a", "b", "c"]):
+        store = TraceStore(path, settings, overwrite=True)
+        store.append([{"id": "q", "sample": 0, "text": settings}])
+    kept = sorted(p.name for p in tmp_path.iterdir())
+    assert kept == ["traces.jsonl", "traces.jsonl.old", "traces.jsonl.old.1"]
+    texts = {p.name: p.read_text() for p in tmp_path.iterdir()}
+    assert '"a"' in texts["traces.jsonl.old"] and '"b"' in texts["traces.jsonl.old.1"]

@@ -298,3 +298,30 @@ def test_token_budget_closes_micro_batches_and_keeps_groups_whole():
         assert len(b) == 1 or sum(example_tokens(g) for g in b) <= 40
     assert [len(b) for b in batches] == [1, 1, 1, 1, 1]  # 20, 30, 20, 40, 20 tokens: no two fit
     assert len(micro_batches(groups, order, batch_size=100, token_budget=None)) == 1
+
+
+def test_last_step_of_an_epoch_averages_only_the_micro_batches_it_has(monkeypatch):
+    """3 micro-batches with grad_accum 2: the second step holds one micro-batch and must not be halved."""
+    import torch
+    from accelerate import Accelerator
+
+    from orpo_distill import training
+    from orpo_distill.config import TrainConfig
+    from orpo_distill.training import SftExample, train_epoch
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+
+    def fake_forward(model, batch, method, cfg, pad_id):
+        loss = model.weight.sum() * 1.0  # d loss / d w = 1 for every micro-batch
+        return loss, {"loss": float(loss.detach())}, 1
+
+    monkeypatch.setattr(training, "_forward", fake_forward)
+    cfg = TrainConfig(method="sft", batch_size=1, grad_accum=2, max_grad_norm=1e9, precision="fp32")
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    seen = []
+    examples = [SftExample([1], [2]) for _ in range(3)]
+    train_epoch(model, examples, opt, sched, cfg, 1, 0, Accelerator(cpu=True),
+                log=lambda row: seen.append(float(model.weight)), progress=False)
+    assert seen == [-1.0, -2.0]  # each step moves w by the mean gradient, 1, whatever its micro-batch count

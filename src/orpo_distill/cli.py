@@ -99,7 +99,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
         from .checkpoints import latest_checkpoint
 
         ckpt = latest_checkpoint(run.dir)
-        epoch = int(ckpt.name.split("_")[1]) if ckpt else 0
+        if ckpt is not None:
+            epoch = int(ckpt.name.split("_")[1])
+        elif (run.dir / "model" / "config.json").is_file():
+            epoch = run.cfg.train.epochs  # the exported final model
+        else:
+            epoch = 0
     s = run.evaluate(epoch)
     print_table(f"evaluation after epoch {epoch} ({run.dir / 'eval'})", eval_rows(s))
 

@@ -135,7 +135,13 @@ def load_model(name: str, dtype: str = "auto", trust_remote_code: bool = False, 
 def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"device {device!r} is not a device name (auto, cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {device!r}: no CUDA GPU is available here (use auto or cpu)")
+    return dev
 
 
 def cpu_supports_bf16() -> bool:

@@ -140,6 +140,10 @@ class Run:
         if epoch == 0:
             return load_model(scfg.model, dtype=scfg.dtype, trust_remote_code=scfg.trust_remote_code, device=scfg.device), tok
         ckpt = checkpoint_dir(self.dir, epoch)
+        exported = self.dir / "model"
+        if not (ckpt / "state.json").is_file() and epoch == self.cfg.train.epochs and (exported / "config.json").is_file():
+            # checkpoints removed (compare does) but the final model was exported: that is this epoch
+            return load_model(str(exported), dtype=scfg.dtype, trust_remote_code=scfg.trust_remote_code, device=scfg.device), tok
         if not (ckpt / "state.json").is_file():
             raise UserError(f"no complete checkpoint for epoch {epoch} in {ckpt.parent}; run `orpo-distill train` first")
         if self.cfg.train.lora.enabled:

@@ -183,14 +183,21 @@ class Distiller:
         if self.tcfg.lora.enabled:
             model = load_model(scfg.model, dtype="float32", trust_remote_code=scfg.trust_remote_code, device=scfg.device)
             if checkpoint is None:
-                return apply_lora(model, self.tcfg.lora)
+                return self._checkpointing(apply_lora(model, self.tcfg.lora))
             from peft import PeftModel
 
-            return PeftModel.from_pretrained(model, str(checkpoint), is_trainable=True)
+            model = PeftModel.from_pretrained(model, str(checkpoint), is_trainable=True)
+            return self._checkpointing(model)
         name = str(checkpoint) if checkpoint is not None else scfg.model
         model = load_model(name, dtype="float32", trust_remote_code=scfg.trust_remote_code, device=scfg.device)
+        return self._checkpointing(model)
+
+    def _checkpointing(self, model: Any) -> Any:
+        """Gradient checkpointing where the config asks for it (LoRA included: large students need it)."""
         if self.tcfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+            if hasattr(model, "enable_input_require_grads"):
+                model.enable_input_require_grads()  # so checkpointed blocks see a grad path with frozen embeddings
             model.config.use_cache = False
         return model
 
@@ -238,7 +245,7 @@ class Distiller:
             examples = self.tokenize(data.rows)
             result = train_epoch(model, examples, optimizer, scheduler, t, epoch, self.tokenizer.pad_token_id, acc,
                                  log=lambda row: run.metrics.log("train", **row), global_step=global_step,
-                                 progress=run.progress)
+                                 progress=run.progress, run_seed=self.cfg.seed)
             global_step += result.steps
             run.metrics.log("epoch", epoch=epoch, steps=result.steps, examples=result.examples, tokens=result.tokens,
                             seconds=result.seconds)

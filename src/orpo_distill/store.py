@@ -118,12 +118,22 @@ def _repair_torn_tail(path: Path) -> int:
         return size - cut
 
 
+def _free_name(path: Path) -> Path:
+    """``path``, or ``path.1``, ``path.2``, ... : the first that does not exist (set-aside traces are
+    never overwritten: they may have cost money)."""
+    candidate, n = path, 0
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}.{n}")
+    return candidate
+
+
 class TraceStore:
     """One JSONL file of generated samples keyed by ``(id, sample)``.
 
     ``settings`` is the hash of what produced the samples; opening a store whose lines carry another
     hash raises :class:`UserError` unless ``overwrite`` is set, in which case the old file is kept
-    aside as ``NAME.jsonl.old`` and a fresh one begins.
+    aside as ``NAME.jsonl.old`` (``.old.1``, ... if that exists) and a fresh one begins.
     """
 
     def __init__(self, path: Path, settings: str, overwrite: bool = False):
@@ -142,7 +152,7 @@ class TraceStore:
                     "or pass --overwrite to set the old file aside and generate again."
                 )
             if other:
-                os.replace(self.path, self.path.with_suffix(".jsonl.old"))
+                os.replace(self.path, _free_name(self.path.with_suffix(".jsonl.old")))
                 rows = []
             for r in rows:
                 self.rows.setdefault((str(r["id"]), int(r["sample"])), r)

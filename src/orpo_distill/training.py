@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -52,7 +53,9 @@ def use_bf16(precision: str, device: torch.device) -> bool:
         return False
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return cpu_supports_bf16() if precision == "auto" else True
+    if precision == "bf16" and not cpu_supports_bf16():
+        warnings.warn("train.precision is bf16 but this CPU has no bf16 units: training runs in fp32", stacklevel=2)
+    return cpu_supports_bf16()
 
 
 def apply_lora(model: Any, cfg: LoraConfig) -> Any:
@@ -180,11 +183,12 @@ def train_epoch(
     log: Callable[[dict[str, Any]], None],
     global_step: int = 0,
     progress: bool = True,
+    run_seed: int = 0,
 ) -> EpochResult:
     """One pass over ``examples``. Each rank takes its strided share of the epoch's order."""
     device = accelerator.device
     bf16 = use_bf16(cfg.precision, device)
-    order = epoch_order(len(examples), cfg.seed, epoch)[accelerator.process_index :: accelerator.num_processes]
+    order = epoch_order(len(examples), cfg.seed + run_seed, epoch)[accelerator.process_index :: accelerator.num_processes]
     batches = micro_batches(examples, order, cfg.batch_size, cfg.token_budget)
     result = EpochResult()
     model.train()
@@ -203,7 +207,9 @@ def train_epoch(
                 "refused and no weights or checkpoints were changed. Lower train.lr, use train.precision=fp32, "
                 f"or check the pairs in pairs/epoch_{epoch}.jsonl."
             )
-        accelerator.backward(loss / cfg.grad_accum)
+        # the last step of an epoch may hold fewer micro-batches: average over those it has
+        in_step = min(cfg.grad_accum, len(batches) - (i // cfg.grad_accum) * cfg.grad_accum)
+        accelerator.backward(loss / in_step)
         window.append(metrics)
         tokens += ntok
         result.examples += sum(example_size(e) for e in batch)

@@ -151,12 +151,15 @@ def read_api_key(env_name: str | None) -> str | None:
     """The key from the environment variable ``env_name`` (``None`` when no variable is named)."""
     if not env_name:
         return None
-    key = os.environ.get(env_name)
+    key = (os.environ.get(env_name) or "").strip()  # a key read from a .env file often ends in a newline
     if not key:
         raise UserError(
             f"generator.api_key_env: the environment variable {env_name} is not set or empty; "
             f"export it with the API key, or remove api_key_env for a server without keys"
         )
+    if not key.isascii() or not key.isprintable():
+        # an HTTP header cannot carry it, and the library's error would quote it
+        raise UserError(f"generator.api_key_env: the value of {env_name} has characters an HTTP header cannot carry")
     return key
 
 
@@ -350,7 +353,9 @@ class OpenAIGenerator:
     # -- bookkeeping
 
     def _redact(self, text: str) -> str:
-        return text.replace(self._api_key, "***") if self._api_key else text
+        if not self._api_key:
+            return text
+        return text.replace(self._api_key, "***").replace(repr(self._api_key)[1:-1], "***")
 
     def _add(self, counter: str, amount: float = 1) -> None:
         with self._stats_lock:
