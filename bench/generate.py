@@ -25,14 +25,12 @@ docs/benchmarks.md; ``--quick`` is a smoke test whose numbers mean nothing).
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import shlex
 import statistics
 import sys
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -44,6 +42,7 @@ from orpo_distill.generators.base import Request
 from orpo_distill.generators.hf import HFGenerator
 from orpo_distill.models import cpu_supports_bf16, load_model, load_tokenizer, pick_device, render_prompt
 from orpo_distill.tasks import build_task
+from machine import cpu_line  # bench/machine.py (bench/ is on sys.path when run as a script)
 
 DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
 DEFAULT_BATCH_SIZES = (1, 16, 64)
@@ -71,17 +70,6 @@ class Row:
 # ---- machine -----------------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    """The CPU's marketing name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
 def bf16_autocast_active(device: torch.device) -> bool:
     """Whether ``autocast(device)`` really switches to bf16 here (else the bf16 arm is plain fp32)."""
     return device.type == "cuda" or (device.type == "cpu" and cpu_supports_bf16())
@@ -91,7 +79,7 @@ def machine_lines(device: torch.device) -> list[str]:
     import transformers
 
     lines = [
-        f"CPU: {cpu_model()}, {os.cpu_count()} logical cores, torch threads: {torch.get_num_threads()}",
+        cpu_line(),
         f"torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}",
         f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
     ]

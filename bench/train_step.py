@@ -84,6 +84,7 @@ from orpo_distill.generators.scripted import ScriptedTeacher
 from orpo_distill.losses import orpo_loss
 from orpo_distill.models import autocast, cpu_supports_bf16, load_model, load_tokenizer, render_prompt
 from orpo_distill.tasks import build_task
+from machine import cpu_line, positive_int  # bench/machine.py (bench/ is on sys.path when run as a script)
 
 DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
 PAIRS_PER_QUESTION = 4  # K
@@ -107,17 +108,6 @@ class PairText(NamedTuple):
 # ---- machine -----------------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    """The CPU's marketing name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
 def machine_lines() -> list[str]:
     import transformers
 
@@ -129,7 +119,7 @@ def machine_lines() -> list[str]:
         trl_version = "not installed"
     bf16 = "active" if cpu_supports_bf16() else "INACTIVE (no bf16 units here): every arm runs in fp32"
     return [
-        f"CPU: {cpu_model()}, {os.cpu_count()} logical cores, torch threads: {torch.get_num_threads()}",
+        cpu_line(),
         f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl_version}, "
         f"Python {platform.python_version()}",
         f"bf16 autocast: {bf16}",
@@ -599,16 +589,6 @@ def footer_lines(rows: list[Row], n_params: int, matmul_rate: float, matmul_size
 
 def plural(n: int, word: str, words: str | None = None) -> str:
     return f"{n} {word if n == 1 else words or word + 's'}"
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:

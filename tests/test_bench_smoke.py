@@ -7,40 +7,16 @@ counting, never the speed.
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+from bench_loader import load_bench, table_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "generate.py"
 ARMS = ("hf fp32", "loop fp32")  # plus "hf bf16" or "hf bf16 (inactive)", depending on the CPU
-
-
-def load_bench() -> ModuleType:
-    """bench/ is scripts, not a package: import the file by path (registered, as dataclasses need)."""
-    if "bench_generate" in sys.modules:
-        return sys.modules["bench_generate"]
-    spec = importlib.util.spec_from_file_location("bench_generate", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_generate"] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules["bench_generate"]
-        raise
-    return module
-
-
-def table_rows(text: str) -> list[dict[str, str]]:
-    """The markdown table's body rows as dicts keyed by its header."""
-    lines = [l for l in text.splitlines() if l.startswith("|")]
-    header = [c.strip() for c in lines[0].strip("|").split("|")]
-    return [dict(zip(header, (c.strip() for c in l.strip("|").split("|")))) for l in lines[2:]]
 
 
 def test_quick_markdown_command(tiny_model_dir: Path) -> None:
@@ -70,7 +46,7 @@ def test_quick_markdown_command(tiny_model_dir: Path) -> None:
 
 
 def test_rich_table_in_process(tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    bench = load_bench()
+    bench = load_bench("generate")
     assert bench.main(["--quick", "--batch-sizes", "3", "--model", str(tiny_model_dir)]) == 0
     out = capsys.readouterr().out
     assert "Generation throughput" in out
@@ -79,14 +55,14 @@ def test_rich_table_in_process(tiny_model_dir: Path, capsys: pytest.CaptureFixtu
 
 
 def test_count_generated_stops_after_first_eos() -> None:
-    bench = load_bench()
+    bench = load_bench("generate")
     assert bench.count_generated([5, 6, 2, 9, 2], {2}) == 3  # EOS itself counts, padding after it does not
     assert bench.count_generated([5, 6, 7], {2}) == 3
     assert bench.count_generated([2, 2, 2], {2}) == 1
 
 
 def test_summarise_takes_medians_and_speedup_against_loop() -> None:
-    bench = load_bench()
+    bench = load_bench("generate")
     timings = {
         "hf": [(100, 1.0), (100, 2.0), (100, 4.0)],  # 100, 50, 25 tokens/s
         "loop": [(100, 10.0), (100, 20.0), (100, 5.0)],  # 10, 5, 20 tokens/s
@@ -99,7 +75,7 @@ def test_summarise_takes_medians_and_speedup_against_loop() -> None:
 
 
 def test_measure_warms_up_then_alternates_arms() -> None:
-    bench = load_bench()
+    bench = load_bench("generate")
     calls: list[tuple[str, int, int | None]] = []
 
     def arm(name: str):
@@ -117,7 +93,7 @@ def test_measure_warms_up_then_alternates_arms() -> None:
 
 
 def test_options_quick_defaults_and_bad_values() -> None:
-    bench = load_bench()
+    bench = load_bench("generate")
     args = bench.parse_args(["--quick", "--repeats", "2"])
     assert (args.batch_sizes, args.max_new_tokens, args.repeats) == ((1, 2), 8, 2)
     args = bench.parse_args(["--batch-sizes", "1,16,64"])

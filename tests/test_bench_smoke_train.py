@@ -7,43 +7,19 @@ tokenizer), so they check the command, the arms, the loss agreement and the book
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
+from bench_loader import load_bench, table_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "train_step.py"
 ARMS = ("(a) TRL ORPOTrainer", "(b) ours, plain", "(c) ours, packed")
-
-
-def load_bench() -> ModuleType:
-    """bench/ is scripts, not a package: import the file by path (registered, as dataclasses need)."""
-    if "bench_train_step" in sys.modules:
-        return sys.modules["bench_train_step"]
-    spec = importlib.util.spec_from_file_location("bench_train_step", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_train_step"] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules["bench_train_step"]
-        raise
-    return module
-
-
-def table_rows(text: str) -> list[dict[str, str]]:
-    """The markdown table's body rows as dicts keyed by its header."""
-    lines = [l for l in text.splitlines() if l.startswith("|")]
-    header = [c.strip() for c in lines[0].strip("|").split("|")]
-    return [dict(zip(header, (c.strip() for c in l.strip("|").split("|")))) for l in lines[2:]]
 
 
 def test_quick_markdown_command(tiny_model_dir: Path) -> None:
@@ -77,7 +53,7 @@ def test_quick_markdown_command(tiny_model_dir: Path) -> None:
 def test_arms_train_on_the_same_batch_and_agree(tiny_model_dir: Path) -> None:
     """Every arm's step reaches the weights through backward and clears the gradient; the three losses
     of one batch agree in fp32 (TRL's objective: NLL over prompt and response)."""
-    bench = load_bench()
+    bench = load_bench("train_step")
     from orpo_distill.models import load_model, load_tokenizer
 
     tok = load_tokenizer(str(tiny_model_dir))
@@ -107,7 +83,7 @@ def test_arms_train_on_the_same_batch_and_agree(tiny_model_dir: Path) -> None:
 
 
 def test_build_questions_pairs_correct_with_wrong_traces(tiny_model_dir: Path) -> None:
-    bench = load_bench()
+    bench = load_bench("train_step")
     from orpo_distill.datasets import load_splits
     from orpo_distill.models import load_tokenizer, render_prompt
     from orpo_distill.tasks import build_task
@@ -132,7 +108,7 @@ def test_build_questions_pairs_correct_with_wrong_traces(tiny_model_dir: Path) -
 
 
 def test_make_batches_takes_whole_questions_in_order() -> None:
-    bench = load_bench()
+    bench = load_bench("train_step")
     P = bench.PairText
     questions = [[P(f"q{q}", f"c{q}{i}", f"r{q}{i}") for i in range(4)] for q in range(4)]
     batches = bench.make_batches(questions, 8, 2)
@@ -143,7 +119,7 @@ def test_make_batches_takes_whole_questions_in_order() -> None:
 
 
 def test_measure_warms_up_then_alternates_arms() -> None:
-    bench = load_bench()
+    bench = load_bench("train_step")
     calls: list[str] = []
 
     def arm(name: str):
@@ -164,7 +140,7 @@ def test_measure_warms_up_then_alternates_arms() -> None:
 
 
 def test_peak_rss_increase_sees_a_transient_allocation() -> None:
-    bench = load_bench()
+    bench = load_bench("train_step")
     read, source = bench.rss_reader()
     if read is None:
         pytest.skip("no RSS reader on this platform")
@@ -179,7 +155,7 @@ def test_peak_rss_increase_sees_a_transient_allocation() -> None:
 
 
 def test_summarise_medians_and_ratios_against_trl() -> None:
-    bench = load_bench()
+    bench = load_bench("train_step")
     arms = [
         bench.Arm("a", lambda i: None, lambda i, p: 0.0, [100, 300], [400, 400]),
         bench.Arm("c", lambda i: None, lambda i, p: 0.0, [50, 150], [60, 160]),
@@ -197,7 +173,7 @@ def test_summarise_medians_and_ratios_against_trl() -> None:
 
 
 def test_check_losses_and_mfu() -> None:
-    bench = load_bench()
+    bench = load_bench("train_step")
     assert bench.check_losses({"a": 2.0, "b": 2.0001, "c": 1.9999}, 1e-4) == (True, pytest.approx(5e-5))
     ok, worst = bench.check_losses({"a": 2.0, "b": 2.1}, 1e-2)
     assert not ok and worst == pytest.approx(0.05)
@@ -207,7 +183,7 @@ def test_check_losses_and_mfu() -> None:
 
 
 def test_options_quick_defaults_and_bad_values() -> None:
-    bench = load_bench()
+    bench = load_bench("train_step")
     args = bench.parse_args(["--quick", "--repeats", "2"])
     assert (args.batch_size, args.steps, args.repeats, args.matmul_size) == (4, 1, 2, 256)
     args = bench.parse_args([])
