@@ -102,11 +102,8 @@ def test_steps_per_epoch_bounds_the_steps_train_epoch_takes(k: int, batch_size: 
     for questions in (1, 2, 5, 9, 16):
         # a question yields at most K pairs; some yield fewer
         groups = [group(k if q % 3 else max(1, k - 1), q) for q in range(questions)]
-        worst = 0
-        for rank in range(world):
-            order = epoch_order(len(groups), 0, 1)[rank::world]
-            micro = len(micro_batches(groups, order, batch_size))
-            worst = max(worst, math.ceil(micro / grad_accum))
+        micro = len(micro_batches(groups, epoch_order(len(groups), 0, 1), batch_size))
+        worst = math.ceil(micro / (grad_accum * world))  # a step takes grad_accum micro-batches per rank
         bound = steps_per_epoch(questions * k, cfg, world, group_size=k)
         assert worst <= bound, f"{questions} questions: {worst} steps, schedule sized for {bound}"
         if k == 1:
@@ -199,7 +196,7 @@ def test_infinite_loss_is_refused_too(tiny_epoch: dict[str, Any], monkeypatch: p
 
     def inf_loss(*args: Any, **kw: Any) -> Any:
         out = real(*args, **kw)
-        out.loss = out.loss + float("inf")
+        out.or_loss = out.or_loss + float("inf")
         return out
 
     monkeypatch.setattr(training, "orpo_loss", inf_loss)
@@ -314,7 +311,7 @@ def test_last_step_of_an_epoch_averages_only_the_micro_batches_it_has(monkeypatc
 
     def fake_forward(model, batch, method, cfg, pad_id):
         loss = model.weight.sum() * 1.0  # d loss / d w = 1 for every micro-batch
-        return loss, {"loss": float(loss.detach())}, 1
+        return training.MicroBatchOut(loss, None, {"nll": float(loss.detach())}, 1)
 
     monkeypatch.setattr(training, "_forward", fake_forward)
     cfg = TrainConfig(method="sft", batch_size=1, grad_accum=2, max_grad_norm=1e9, precision="fp32")

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import UserError
+
 STATE = "state.json"
 
 
@@ -42,14 +44,17 @@ def checkpoint_dir(run_dir: Path, epoch: int) -> Path:
 
 
 def save_checkpoint(run_dir: Path, epoch: int, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any,
-                    buffer: dict[str, Any], state: dict[str, Any]) -> Path:
+                    buffer: dict[str, Any], state: dict[str, Any], state_dict: dict[str, Any] | None = None) -> Path:
+    """Write ``checkpoints/epoch_E`` whole. ``state_dict``: the full weights gathered from a sharded
+    model (FSDP, ZeRO-3); None saves ``model``'s own."""
     final = checkpoint_dir(run_dir, epoch)
     tmp = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, **({} if state_dict is None else {"state_dict": state_dict}))
     tokenizer.save_pretrained(tmp)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if optimizer is not None:  # None: a sharded optimizer (FSDP, ZeRO), whose state no one rank holds
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_state(), tmp / "rng.pt")
     (tmp / "buffer.json").write_text(json.dumps(buffer), encoding="utf-8")
@@ -78,6 +83,12 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def load_training_state(path: Path, optimizer: Any, scheduler: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """Restore optimizer, scheduler and RNG from a checkpoint; returns (state, buffer)."""
+    if not (path / "optimizer.pt").is_file():
+        raise UserError(
+            f"{path} holds the model but not the optimizer state (it was written by a sharded FSDP/DeepSpeed run, "
+            "whose optimizer state is split over the ranks; resuming those is not supported yet). Start a new "
+            f"run with student.model={path} to go on training from these weights."
+        )
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     set_rng_state(torch.load(path / "rng.pt", weights_only=False))

@@ -95,6 +95,13 @@ class GeneratorConfig(Strict):
     device: str = "auto"
     trust_remote_code: bool = False
     tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1,
+        description="vllm: share of GPU memory the engine reserves (lower it when training shares the GPU)",
+    )
+    max_model_len: int | None = Field(
+        None, ge=1, description="vllm: longest prompt plus completion in tokens (None: the model's own limit)"
+    )
     sampling: SamplingConfig = SamplingConfig()
 
     @model_validator(mode="after")
@@ -338,7 +345,7 @@ _MEANINGS: dict[tuple[str, str], str] = {
     ("TaskConfig", "kind"): "how answers are extracted and checked",
     ("TaskConfig", "allow_custom_code"): "must be true for task.custom to import user code",
     ("TaskConfig", "system_prompt"): "optional system message before every question",
-    ("GeneratorConfig", "kind"): "hf (local transformers), openai (any compatible server), replay (recorded file), scripted (synthetic teacher)",
+    ("GeneratorConfig", "kind"): "hf (local transformers), openai (any compatible server), vllm (in-process vLLM engine, optional extra), replay (recorded file), scripted (synthetic teacher)",
     ("GeneratorConfig", "base_url"): "openai: server base URL(s) ending in /v1; a list spreads requests over servers",
     ("GeneratorConfig", "endpoint"): "openai: chat/completions (messages) or completions (plain prompt)",
     ("GeneratorConfig", "max_concurrency"): "openai: requests in flight at once",
@@ -346,12 +353,12 @@ _MEANINGS: dict[tuple[str, str], str] = {
     ("GeneratorConfig", "max_retries"): "openai: retries per request on 429, 5xx, timeouts, resets, bad JSON",
     ("GeneratorConfig", "backoff_base"): "openai: first backoff in seconds (doubles each retry, with jitter)",
     ("GeneratorConfig", "backoff_max"): "openai: longest single wait, Retry-After included",
-    ("GeneratorConfig", "stop"): "openai: stop sequences",
+    ("GeneratorConfig", "stop"): "openai, vllm: stop sequences",
     ("GeneratorConfig", "path"): "replay: JSONL of recorded traces ({id, text} per line)",
     ("GeneratorConfig", "error_rate"): "scripted: share of traces with a deliberate mistake (teacher negatives)",
-    ("GeneratorConfig", "dtype"): "hf: weight dtype (auto: bf16 on GPU, fp32 on CPU with bf16 autocast)",
+    ("GeneratorConfig", "dtype"): "hf, vllm: weight dtype (hf auto: bf16 on GPU, fp32 on CPU with bf16 autocast; vllm auto: vLLM's choice from the checkpoint)",
     ("GeneratorConfig", "device"): "hf: auto, cpu, cuda, cuda:1, ...",
-    ("GeneratorConfig", "trust_remote_code"): "hf: allow model code from the Hub (off unless you set it)",
+    ("GeneratorConfig", "trust_remote_code"): "hf, vllm: allow model code from the Hub (off unless you set it)",
     ("GeneratorConfig", "tensor_parallel_size"): "vllm: GPUs per engine",
     ("SamplingConfig", "temperature"): "sampling temperature (0: greedy)",
     ("SamplingConfig", "top_p"): "nucleus sampling threshold",

@@ -59,6 +59,19 @@ def log_odds(mean_logp: Tensor) -> Tensor:
     return mean_logp - log1mexp(mean_logp)
 
 
+# What the training loop logs for an ORPO step, in the order OrpoOutput.metrics() returns them.
+ORPO_METRICS = (
+    "loss",
+    "nll",
+    "or_loss",
+    "logps/chosen",
+    "logps/rejected",
+    "log_odds_ratio",
+    "reward_accuracy",
+    "margin",
+)
+
+
 @dataclass
 class OrpoOutput:
     """The ORPO loss and what the training loop logs.
@@ -91,17 +104,7 @@ class OrpoOutput:
                 self.margin.detach(),
             ]
         ).tolist()
-        names = [
-            "loss",
-            "nll",
-            "or_loss",
-            "logps/chosen",
-            "logps/rejected",
-            "log_odds_ratio",
-            "reward_accuracy",
-            "margin",
-        ]
-        return dict(zip(names, values))
+        return dict(zip(ORPO_METRICS, values))
 
 
 def _as_vector(name: str, t: Tensor, size: int | None) -> Tensor:

@@ -12,6 +12,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from . import distributed
 from .checkpoints import checkpoint_dir
 from .config import RunConfig, save_resolved
 from .errors import UserError
@@ -21,7 +22,7 @@ from .generators import build_generator
 from .generators.base import Generator
 from .generators.hf import HFGenerator
 from .metrics import MetricsLog
-from .models import load_model, load_tokenizer
+from .models import load_model, load_tokenizer, pick_device
 from .records import Record
 from .sampling import SampleSummary, sample_traces, sampling_settings
 from .store import TraceStore, atomic_write_json, atomic_write_jsonl, settings_hash
@@ -33,10 +34,15 @@ class Run:
         self.cfg = cfg
         self.dir = Path(cfg.run_dir)
         self.overwrite = overwrite
-        self.progress = progress
-        self.dir.mkdir(parents=True, exist_ok=True)
-        save_resolved(cfg, self.dir / "config.yaml")
-        self.metrics = MetricsLog(self.dir / "metrics.jsonl")
+        # Under `accelerate launch` every process runs this; only the main one writes (distributed.py)
+        distributed.init(cpu=pick_device(cfg.student.device).type == "cpu")
+        self.writer = distributed.is_main()
+        self.progress = progress and self.writer
+        if self.writer:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            save_resolved(cfg, self.dir / "config.yaml")
+        distributed.barrier()
+        self.metrics = MetricsLog(self.dir / "metrics.jsonl", enabled=self.writer)
 
     # ---- inputs -------------------------------------------------------------------------------
 
@@ -74,15 +80,15 @@ class Run:
         settings = sampling_settings(name, cfg.sampling, self.task_fingerprint())
         if cfg.kind == "scripted":
             settings["error_rate"] = cfg.error_rate
-        return TraceStore(self.dir / "teacher" / "traces.jsonl", settings_hash(settings), overwrite=self.overwrite)
+        return self._open_store(self.dir / "teacher" / "traces.jsonl", settings)
 
     def teacher(self, generator: Generator | None = None) -> SampleSummary:
         """Sample and verify ``teacher.sampling.samples`` traces per training question."""
         store = self.teacher_store()
         k = self.cfg.teacher.sampling.samples
         if generator is None and any(store.count(r.id) < k for r in self.train_records):
-            generator = build_generator(self.cfg.teacher, self.train_records, self.cfg.task.kind,
-                                        self.cfg.teacher.sampling.seed, progress=self.progress)
+            generator = distributed.sharded(build_generator(self.cfg.teacher, self.train_records, self.cfg.task.kind,
+                                                            self.cfg.teacher.sampling.seed, progress=self.progress))
         summary = self._sample(store, generator, self.cfg.teacher.sampling, "teacher")
         return summary
 
@@ -90,7 +96,12 @@ class Run:
         cfg = self.cfg.student
         name = generator_name or f"{cfg.kind}:{cfg.model}"
         settings = sampling_settings(name, cfg.sampling, self.task_fingerprint())
-        return TraceStore(self.dir / "student" / f"epoch_{epoch}.jsonl", settings_hash(settings), overwrite=self.overwrite)
+        return self._open_store(self.dir / "student" / f"epoch_{epoch}.jsonl", settings)
+
+    def _open_store(self, path: Path, settings: dict[str, Any]) -> TraceStore:
+        """The main process opens (and repairs) a store first; the others then read it, read-only."""
+        return distributed.main_first(
+            lambda: TraceStore(path, settings_hash(settings), overwrite=self.overwrite, writer=self.writer))
 
     def student(self, epoch: int = 1, generator: Generator | None = None, records: list[Record] | None = None) -> SampleSummary:
         """Sample the student's traces before ``epoch`` (epoch 1: the initial student)."""
@@ -98,7 +109,8 @@ class Run:
         store = self.student_store(epoch, None if generator is None or epoch == 1 else generator.name)
         k = self.cfg.student.sampling.samples
         if generator is None and any(store.count(r.id) < k for r in records):
-            generator = build_generator(self.cfg.student, records, self.cfg.task.kind, self.cfg.seed, progress=self.progress)
+            generator = distributed.sharded(
+                build_generator(self.cfg.student, records, self.cfg.task.kind, self.cfg.seed, progress=self.progress))
         return self._sample(store, generator, self.cfg.student.sampling, f"student/epoch_{epoch}", records)
 
     def train(self) -> dict[str, Any]:
@@ -117,17 +129,19 @@ class Run:
             return EvalSummary.from_dict(summaries[key])
         if model is None:
             model, tokenizer = self.load_student_for_eval(epoch)
-        gen = HFGenerator.from_model(model, tokenizer, name=f"hf:student@epoch_{epoch}",
-                                     batch_size=self.cfg.eval.batch_size, progress=self.progress)
+        gen = distributed.sharded(HFGenerator.from_model(model, tokenizer, name=f"hf:student@epoch_{epoch}",
+                                                         batch_size=self.cfg.eval.batch_size, progress=self.progress))
         ecfg = self.cfg.eval
         rows, summary = evaluate(self.eval_records, self.task, gen, ecfg.max_tokens, ecfg.self_consistency,
                                  ecfg.temperature, seed=self.cfg.seed)
-        atomic_write_jsonl(path, rows)
-        summaries = self.eval_summaries()
-        summaries[key] = {**summary.as_dict(), "epoch": epoch, "split": split,
-                          "tokens_per_s": gen.stats.completion_tokens / gen.stats.seconds if gen.stats.seconds else 0.0}
-        atomic_write_json(self.dir / "eval" / "summary.json", summaries)
+        if self.writer:
+            atomic_write_jsonl(path, rows)
+            summaries = self.eval_summaries()
+            summaries[key] = {**summary.as_dict(), "epoch": epoch, "split": split,
+                              "tokens_per_s": gen.stats.completion_tokens / gen.stats.seconds if gen.stats.seconds else 0.0}
+            atomic_write_json(self.dir / "eval" / "summary.json", summaries)
         self.metrics.log("eval", key=key, **summary.as_dict())
+        distributed.barrier()  # the other ranks read summary.json next time
         return summary
 
     def eval_summaries(self) -> dict[str, Any]:
@@ -170,6 +184,7 @@ class Run:
     def _sample(self, store: TraceStore, generator: Generator | None, sampling: Any, stage: str, records: list[Record] | None = None) -> SampleSummary:
         records = self.train_records if records is None else records
         summary = sample_traces(records, self.task, generator, sampling, store, stage, progress=self.progress)
+        distributed.barrier()  # the main process has appended the last chunk: every rank may read the store
         if summary.new_samples or summary.failed_requests:  # a rerun that found it all on disk is no event
             self.metrics.log("sampling", **summary.as_dict())
         return summary

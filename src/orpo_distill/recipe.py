@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from . import distributed
 from .batching import group_pairs, tokenize_pair
 from .checkpoints import latest_checkpoint, load_training_state, save_checkpoint
 from .config import RunConfig
@@ -83,6 +84,7 @@ class Distiller:
         self.qids = [r.id for r in run.train_records if positives(self.teacher.get(r.id, []))]
         self.teacher_negs = {q: teacher_negatives(self.teacher.get(q, [])) for q in self.qids}
         self.buffer = NegativeBuffer()
+        self._vllm: Any = None  # the student's vLLM engine, when student.kind is vllm (built on first refresh)
 
     # ---- data ------------------------------------------------------------------------------------
 
@@ -164,8 +166,9 @@ class Distiller:
         phi = phi_for_epoch(epoch, t.epochs, t.policy, t.phi, t.phi_schedule, t.phi_start)
         chosen = choose_refresh(sorted(self.buffer.negatives), phi, self.cfg.seed, epoch)
         if chosen:
-            gen = HFGenerator.from_model(model, self.tokenizer, name=f"hf:student@epoch_{epoch - 1}",
-                                         batch_size=self.cfg.student.sampling.batch_size, progress=self.run.progress)
+            # each rank samples its share of the chosen questions; every rank gets all the samples back,
+            # so the buffer below is the same on every rank
+            gen = distributed.sharded(self.refresh_generator(epoch, model))
             self.run.student(epoch=epoch, generator=gen, records=[self.records[q] for q in chosen])
             store = self.run.student_store(epoch, gen.name)
             new = {q: store.for_question(q) for q in chosen}
@@ -175,6 +178,21 @@ class Distiller:
         self.run.metrics.log("refresh", epoch=epoch, phi=phi, questions=len(self.buffer.negatives),
                              selected=len(chosen), refreshed=result.refreshed, all_correct=result.all_correct,
                              fell_back_to_teacher=result.fell_back_to_teacher)
+
+    def refresh_generator(self, epoch: int, model: Any) -> Any:
+        """A generator that samples from the current weights: the model in memory (``hf``), or a vLLM
+        engine built once and given the current weights in place before each refresh (``vllm``)."""
+        scfg = self.cfg.student
+        if scfg.kind != "vllm":
+            return HFGenerator.from_model(model, self.tokenizer, name=f"hf:student@epoch_{epoch - 1}",
+                                          batch_size=scfg.sampling.batch_size, progress=self.run.progress)
+        from .generators.vllm import VLLMGenerator
+
+        if self._vllm is None:
+            self._vllm = VLLMGenerator.from_config(scfg, progress=self.run.progress)
+        self._vllm.load_weights(model)
+        self._vllm.name = f"vllm:student@epoch_{epoch - 1}"
+        return self._vllm
 
     # ---- the whole training stage -----------------------------------------------------------------
 
@@ -203,6 +221,7 @@ class Distiller:
 
     def train(self) -> dict[str, Any]:
         from accelerate import Accelerator
+        from accelerate.utils import DistributedType
 
         t, run = self.tcfg, self.run
         if uses_student_negatives(self.cfg):  # a bad phi schedule fails now, not before epoch 3
@@ -249,24 +268,33 @@ class Distiller:
             global_step += result.steps
             run.metrics.log("epoch", epoch=epoch, steps=result.steps, examples=result.examples, tokens=result.tokens,
                             seconds=result.seconds)
+            # FSDP and ZeRO-3 hold a shard of the weights per rank: gathering them is a collective, so
+            # every rank calls get_state_dict; the main process writes the one checkpoint.
+            full_state = acc.get_state_dict(model) if acc.num_processes > 1 else None
             if acc.is_main_process:
-                save_checkpoint(run.dir, epoch, acc.unwrap_model(model), self.tokenizer, optimizer, scheduler,
-                                self.buffer.to_dict(), {"global_step": global_step})
+                sharded_optimizer = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+                save_checkpoint(run.dir, epoch, acc.unwrap_model(model), self.tokenizer,
+                                None if sharded_optimizer else optimizer, scheduler,
+                                self.buffer.to_dict(), {"global_step": global_step, "world_size": acc.num_processes},
+                                state_dict=full_state)
             acc.wait_for_everyone()
             if self.cfg.eval.every_epoch:
                 run.evaluate(epoch, model=acc.unwrap_model(model), tokenizer=self.tokenizer)
+        full_state = acc.get_state_dict(model) if acc.num_processes > 1 else None
         if acc.is_main_process:
-            self.export(acc.unwrap_model(model))
+            self.export(acc.unwrap_model(model), full_state)
+        acc.wait_for_everyone()
         return {"epochs": t.epochs, "resumed_from": start - 1, "trained": True, "global_step": global_step}
 
-    def export(self, model: Any) -> Path:
+    def export(self, model: Any, state_dict: dict[str, Any] | None = None) -> Path:
         """``model/``: the distilled student as a plain checkpoint (LoRA merged) for ``from_pretrained``."""
         target = self.run.dir / "model"
         tmp = target.with_name(".model.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         if self.tcfg.lora.enabled:
             model = model.merge_and_unload()
-        model.save_pretrained(tmp)
+            state_dict = None  # the gathered state is the adapter's; the merged model has its own
+        model.save_pretrained(tmp, **({} if state_dict is None else {"state_dict": state_dict}))
         self.tokenizer.save_pretrained(tmp)
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)

@@ -144,7 +144,7 @@ def sample_traces(
                 )
                 idx += 1
         summary.new_samples += store.append(rows)
-        if failures:
+        if failures and store.writer:
             with failures_path.open("a", encoding="utf-8") as f:
                 f.write("".join(json.dumps(x) + "\n" for x in failures))
         bar.update(sum(len(s) for s in results))

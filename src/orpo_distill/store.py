@@ -128,24 +128,40 @@ def _free_name(path: Path) -> Path:
     return candidate
 
 
+def _complete_lines(path: Path) -> Iterator[dict[str, Any]]:
+    """The rows of a store another process may be appending to: a last line without its newline is
+    skipped, not read (a reader must not repair another process's file)."""
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    for line in data[:end].decode("utf-8").splitlines():
+        if line.strip():
+            yield json.loads(line)
+
+
 class TraceStore:
     """One JSONL file of generated samples keyed by ``(id, sample)``.
 
     ``settings`` is the hash of what produced the samples; opening a store whose lines carry another
     hash raises :class:`UserError` unless ``overwrite`` is set, in which case the old file is kept
     aside as ``NAME.jsonl.old`` (``.old.1``, ... if that exists) and a fresh one begins.
+
+    ``writer=False`` (the non-main ranks of a multi-process run) reads the file but never changes it:
+    appended rows are kept in memory only, and the main process's copy of them is on disk.
     """
 
-    def __init__(self, path: Path, settings: str, overwrite: bool = False):
+    def __init__(self, path: Path, settings: str, overwrite: bool = False, writer: bool = True):
         self.path = Path(path)
         self.settings = settings
+        self.writer = writer
         self.rows: dict[tuple[str, int], dict[str, Any]] = {}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if writer:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
-            _repair_torn_tail(self.path)
-            rows = list(read_jsonl(self.path))
+            if writer:
+                _repair_torn_tail(self.path)
+            rows = list(_complete_lines(self.path)) if not writer else list(read_jsonl(self.path))
             other = {r.get("settings") for r in rows} - {settings}
-            if other and not overwrite:
+            if other and not (overwrite and writer):
                 raise UserError(
                     f"{self.path} was generated with other settings (hash {sorted(map(str, other))[0]}, "
                     f"now {settings}): the prompt, model or sampling settings changed. Use a new run_dir, "
@@ -183,8 +199,8 @@ class TraceStore:
             r = {**r, "settings": self.settings}
             self.rows[key] = r
             fresh.append(r)
-        if not fresh:
-            return 0
+        if not fresh or not self.writer:
+            return len(fresh)
         data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in fresh).encode("utf-8")
         with self.path.open("ab") as f:
             f.write(data)

@@ -8,6 +8,7 @@ evaluation) in ``recipe``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
+from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
 from .batching import (
@@ -29,8 +31,9 @@ from .batching import (
     sft_logps,
 )
 from .config import LoraConfig, TrainConfig
+from .distributed import step_members, step_plan
 from .errors import NonFiniteLossError
-from .losses import orpo_loss, sft_loss
+from .losses import ORPO_METRICS, orpo_loss, sft_loss
 from .models import autocast, cpu_supports_bf16
 
 
@@ -86,15 +89,15 @@ def steps_per_epoch(num_examples: int, cfg: TrainConfig, world_size: int = 1, gr
 
     Sizes the learning-rate schedule, which must not run past its end. :func:`micro_batches` closes a
     batch only when the next group does not fit, so every batch but the last holds at least
-    ``batch_size - group_size + 1`` pairs (a group larger than the batch goes alone).
+    ``batch_size - group_size + 1`` pairs (a group larger than the batch goes alone). A step takes
+    ``grad_accum x world_size`` micro-batches.
     """
     groups = math.ceil(num_examples / group_size)
-    per_rank = math.ceil(groups / world_size)  # ranks take a strided share of the groups
     if group_size > cfg.batch_size or cfg.token_budget is not None:
-        micro = per_rank  # worst case: one group per micro-batch
+        micro = groups  # worst case: one group per micro-batch
     else:
-        micro = min(per_rank, math.ceil(per_rank * group_size / (cfg.batch_size - group_size + 1)))
-    return math.ceil(micro / cfg.grad_accum)
+        micro = min(groups, math.ceil(groups * group_size / (cfg.batch_size - group_size + 1)))
+    return math.ceil(micro / (cfg.grad_accum * world_size))
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -144,8 +147,58 @@ def micro_batches(examples: Sequence[Example], order: list[int], batch_size: int
     return batches
 
 
-def _forward(model: Any, batch: list[Example], method: str, cfg: TrainConfig, pad_id: int) -> tuple[torch.Tensor, dict[str, float], int]:
-    """Loss, its logged metrics, and the number of tokens processed for one micro-batch."""
+def nll_tokens(e: Example, nll_on_prompt: bool) -> int:
+    """Tokens of ``e`` in the NLL term's token mean: the chosen responses (and the prompt's targets,
+    every prompt token but the first, once per pair when ``nll_on_prompt``), or an SFT target."""
+    if isinstance(e, SftExample):
+        return len(e.target_ids)
+    prompt = len(e.prompt_ids) - 1 if nll_on_prompt else 0
+    return sum(len(c) + prompt for c, _ in e.pairs)
+
+
+@dataclass
+class MicroBatchOut:
+    """The two terms of one micro-batch's loss, before they are weighted by its share of the step."""
+
+    nll: torch.Tensor  # token mean over the micro-batch's NLL tokens
+    or_loss: torch.Tensor | None  # mean over its pairs (ORPO); None for SFT
+    metrics: dict[str, float]
+    tokens: int  # tokens the forward pass processed
+
+
+@dataclass(frozen=True)
+class Share:
+    """A micro-batch's share of its optimizer step (over every rank): of the NLL tokens and of the pairs."""
+
+    nll: float
+    pairs: float
+
+
+def step_loss(out: MicroBatchOut, share: Share, lam: float) -> torch.Tensor:
+    """This micro-batch's part of the step's loss. Summed over the step's micro-batches (every rank) it
+    is exactly the loss of the whole step as one batch: the NLL a token mean over all its NLL tokens,
+    the odds-ratio term a mean over all its pairs. So neither accumulation nor world size changes it."""
+    loss = out.nll * share.nll
+    if out.or_loss is not None:
+        loss = loss + lam * out.or_loss * share.pairs
+    return loss
+
+
+def step_metrics(parts: list[tuple[MicroBatchOut, Share]], method: str, lam: float) -> dict[str, float]:
+    """The logged metrics of this rank's part of a step, weighted as :func:`step_loss` weighs the loss;
+    their sums over the ranks are the step's values. Every rank returns the same keys (a rank with no
+    micro-batch in a step returns zeros), as the all-reduce needs."""
+    keys = [k for k in ORPO_METRICS if k != "loss"] if method == "orpo" else ["nll"]
+    row = dict.fromkeys(keys, 0.0)
+    for out, share in parts:
+        for k in keys:
+            row[k] += out.metrics[k] * (share.nll if k == "nll" else share.pairs)
+    row["loss"] = row["nll"] + (lam * row["or_loss"] if method == "orpo" else 0.0)
+    return row
+
+
+def _forward(model: Any, batch: list[Example], method: str, cfg: TrainConfig, pad_id: int) -> MicroBatchOut:
+    """The loss terms and logged metrics of one micro-batch."""
     device = next(model.parameters()).device
     if method == "orpo":
         if cfg.layout == "packed":
@@ -163,12 +216,19 @@ def _forward(model: Any, batch: list[Example], method: str, cfg: TrainConfig, pa
             ntok = sum(g.packed_length() for g in batch)
         else:
             ntok = int(tensors["attention_mask"].sum())
-        return out.loss, out.metrics(), ntok
+        return MicroBatchOut(out.nll, out.or_loss, out.metrics(), ntok)
     tensors = collate_sft([(e.prompt_ids, e.target_ids) for e in batch], pad_id=pad_id)
     tensors = {k: v.to(device) if torch.is_tensor(v) else v for k, v in tensors.items()}
     logp_sum, count = sft_logps(model, tensors)
     loss = sft_loss(logp_sum, count)
-    return loss, {"loss": float(loss.detach()), "nll": float(loss.detach())}, int(tensors["attention_mask"].sum())
+    return MicroBatchOut(loss, None, {"nll": float(loss.detach())}, int(tensors["attention_mask"].sum()))
+
+
+def _refuse(what: str, value: float, epoch: int, step: int, detail: str, advice: str) -> NonFiniteLossError:
+    return NonFiniteLossError(
+        f"epoch {epoch}, step {step}: the {what} is {value} ({detail}); the step was refused and no weights or "
+        f"checkpoints were changed. {advice}"
+    )
 
 
 def train_epoch(
@@ -185,64 +245,93 @@ def train_epoch(
     progress: bool = True,
     run_seed: int = 0,
 ) -> EpochResult:
-    """One pass over ``examples``. Each rank takes its strided share of the epoch's order."""
+    """One pass over ``examples``.
+
+    Every rank cuts the same micro-batches from the epoch's order; an optimizer step takes
+    ``grad_accum x world_size`` consecutive ones and each rank runs its ``grad_accum`` of them
+    (:func:`~orpo_distill.distributed.step_plan`). Each micro-batch's loss is weighted by its share of
+    the whole step's NLL tokens and pairs, so one process with ``grad_accum = A x W`` and W processes
+    with ``grad_accum = A`` take the same steps (up to floating-point summation order).
+    """
     device = accelerator.device
     bf16 = use_bf16(cfg.precision, device)
-    order = epoch_order(len(examples), cfg.seed + run_seed, epoch)[accelerator.process_index :: accelerator.num_processes]
+    world, rank = accelerator.num_processes, accelerator.process_index
+    order = epoch_order(len(examples), cfg.seed + run_seed, epoch)
     batches = micro_batches(examples, order, cfg.batch_size, cfg.token_budget)
+    plan = step_plan(len(batches), cfg.grad_accum, rank, world)
+    members = step_members(len(batches), cfg.grad_accum, world)
+    # DDP averages gradients over ranks; the step's loss is a sum of the ranks' parts
+    scale = float(world)
+    if getattr(accelerator, "distributed_type", None) == DistributedType.DEEPSPEED:
+        scale *= cfg.grad_accum  # DeepSpeed divides each backward by its gradient_accumulation_steps
+    pad_steps = world > 1 or getattr(accelerator, "distributed_type", None) == DistributedType.DEEPSPEED
     result = EpochResult()
     model.train()
-    bar = tqdm(total=math.ceil(len(batches) / cfg.grad_accum), desc=f"epoch {epoch} ({cfg.method})", unit="step",
+    bar = tqdm(total=len(plan), desc=f"epoch {epoch} ({cfg.method})", unit="step",
                disable=not (progress and accelerator.is_main_process))
-    window: list[dict[str, float]] = []
-    tokens = 0
-    t0 = time.perf_counter()
-    for i, batch in enumerate(batches):
-        with autocast(device, bf16):
-            loss, metrics, ntok = _forward(model, batch, cfg.method, cfg, pad_id)
-        if not torch.isfinite(loss):
-            optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(
-                f"epoch {epoch}, step {global_step + 1}: the loss is {loss.item()} ({metrics}); the step was "
-                "refused and no weights or checkpoints were changed. Lower train.lr, use train.precision=fp32, "
-                f"or check the pairs in pairs/epoch_{epoch}.jsonl."
-            )
-        # the last step of an epoch may hold fewer micro-batches: average over those it has
-        in_step = min(cfg.grad_accum, len(batches) - (i // cfg.grad_accum) * cfg.grad_accum)
-        accelerator.backward(loss / in_step)
-        window.append(metrics)
-        tokens += ntok
-        result.examples += sum(example_size(e) for e in batch)
-        last_micro = (i + 1) % cfg.grad_accum == 0 or i + 1 == len(batches)
-        if not last_micro:
-            continue
+    for mine, everyone in zip(plan, members):
+        t0 = time.perf_counter()
+        step_nll = sum(nll_tokens(e, cfg.nll_on_prompt) for i in everyone for e in batches[i])
+        step_pairs = sum(example_size(e) for i in everyone for e in batches[i])
+        # Every rank runs grad_accum backward passes per step (zero-weight copies where it has fewer
+        # micro-batches), so the gradient all-reduce and DeepSpeed's step boundary stay in step.
+        work = [(i, 1.0) for i in mine]
+        if pad_steps:
+            work += [(everyone[0], 0.0)] * (cfg.grad_accum - len(mine))
+        parts: list[tuple[MicroBatchOut, Share]] = []
+        tokens = 0
+        for j, (i, weight) in enumerate(work):
+            batch = batches[i]
+            share = Share(nll=weight * sum(nll_tokens(e, cfg.nll_on_prompt) for e in batch) / step_nll,
+                          pairs=weight * sum(example_size(e) for e in batch) / step_pairs)
+            sync = j + 1 == len(work)
+            with accelerator.no_sync(model) if (world > 1 and not sync) else contextlib.nullcontext():
+                with autocast(device, bf16):
+                    out = _forward(model, batch, cfg.method, cfg, pad_id)
+                loss = step_loss(out, share, cfg.lambda_or)
+                if not torch.isfinite(loss):
+                    optimizer.zero_grad(set_to_none=True)
+                    raise _refuse("loss", loss.item(), epoch, global_step + 1, str(out.metrics),
+                                  f"Lower train.lr, use train.precision=fp32, or check the pairs in pairs/epoch_{epoch}.jsonl.")
+                accelerator.backward(loss * scale)
+            if weight:
+                parts.append((out, share))
+                tokens += out.tokens
+                result.examples += sum(example_size(e) for e in batch)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        if not math.isfinite(float(grad_norm)):
+        if grad_norm is not None and not math.isfinite(float(grad_norm)):
             # A finite loss can still have a NaN/inf gradient (an overflow in the backward); clipping
             # would spread it to every gradient and the step would write NaN into every weight.
             optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(
-                f"epoch {epoch}, step {global_step + 1}: the gradient norm is {float(grad_norm)} (loss "
-                f"{window[-1].get('loss')}); the step was refused and no weights or checkpoints were changed. "
-                "Lower train.lr or train.max_grad_norm, or use train.precision=fp32."
-            )
+            raise _refuse("gradient norm", float(grad_norm), epoch, global_step + 1, f"loss {parts[-1][0].metrics if parts else '?'}",
+                          "Lower train.lr or train.max_grad_norm, or use train.precision=fp32.")
         lr = scheduler.get_last_lr()[0]  # the rate this step uses (after scheduler.step() it is the next one's)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         global_step += 1
         result.steps += 1
+        row = reduce_sum(accelerator, {**step_metrics(parts, cfg.method, cfg.lambda_or), "tokens": float(tokens)})
         elapsed = time.perf_counter() - t0
-        row = {k: sum(m[k] for m in window) / len(window) for k in window[0]}
-        row.update(epoch=epoch, step=global_step, lr=lr,
-                   grad_norm=float(grad_norm), tokens_per_s=tokens / elapsed if elapsed > 0 else 0.0)
-        result.tokens += tokens
+        step_tokens = int(row.pop("tokens"))
+        row.update(epoch=epoch, step=global_step, lr=lr, grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+                   tokens_per_s=step_tokens / elapsed if elapsed > 0 else 0.0)
+        result.tokens += step_tokens
         result.seconds += elapsed
         result.last = row
-        if global_step % cfg.log_every == 0:
+        if global_step % cfg.log_every == 0 and accelerator.is_main_process:
             log(row)
         bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "nll", "or_loss", "reward_accuracy") if k in row})
         bar.update(1)
-        window, tokens, t0 = [], 0, time.perf_counter()
     bar.close()
     return result
+
+
+def reduce_sum(accelerator: Any, row: dict[str, float]) -> dict[str, float]:
+    """Sum each metric over the ranks (one all-reduce); with one process, ``row`` itself."""
+    if accelerator.num_processes == 1:
+        return row
+    keys = sorted(row)
+    t = torch.tensor([row[k] for k in keys], dtype=torch.float64, device=accelerator.device)
+    t = accelerator.reduce(t, reduction="sum")
+    return dict(zip(keys, t.tolist()))

@@ -33,5 +33,7 @@ def build_generator(cfg: GeneratorConfig, records: Sequence[Record] = (), task_k
 
         return ScriptedTeacher(list(records), error_rate=cfg.error_rate, seed=seed, task_kind=task_kind)
     if cfg.kind == "vllm":
-        raise UserError("the vllm generator is not available yet; use kind: hf or an OpenAI-compatible vLLM server")
+        from .vllm import VLLMGenerator
+
+        return VLLMGenerator.from_config(cfg, progress=progress)
     raise UserError(f"unknown generator kind {cfg.kind!r}")

@@ -1,0 +1,204 @@
+"""Training and the mixed-policy refresh under ``accelerate launch`` with two CPU processes (gloo).
+
+The unit tests check the bookkeeping that makes the world size invisible: which micro-batches each
+rank runs in each step, and the sharded generator. The launch tests run real processes: the training
+stage under two processes and under one with the same global batch (two micro-batches per step
+either way) must log the same losses step by step and end with the same weights, and the refresh
+under two ranks must regenerate exactly the questions one process would, each rank sampling its own
+share, and build the same negative buffer on both ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from orpo_distill import cli
+from orpo_distill.distributed import ShardedGenerator, step_members, step_plan
+from orpo_distill.generators.base import GenerationStats, Request, Sample
+from orpo_distill.metrics import read_metrics
+from orpo_distill.pairs import choose_refresh
+from test_resume import write_config
+
+# ---- the step plan -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n, accum, world", [(1, 1, 2), (5, 1, 2), (7, 2, 2), (8, 2, 2), (9, 3, 4), (4, 1, 1), (10, 4, 1)])
+def test_every_micro_batch_runs_once_on_one_rank_in_its_step(n: int, accum: int, world: int) -> None:
+    members = step_members(n, accum, world)
+    plans = [step_plan(n, accum, r, world) for r in range(world)]
+    assert sum(len(m) for m in members) == n
+    for s, step in enumerate(members):
+        ran = sorted(i for plan in plans for i in plan[s])
+        assert ran == step  # the step's micro-batches, each on exactly one rank
+        assert all(len(plan[s]) <= accum for plan in plans)
+    assert all(len(plan) == len(members) for plan in plans)  # every rank takes every step
+
+
+def test_one_process_with_accumulation_takes_the_same_steps_as_two_ranks() -> None:
+    """grad_accum 2 on one process and grad_accum 1 on two ranks: the same micro-batches in each step."""
+    assert step_members(9, 2, 1) == step_members(9, 1, 2) == [[0, 1], [2, 3], [4, 5], [6, 7], [8]]
+    assert step_plan(9, 1, 1, 2)[-1] == []  # rank 1 has nothing in the last step: it runs a zero-weight copy
+
+
+# ---- the sharded generator ---------------------------------------------------------------------
+
+
+class CountingGenerator:
+    """Answers each request with texts naming the request and the rank that served it."""
+
+    name = "counting"
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self.stats = GenerationStats()
+        self.seen: list[str] = []
+
+    def generate(self, requests: list[Request]) -> list[list[Sample]]:
+        self.seen += [r.key for r in requests]
+        return [[Sample(f"{r.key}#{i}") for i in range(r.n)] for r in requests]
+
+
+def test_sharded_generator_splits_requests_and_returns_all_in_order() -> None:
+    requests = [Request(key=f"q{i}", messages=({"role": "user", "content": str(i)},), n=1 + i % 3) for i in range(7)]
+    inner = [CountingGenerator(r) for r in range(3)]
+    # Simulate three ranks in one process: each gather returns every rank's local results.
+    local = [inner[r].generate([requests[i] for i in range(r, 7, 3)]) for r in range(3)]
+    for r in range(3):
+        inner[r].seen.clear()
+    gens = [ShardedGenerator(inner[r], rank_=r, world=3, gather=lambda mine, r=r: local) for r in range(3)]
+    outs = [g.generate(requests) for g in gens]
+    expected = [[f"{q.key}#{i}" for i in range(q.n)] for q in requests]
+    for out in outs:
+        assert [[s.text for s in samples] for samples in out] == expected
+    assert [g.inner.seen for g in gens] == [["q0", "q3", "q6"], ["q1", "q4"], ["q2", "q5"]]
+
+
+# ---- real processes under accelerate launch ----------------------------------------------------
+
+DIST = {
+    "dataset.train_size": 10,
+    "teacher.error_rate": 0.3,
+    "teacher.sampling.samples": 3,
+    "student.device": "cpu",
+    "student.sampling.max_tokens": 6,
+    "student.sampling.samples": 2,
+    "pairs.negatives": "student",
+    "pairs.pairs_per_question": 2,
+    "train.policy": "off",
+    "train.epochs": 2,
+    "train.batch_size": 2,
+    "train.lr": 1e-3,
+    "train.precision": "fp32",
+    "train.max_length": 128,
+    "eval.every_epoch": False,
+    "eval.before_training": False,
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args: list[str], log: Path, processes: int = 2) -> None:
+    """``accelerate launch <args>`` (a script, or ``-m module``) on the CPU with gloo; fails the test
+    with the log's tail if a process fails."""
+    accelerate = Path(sys.executable).parent / "accelerate"
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    with log.open("wb") as f:
+        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=600)
+    assert done.returncode == 0, log.read_text(errors="replace")[-4000:]
+
+
+def train_rows(run_dir: Path) -> list[dict[str, Any]]:
+    return [r for r in read_metrics(run_dir / "metrics.jsonl") if r["event"] == "train"]
+
+
+def test_two_processes_train_like_one_with_the_same_global_batch(tiny_config: Any, tmp_path: Path) -> None:
+    """Teacher and initial student samples are made once and copied, so both runs train on the same
+    pairs; a step holds two micro-batches of 2 pairs in both (one process: grad_accum 2; two: 1 each).
+    The two-process run's epoch-1 checkpoint is then resumed by one process: checkpoints load with
+    any world size and the result is the same again."""
+    base = tiny_config(**DIST, run_dir=str(tmp_path / "base"))
+    base_yaml = write_config(base, tmp_path / "base.yaml")
+    assert cli.main(["teacher", str(base_yaml), "--no-progress"]) == 0
+    assert cli.main(["student", str(base_yaml), "--no-progress"]) == 0
+
+    def prepared(name: str, **over: Any) -> Path:
+        shutil.copytree(tmp_path / "base", tmp_path / name)
+        cfg = tiny_config(**DIST, run_dir=str(tmp_path / name), **over)
+        return write_config(cfg, tmp_path / f"{name}.yaml")
+
+    two = prepared("two", **{"train.grad_accum": 1})
+    one = prepared("one", **{"train.grad_accum": 2})
+    launch(["-m", "orpo_distill.cli", "train", str(two), "--no-progress"], tmp_path / "two.log")
+    assert cli.main(["train", str(one), "--no-progress"]) == 0
+
+    rows_two, rows_one = train_rows(tmp_path / "two"), train_rows(tmp_path / "one")
+    assert len(rows_two) == len(rows_one) >= 6  # one metrics line per step: rank 0 alone writes
+    for a, b in zip(rows_two, rows_one):
+        assert a["step"] == b["step"]
+        for k in ("loss", "nll", "or_loss", "log_odds_ratio", "reward_accuracy", "grad_norm", "lr"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (a["step"], k)
+    w_two, w_one = (load_file(str(tmp_path / d / "model" / "model.safetensors")) for d in ("two", "one"))
+    assert w_two.keys() == w_one.keys()
+    for k in w_one:
+        torch.testing.assert_close(w_two[k], w_one[k], rtol=1e-4, atol=1e-5, msg=k)
+    # the stores were not appended to twice, and pairs/checkpoints exist once
+    pairs = [json.loads(x) for x in (tmp_path / "two" / "pairs" / "epoch_1.jsonl").read_text().splitlines()]
+    assert len(pairs) == len({(p["id"], p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs})
+
+    # resume the two-process run's epoch-1 checkpoint with one process
+    shutil.copytree(tmp_path / "two", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "epoch_2")
+    shutil.rmtree(tmp_path / "resumed" / "model")
+    resumed = prepared_from(tiny_config, tmp_path, "resumed", **{"train.grad_accum": 2})
+    assert cli.main(["train", str(resumed), "--no-progress"]) == 0
+    w_resumed = load_file(str(tmp_path / "resumed" / "model" / "model.safetensors"))
+    for k in w_one:
+        torch.testing.assert_close(w_resumed[k], w_one[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def prepared_from(tiny_config: Any, tmp_path: Path, name: str, **over: Any) -> Path:
+    cfg = tiny_config(**DIST, run_dir=str(tmp_path / name), **over)
+    return write_config(cfg, tmp_path / f"{name}.yaml")
+
+
+def test_refresh_under_two_ranks_regenerates_the_questions_one_process_would(tiny_config: Any, tmp_path: Path) -> None:
+    """phi 0.5 at epoch 2: the chosen questions are those one process picks; each rank samples only its
+    share of them; both ranks end with the same buffer, and the store holds each key once."""
+    cfg = tiny_config(**{**DIST, "train.policy": "mixed", "train.phi": 0.5}, run_dir=str(tmp_path / "run"))
+    config = write_config(cfg, tmp_path / "run.yaml")
+    assert cli.main(["teacher", str(config), "--no-progress"]) == 0
+    assert cli.main(["student", str(config), "--no-progress"]) == 0
+    out = tmp_path / "ranks"
+    launch([str(Path(__file__).with_name("dist_refresh.py")), str(config), str(out)], tmp_path / "refresh.log")
+
+    ranks = [json.loads((out / f"rank_{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["buffer"] == ranks[1]["buffer"]
+    questions = ranks[0]["questions"]
+    expected = choose_refresh(questions, 0.5, cfg.seed, 2)
+    assert len(expected) == round(0.5 * len(questions)) > 0
+    lines = [json.loads(x) for x in (tmp_path / "run" / "student" / "epoch_2.jsonl").read_text().splitlines()]
+    assert sorted({x["id"] for x in lines}) == sorted(expected)
+    assert len(lines) == len({(x["id"], x["sample"]) for x in lines}) == 2 * len(expected)
+    # each rank asked its generator for its strided share only
+    assert sorted(ranks[0]["asked"] + ranks[1]["asked"]) == sorted(expected)
+    assert not set(ranks[0]["asked"]) & set(ranks[1]["asked"])
+    # the refreshed negatives in the buffer are those samples (the wrong ones), on both ranks
+    refreshed = {q for q, negs in ranks[0]["buffer"].items() if any(n["epoch"] == 2 for n in negs)}
+    assert refreshed <= set(expected)
