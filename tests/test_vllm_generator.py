@@ -516,3 +516,38 @@ def test_sample_traces_end_to_end_with_the_fake_engine(fake_vllm, tmp_path):
 
     again = sample_traces(records, task, gen, sampling, TraceStore(store.path, "h"), "teacher", progress=False)
     assert len(engine.calls) == 3 and again.samples == 15  # a complete store asks for nothing
+
+
+# ---------------------------------------------------------------------------------------------
+# the student's mixed-policy refresh through vLLM
+
+
+def test_refresh_with_a_vllm_student_pushes_the_current_weights_then_samples(fake_vllm, tiny_config, tmp_path):
+    """student.kind vllm: before the epoch-2 refresh the engine gets the weights the model has after
+    epoch 1 (those of checkpoints/epoch_1), and the refreshed samples come from that engine."""
+    from safetensors.torch import load_file
+
+    from orpo_distill.pipeline import Run
+
+    cfg = tiny_config(**{
+        "student.kind": "vllm", "dataset.train_size": 4, "teacher.error_rate": 0.0,
+        "student.sampling.samples": 2, "train.policy": "mixed", "train.phi": 1.0, "train.epochs": 2,
+        "train.batch_size": 2, "train.lr": 1e-2, "train.precision": "fp32", "train.max_length": 128,
+        "eval.every_epoch": False, "eval.before_training": False,
+    })
+    run = Run(cfg, progress=False)
+    run.teacher()
+    run.student(epoch=1)  # the initial student through the engine too
+    run.train()
+    refresh_engine = fake_vllm.LLM.instances[-1]
+    assert len(fake_vllm.LLM.instances) == 2  # one for the initial samples, one kept for the refreshes
+    loaded = refresh_engine.workers[0].model_runner.model.loaded
+    after_epoch_1 = load_file(str(run.dir / "checkpoints" / "epoch_1" / "model.safetensors"))
+    assert loaded and set(loaded) <= set(after_epoch_1)
+    for name, tensor in loaded.items():
+        assert torch.equal(tensor, after_epoch_1[name]), name
+    base = load_file(str(cfg.student.model) + "/model.safetensors")
+    assert any(not torch.equal(loaded[n], base[n]) for n in loaded)  # epoch 1 changed them
+    rows = [r for r in run.student_store(2, "vllm:student@epoch_1").all_rows()]
+    assert len(rows) == 2 * 4 and {r["generator"] for r in rows} == {"vllm:student@epoch_1"}
+    assert refresh_engine.calls and refresh_engine.prefix_cache_resets == 1
