@@ -140,10 +140,10 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tiny_config: An
 
     def prepared(name: str, **over: Any) -> Path:
         shutil.copytree(tmp_path / "base", tmp_path / name)
-        cfg = tiny_config(**DIST, run_dir=str(tmp_path / name), **over)
+        cfg = tiny_config(**{**DIST, **over}, run_dir=str(tmp_path / name))
         return write_config(cfg, tmp_path / f"{name}.yaml")
 
-    two = prepared("two", **{"train.grad_accum": 1})
+    two = prepared("two", **{"train.grad_accum": 1, "eval.every_epoch": True})
     one = prepared("one", **{"train.grad_accum": 2})
     launch(["-m", "orpo_distill.cli", "train", str(two), "--no-progress"], tmp_path / "two.log")
     assert cli.main(["train", str(one), "--no-progress"]) == 0
@@ -161,6 +161,14 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tiny_config: An
     # the stores were not appended to twice, and pairs/checkpoints exist once
     pairs = [json.loads(x) for x in (tmp_path / "two" / "pairs" / "epoch_1.jsonl").read_text().splitlines()]
     assert len(pairs) == len({(p["id"], p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs})
+
+    # evaluation under two ranks: each question evaluated once, one summary per epoch, written once
+    for epoch in (1, 2):
+        rows = [json.loads(x) for x in (tmp_path / "two" / "eval" / f"eval_epoch_{epoch}.jsonl").read_text().splitlines()]
+        assert sorted(r["id"] for r in rows) == sorted({r["id"] for r in rows}) and len(rows) == base.dataset.eval_size
+    summary = json.loads((tmp_path / "two" / "eval" / "summary.json").read_text())
+    assert sorted(summary) == ["eval_epoch_1", "eval_epoch_2"] and summary["eval_epoch_2"]["n"] == base.dataset.eval_size
+    assert sum(r["event"] == "eval" for r in read_metrics(tmp_path / "two" / "metrics.jsonl")) == 2
 
     # resume the two-process run's epoch-1 checkpoint with one process
     shutil.copytree(tmp_path / "two", tmp_path / "resumed")
@@ -202,3 +210,35 @@ def test_refresh_under_two_ranks_regenerates_the_questions_one_process_would(tin
     # the refreshed negatives in the buffer are those samples (the wrong ones), on both ranks
     refreshed = {q for q, negs in ranks[0]["buffer"].items() if any(n["epoch"] == 2 for n in negs)}
     assert refreshed <= set(expected)
+
+
+# ---- sharded strategies ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind, stage, over, refused", [
+    ("FSDP", None, {}, True),  # mixed policy refreshes and per-epoch eval both need whole weights
+    ("DEEPSPEED", 3, {}, True),
+    ("DEEPSPEED", 2, {}, False),  # ZeRO-2 keeps whole weights on every rank
+    ("MULTI_GPU", None, {}, False),
+    ("FSDP", None, {"train.policy": "off", "eval.every_epoch": False}, False),
+    ("FSDP", None, {"pairs.negatives": "teacher", "eval.every_epoch": False}, False),
+    ("FSDP", None, {"train.policy": "off", "eval.every_epoch": True}, True),
+])
+def test_sharded_weights_are_refused_where_training_samples_from_the_model(tiny_config: Any, kind: str, stage: Any,
+                                                                          over: dict[str, Any], refused: bool) -> None:
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from orpo_distill.errors import UserError
+    from orpo_distill.recipe import Distiller
+
+    cfg = tiny_config(**over)
+    acc = SimpleNamespace(distributed_type=getattr(DistributedType, kind),
+                          state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage)))
+    distiller = SimpleNamespace(cfg=cfg, tcfg=cfg.train)
+    if refused:
+        with pytest.raises(UserError, match="FSDP and DeepSpeed ZeRO-3"):
+            Distiller._check_sharding(distiller, acc)
+    else:
+        Distiller._check_sharding(distiller, acc)

@@ -228,6 +228,7 @@ class Distiller:
             for e in range(2, t.epochs + 1):
                 phi_for_epoch(e, t.epochs, t.policy, t.phi, t.phi_schedule, t.phi_start)
         acc = Accelerator(cpu=pick_device(self.cfg.student.device).type == "cpu")
+        self._check_sharding(acc)
         ckpt = latest_checkpoint(run.dir)
         state: dict[str, Any] = {"global_step": 0}
         if ckpt is not None:
@@ -285,6 +286,22 @@ class Distiller:
             self.export(acc.unwrap_model(model), full_state)
         acc.wait_for_everyone()
         return {"epochs": t.epochs, "resumed_from": start - 1, "trained": True, "global_step": global_step}
+
+    def _check_sharding(self, acc: Any) -> None:
+        """Sampling during training (the refresh, per-epoch evaluation) runs each rank's own module,
+        which under FSDP or ZeRO-3 holds only a shard of the weights: refuse before training starts."""
+        from accelerate.utils import DistributedType
+
+        plugin = getattr(acc.state, "deepspeed_plugin", None)
+        sharded = acc.distributed_type == DistributedType.FSDP or (
+            acc.distributed_type == DistributedType.DEEPSPEED and getattr(plugin, "zero_stage", 0) == 3)
+        refresh = uses_student_negatives(self.cfg) and self.tcfg.epochs > 1 and self.tcfg.policy != "off"
+        if sharded and (refresh or self.cfg.eval.every_epoch):
+            raise UserError(
+                "FSDP and DeepSpeed ZeRO-3 shard the weights over the ranks, but the mixed-policy refresh and "
+                "per-epoch evaluation sample from the whole model during training, which is not supported yet. "
+                "Use DDP or ZeRO-2 (configs/accelerate/ddp.yaml, deepspeed-zero2.yaml), or set "
+                "eval.every_epoch=false with train.policy=off or pairs.negatives=teacher.")
 
     def export(self, model: Any, state_dict: dict[str, Any] | None = None) -> Path:
         """``model/``: the distilled student as a plain checkpoint (LoRA merged) for ``from_pretrained``."""
