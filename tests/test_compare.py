@@ -119,6 +119,25 @@ def test_a_folder_refuses_another_configuration_but_grows_with_new_variants(tiny
         open_plan(tmp_path / "c", tiny_config(**{**FAST, "train.lr": 0.5}), ["sft-single"], [0])
 
 
+def test_a_plan_written_before_a_config_field_existed_is_still_this_configuration(tiny_config: Any, tmp_path: Path) -> None:
+    """A newer version adds a field with a default: the folder's comparison goes on (it did not differ)."""
+    import json
+
+    base = tiny_config(**FAST)
+    open_plan(tmp_path / "c", base, ["sft-single"], [0])
+    path = tmp_path / "c" / "plan.json"
+    plan = json.loads(path.read_text())
+    del plan["base_config"]["student"]["max_model_len"]  # as written by a version without the field
+    path.write_text(json.dumps(plan))
+    assert open_plan(tmp_path / "c", base, ["sft-single"], [1]).seeds == [0, 1]
+    plan = json.loads(path.read_text())
+    plan["base_config"]["student"]["max_model_len"] = 512  # a real difference is still one
+    plan["base_config"]["student"]["no_such_field"] = 1  # and a field this version does not know
+    path.write_text(json.dumps(plan))
+    with pytest.raises(UserError, match="student.max_model_len|student.no_such_field"):
+        open_plan(tmp_path / "c", base, ["sft-single"], [0])
+
+
 # ---- statistics ------------------------------------------------------------------------------------
 
 

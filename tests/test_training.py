@@ -1,10 +1,9 @@
-"""The training loop: micro-batches, step counts, the non-finite guard, packed == plain, and LoRA export."""
+"""The training loop: micro-batches, step counts, the non-finite guard, packed == plain (LoRA: test_lora.py)."""
 
 from __future__ import annotations
 
 import copy
 import itertools
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -246,41 +245,6 @@ def test_packed_and_plain_layouts_give_the_same_steps(tiny_epoch: dict[str, Any]
     assert packed[0]["loss"] != pytest.approx(packed[1]["loss"], abs=1e-6), "the first step changed nothing"
     # (the weights themselves are not compared: Adam's first step moves every weight by about lr in the
     # direction of its gradient's sign, so a gradient of 1e-9 on either side of 0 moves a weight by 2 lr)
-
-
-# ---- LoRA ---------------------------------------------------------------------------------------------
-
-
-def test_lora_saves_the_adapter_and_exports_a_merged_model(tiny_config: Any, tiny_model_dir: Path) -> None:
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    cfg = tiny_config(**{**FAST, "train.lora.enabled": True, "train.lora.r": 4, "train.lora.alpha": 8,
-                         "train.lr": 5e-2, "train.warmup_ratio": 0.0, "train.batch_size": 8})
-    run = Run(cfg, progress=False)
-    _teacher_traces(run)
-    result = run.train()
-    assert result["trained"]
-    ckpt = run.dir / "checkpoints" / "epoch_1"
-    assert (ckpt / "adapter_config.json").is_file() and (ckpt / "adapter_model.safetensors").is_file()
-    assert not (ckpt / "model.safetensors").exists(), "a LoRA checkpoint holds the adapter, not a full copy"
-    model_dir = run.dir / "model"
-    assert (model_dir / "config.json").is_file() and not (model_dir / "adapter_config.json").exists()
-
-    merged = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    assert not any("lora" in k for k in merged.state_dict())
-    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
-    base_logits_model = copy.deepcopy(base)
-    adapted = PeftModel.from_pretrained(base, str(ckpt)).eval()
-    ids = torch.tensor([[1, 523, 9876, 42, 7, 30000, 12, 5]])
-    with torch.no_grad():
-        a = adapted(input_ids=ids).logits
-        m = merged(input_ids=ids).logits
-        b = base_logits_model(input_ids=ids).logits
-    assert torch.allclose(a, m, atol=1e-5)
-    assert (a - b).abs().max() > 1e-3, "the adapter learned nothing, so the comparison proves nothing"
-    state = json.loads((ckpt / "state.json").read_text())
-    assert state["epoch"] == 1 and state["global_step"] == 1
 
 
 def test_token_budget_closes_micro_batches_and_keeps_groups_whole():

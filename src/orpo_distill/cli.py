@@ -31,6 +31,15 @@ def _open_run(args: argparse.Namespace) -> Any:
     return Run(cfg, overwrite=args.overwrite, progress=not args.no_progress)
 
 
+def _check_training_environment(cfg: Any) -> None:
+    """What training needs that a config cannot check (QLoRA's bitsandbytes and GPU), refused before the
+    first stage loads a model rather than after hours of sampling."""
+    if cfg.train.lora.load_in_4bit:
+        from .models import require_4bit_support
+
+        require_4bit_support(cfg.student.device)
+
+
 def print_table(title: str, rows: Sequence[tuple[str, str]]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -85,6 +94,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .recipe import uses_student_negatives
 
     run = _open_run(args)
+    _check_training_environment(run.cfg)
     run.teacher()
     if uses_student_negatives(run.cfg):
         run.student(epoch=1)
@@ -123,6 +133,7 @@ def eval_rows(s: Any) -> list[tuple[str, str]]:
 
 def cmd_run(args: argparse.Namespace) -> None:
     run = _open_run(args)
+    _check_training_environment(run.cfg)
     _run_and_report(run)
 
 

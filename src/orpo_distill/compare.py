@@ -167,6 +167,16 @@ def _comparable(cfg: RunConfig) -> dict[str, Any]:
     return data
 
 
+def _upgraded(old_base: dict[str, Any]) -> dict[str, Any]:
+    """A plan's base config as this version reads it: fields added since it was written take their
+    defaults (they did not exist, so they cannot have differed). A field this version no longer knows is
+    left in, and then shows as the difference."""
+    try:
+        return _comparable(build_config({**old_base, "run_dir": "."}, "plan.json"))
+    except UserError:
+        return old_base
+
+
 def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
     if isinstance(a, dict) and isinstance(b, dict):
         for k in sorted(set(a) | set(b)):
@@ -188,7 +198,7 @@ def open_plan(compare_dir: Path, base: RunConfig, variants: Sequence[str], seeds
     variants, seeds = list(variants), list(seeds)
     if path.is_file():
         old = json.loads(path.read_text(encoding="utf-8"))
-        diff = _first_difference(old["base_config"], _comparable(base))
+        diff = _first_difference(_upgraded(old["base_config"]), _comparable(base))
         if diff:
             raise UserError(f"{compare_dir} holds a comparison of another configuration (first difference: {diff}); "
                             "use --out NEW_DIR for this one, or delete the old folder")

@@ -128,6 +128,18 @@ class LoraConfig(Strict):
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] | str = "all-linear"
+    load_in_4bit: bool = Field(
+        False,
+        description="QLoRA: load the frozen base in 4-bit NF4 (bitsandbytes, double quantization, bf16 compute); "
+        "needs lora.enabled, a CUDA GPU and `pip install 'orpo-distill[qlora]'`",
+    )
+
+    @model_validator(mode="after")
+    def _four_bit_needs_lora(self) -> "LoraConfig":
+        if self.load_in_4bit and not self.enabled:
+            raise ValueError("train.lora.load_in_4bit needs train.lora.enabled: true (QLoRA trains a LoRA adapter "
+                             "on the 4-bit base; the base itself cannot be trained in 4-bit)")
+        return self
 
 
 PhiSchedule = Literal["constant", "linear"]
@@ -214,6 +226,15 @@ class RunConfig(Strict):
                 base = {"kind": default.kind, **({"model": default.model} if default.model else {})}
                 data[name] = {**base, **section}
         return data
+
+    @model_validator(mode="after")
+    def _four_bit_student_weights(self) -> "RunConfig":
+        refresh = self.train.method == "orpo" and self.pairs.negatives != "teacher" and self.train.policy != "off"
+        if self.train.lora.load_in_4bit and self.student.kind == "vllm" and refresh:
+            raise ValueError(
+                "train.lora.load_in_4bit with student.kind 'vllm': the refresh copies the student's weights into "
+                "the vLLM engine, which cannot take 4-bit weights; use student.kind: hf or train.policy: off")
+        return self
 
     @property
     def path(self) -> Path:

@@ -121,15 +121,62 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
     return tok
 
 
-def load_model(name: str, dtype: str = "auto", trust_remote_code: bool = False, device: str = "auto") -> Any:
+def load_model(name: str, dtype: str = "auto", trust_remote_code: bool = False, device: str = "auto",
+               quantization: str | None = None) -> Any:
+    """``quantization="4bit"``: the QLoRA base (NF4 through bitsandbytes, bf16 compute, ``dtype`` ignored),
+    placed whole on ``device``'s GPU; call :func:`require_4bit_support` first for a clear error."""
     from transformers import AutoModelForCausalLM
 
+    if quantization == "4bit":
+        dev = pick_device(device)
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        return _from_pretrained(AutoModelForCausalLM, name, dtype=torch.bfloat16, trust_remote_code=trust_remote_code,
+                                quantization_config=bnb_4bit_config(), device_map={"": index})
+    if quantization is not None:
+        raise ValueError(f"unknown quantization {quantization!r} (None or '4bit')")
     torch_dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     if torch_dtype is None:
         torch_dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     model = _from_pretrained(AutoModelForCausalLM, name, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     dev = pick_device(device)
     return model.to(dev)
+
+
+# ---- QLoRA: the 4-bit base ---------------------------------------------------------------------------
+
+
+def bnb_4bit_config() -> Any:
+    """QLoRA's quantization (Dettmers et al. 2023): NF4 weights, double quantization, bf16 compute."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def _bitsandbytes_available() -> bool:
+    from transformers.utils import is_bitsandbytes_available
+
+    return bool(is_bitsandbytes_available())
+
+
+def require_4bit_support(device: str = "auto") -> None:
+    """Refuse ``train.lora.load_in_4bit`` where it cannot work (no bitsandbytes, no CUDA GPU), before any
+    model is loaded, with what to install or change."""
+    from transformers.utils import BITSANDBYTES_MIN_VERSION
+
+    if not _bitsandbytes_available():
+        raise UserError(
+            f"train.lora.load_in_4bit (QLoRA) needs bitsandbytes>={BITSANDBYTES_MIN_VERSION}, which is not installed "
+            f"(or older): pip install 'orpo-distill[qlora]' (or pip install 'bitsandbytes>={BITSANDBYTES_MIN_VERSION}'), "
+            "or set train.lora.load_in_4bit=false to train a plain LoRA adapter")
+    if not torch.cuda.is_available():
+        raise UserError(
+            "train.lora.load_in_4bit (QLoRA) needs a CUDA GPU (bitsandbytes 4-bit training runs on NVIDIA GPUs), and "
+            "none is available here: install a CUDA build of torch on a GPU machine, or set "
+            "train.lora.load_in_4bit=false to train a plain LoRA adapter")
+    if pick_device(device).type != "cuda":
+        raise UserError(f"train.lora.load_in_4bit (QLoRA) trains on a CUDA GPU, but student.device is {device!r}: "
+                        "set student.device to auto or cuda")
 
 
 def pick_device(device: str = "auto") -> torch.device:

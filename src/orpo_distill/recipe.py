@@ -26,7 +26,7 @@ from .checkpoints import latest_checkpoint, load_training_state, save_checkpoint
 from .config import RunConfig
 from .errors import UserError
 from .generators.hf import HFGenerator
-from .models import load_model, load_tokenizer, pick_device, render_prompt
+from .models import load_model, load_tokenizer, pick_device, render_prompt, require_4bit_support
 from .pairs import (
     Negative,
     NegativeBuffer,
@@ -199,7 +199,17 @@ class Distiller:
     def load_student(self, checkpoint: Path | None) -> Any:
         scfg = self.cfg.student
         if self.tcfg.lora.enabled:
-            model = load_model(scfg.model, dtype="float32", trust_remote_code=scfg.trust_remote_code, device=scfg.device)
+            if self.tcfg.lora.load_in_4bit:  # QLoRA: a frozen 4-bit base, prepared for k-bit training
+                from peft import prepare_model_for_kbit_training
+
+                require_4bit_support(scfg.device)
+                model = load_model(scfg.model, trust_remote_code=scfg.trust_remote_code, device=scfg.device,
+                                   quantization="4bit")
+                model = prepare_model_for_kbit_training(
+                    model, use_gradient_checkpointing=self.tcfg.gradient_checkpointing)
+            else:
+                model = load_model(scfg.model, dtype="float32", trust_remote_code=scfg.trust_remote_code,
+                                   device=scfg.device)
             if checkpoint is None:
                 return self._checkpointing(apply_lora(model, self.tcfg.lora))
             from peft import PeftModel
@@ -304,15 +314,30 @@ class Distiller:
                 "eval.every_epoch=false with train.policy=off or pairs.negatives=teacher.")
 
     def export(self, model: Any, state_dict: dict[str, Any] | None = None) -> Path:
-        """``model/``: the distilled student as a plain checkpoint (LoRA merged) for ``from_pretrained``."""
+        """``model/``: the distilled student as a plain checkpoint (LoRA merged) for ``from_pretrained``;
+        a LoRA run also keeps its adapter alone in ``model/adapter/`` (PEFT's ``save_pretrained``)."""
         target = self.run.dir / "model"
         tmp = target.with_name(".model.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         if self.tcfg.lora.enabled:
-            model = model.merge_and_unload()
+            model.save_pretrained(tmp / "adapter")  # before the merge, which removes the adapter's layers
+            if self.tcfg.lora.load_in_4bit:
+                model = self._merged_from_4bit(tmp / "adapter")
+            else:
+                model = model.merge_and_unload()
             state_dict = None  # the gathered state is the adapter's; the merged model has its own
         model.save_pretrained(tmp, **({} if state_dict is None else {"state_dict": state_dict}))
         self.tokenizer.save_pretrained(tmp)
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
         return target
+
+    def _merged_from_4bit(self, adapter: Path) -> Any:
+        """A 4-bit base cannot take the adapter into full-precision weights: reload the base on the CPU in
+        the student's dtype (bf16 for ``auto``, QLoRA's compute dtype), load the adapter and merge."""
+        from peft import PeftModel
+
+        scfg = self.cfg.student
+        base = load_model(scfg.model, dtype="bfloat16" if scfg.dtype == "auto" else scfg.dtype,
+                          trust_remote_code=scfg.trust_remote_code, device="cpu")
+        return PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
