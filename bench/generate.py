@@ -20,6 +20,15 @@ each repeat, so no arm always runs first); the table gives the median of the rep
 
 Run it with nothing else busy on the machine: ``python bench/generate.py`` (``--markdown`` for
 docs/benchmarks.md; ``--quick`` is a smoke test whose numbers mean nothing).
+
+``--backend vllm`` (a CUDA GPU and ``pip install 'orpo-distill[vllm]'``) asks a third question on the
+same prompts: (c) how much faster is the ``vllm`` generator than ``hf bf16``? Arms ``hf bf16`` (our
+generator, fp32 weights under bf16 autocast, ``batch_size`` prompts per ``generate`` call) and
+``vllm bf16`` (:class:`VLLMGenerator` on a ``vllm.LLM`` with bf16 weights, every prompt of the
+workload in one engine call, prefix caching off so that repeats do not reuse the previous repeat's
+prompts). Tokens are the sampled ones as each generator counts them (vLLM: the completion's token ids,
+EOS included, as in our count). The vLLM engine is built first, with ``--gpu-memory-utilization`` of
+the GPU, and the hf model then loads beside it. Give a Hub id or a folder (``--model``).
 """
 
 from __future__ import annotations
@@ -40,13 +49,15 @@ from orpo_distill.datasets import load_splits
 from orpo_distill.errors import UserError
 from orpo_distill.generators.base import Request
 from orpo_distill.generators.hf import HFGenerator
-from orpo_distill.models import cpu_supports_bf16, load_model, load_tokenizer, pick_device, render_prompt
+from orpo_distill.models import cpu_supports_bf16, load_model, load_tokenizer, pick_device, render_prompt, resolve_model
 from orpo_distill.tasks import build_task
 from machine import cpu_line  # bench/machine.py (bench/ is on sys.path when run as a script)
 
 DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
 DEFAULT_BATCH_SIZES = (1, 16, 64)
 QUICK = dict(batch_sizes=(1, 2), max_new_tokens=8, repeats=1, warmup_tokens=2)
+BACKENDS = ("hf", "vllm")
+VLLM_GPU_MEMORY_UTILIZATION = 0.5  # the hf model shares the GPU with the engine
 
 Messages = tuple[dict[str, str], ...]
 RunFn = Callable[[int, int | None], int]  # (max_new_tokens, prompts limit) -> generated tokens
@@ -162,6 +173,30 @@ def loop_arm(model: Any, tokenizer: Any, prompts: list[Messages]) -> RunFn:
     return run
 
 
+def build_vllm_engine(model: str, gpu_memory_utilization: float, seed: int = 0) -> Any:
+    """A ``vllm.LLM`` for the benchmark: bf16 weights, prefix caching off (the repeats send the same
+    prompts, which a prefix cache would answer from the previous repeat). Raises :class:`UserError`
+    with the install hint when vLLM is missing."""
+    from orpo_distill.generators.vllm import import_vllm
+
+    vllm = import_vllm()
+    return vllm.LLM(model=resolve_model(model), dtype="bfloat16", seed=seed,
+                    gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=False)
+
+
+def vllm_arm(engine: Any, prompts: list[Messages]) -> RunFn:
+    """The vllm generator: every prompt of the workload in one engine call; vLLM batches by itself."""
+    from orpo_distill.generators.vllm import VLLMGenerator
+
+    gen = VLLMGenerator(engine, name="bench", progress=False)
+
+    def run(max_new_tokens: int, limit: int | None = None) -> int:
+        requests = [Request(key=str(i), messages=m, max_tokens=max_new_tokens) for i, m in enumerate(prompts[:limit])]
+        return sum(s.num_tokens for samples in gen.generate(requests) for s in samples)
+
+    return run
+
+
 # ---- measuring ---------------------------------------------------------------------------------
 
 
@@ -217,6 +252,11 @@ def summarise(batch_size: int, prompts: int, timings: dict[str, list[tuple[int, 
 HEADERS = ["batch", "arm", "prompts", "gen tokens", "seconds", "tokens/s", "min-max tokens/s", "vs loop"]
 
 
+def headers(baseline: str = "loop") -> list[str]:
+    """The table's columns; the last is the speedup against ``baseline`` ("loop", or "hf bf16" for vllm)."""
+    return [*HEADERS[:-1], f"vs {baseline}"]
+
+
 def cells(row: Row) -> list[str]:
     return [
         str(row.batch_size),
@@ -230,19 +270,20 @@ def cells(row: Row) -> list[str]:
     ]
 
 
-def markdown(rows: list[Row], header: list[str]) -> str:
-    out = [f"- {line}" for line in header] + ["", "| " + " | ".join(HEADERS) + " |"]
-    out.append("|" + "|".join("---:" if h not in ("arm",) else "---" for h in HEADERS) + "|")
+def markdown(rows: list[Row], header: list[str], baseline: str = "loop") -> str:
+    cols = headers(baseline)
+    out = [f"- {line}" for line in header] + ["", "| " + " | ".join(cols) + " |"]
+    out.append("|" + "|".join("---:" if h not in ("arm",) else "---" for h in cols) + "|")
     out += ["| " + " | ".join(cells(r)) + " |" for r in rows]
     return "\n".join(out)
 
 
-def print_rich(rows: list[Row], header: list[str]) -> None:
+def print_rich(rows: list[Row], header: list[str], baseline: str = "loop") -> None:
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title="Generation throughput")
-    for h in HEADERS:
+    for h in headers(baseline):
         table.add_column(h, justify="left" if h == "arm" else "right")
     for r in rows:
         table.add_row(*cells(r))
@@ -283,6 +324,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--prompts", type=positive_int, default=None, help="prompts per batch size (default: the batch size)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--backend", choices=BACKENDS, default="hf",
+                   help="hf: hf fp32 vs hf bf16 vs a model.generate loop (default); "
+                        "vllm: the vllm generator vs hf bf16 on the same prompts (CUDA GPU and vllm needed)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=VLLM_GPU_MEMORY_UTILIZATION,
+                   help=f"vllm backend: share of GPU memory the engine reserves (default {VLLM_GPU_MEMORY_UTILIZATION}; "
+                        "the hf model loads beside it)")
     p.add_argument("--quick", action="store_true", help="smoke test: batch 1,2, 8 tokens, 1 repeat; numbers mean nothing")
     p.add_argument("--markdown", action="store_true", help="print a markdown block for docs/benchmarks.md")
     args = p.parse_args(list(argv))
@@ -292,6 +339,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if not 0 < args.gpu_memory_utilization < 1:
+        p.error(f"--gpu-memory-utilization must be between 0 and 1, got {args.gpu_memory_utilization}")
     return args
 
 
@@ -300,6 +349,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.backend == "vllm":
+        return main_vllm(args, argv)
     try:
         tokenizer = load_tokenizer(args.model)
         model = load_model(args.model, dtype="float32", device=args.device)
@@ -336,6 +387,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(markdown(rows, header))
     else:
         print_rich(rows, header)
+    return 0
+
+
+def main_vllm(args: argparse.Namespace, argv: list[str]) -> int:
+    """``--backend vllm``: ``vllm bf16`` against ``hf bf16`` on the same prompts, on one CUDA GPU."""
+    try:
+        device = pick_device(args.device)
+        if device.type != "cuda":
+            raise UserError(f"--backend vllm needs a CUDA GPU (device here: {device})")
+        engine = build_vllm_engine(args.model, args.gpu_memory_utilization)  # first: vLLM checks free memory
+        tokenizer = load_tokenizer(args.model)
+        model = load_model(args.model, dtype="float32", device=args.device)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    model.eval()
+    all_prompts = load_prompts(max(args.prompts or b for b in args.batch_sizes))
+    rows: list[Row] = []
+    for b in args.batch_sizes:
+        prompts = all_prompts[: args.prompts or b]
+        arms = {"hf bf16": hf_arm(model, tokenizer, prompts, b, bf16=True), "vllm bf16": vllm_arm(engine, prompts)}
+        print(f"batch {b}: {len(prompts)} prompts, {args.repeats} repeats ...", file=sys.stderr, flush=True)
+        timings = measure(arms, args.max_new_tokens, args.repeats, args.warmup_tokens)
+        rows += summarise(b, len(prompts), timings, baseline="hf bf16")
+    import vllm
+
+    header = [
+        "command: `" + shlex.join(["python", "bench/generate.py", *argv]) + "`",
+        *machine_lines(device),
+        f"vllm {vllm.__version__}; engine: bf16 weights, gpu_memory_utilization {args.gpu_memory_utilization}, "
+        "prefix caching off, all prompts of a row in one call; hf: fp32 weights, bf16 autocast, batch = the row's batch",
+        f"model: {args.model}; prompts: synthetic mcq (default dataset config), chat template; greedy, "
+        f"max_new_tokens {args.max_new_tokens}; tokens as each generator counts them (EOS included); "
+        f"median of {args.repeats} repeats after a warm-up, arms alternating",
+    ]
+    if args.markdown:
+        print(markdown(rows, header, baseline="hf bf16"))
+    else:
+        print_rich(rows, header, baseline="hf bf16")
     return 0
 
 

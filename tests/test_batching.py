@@ -403,3 +403,25 @@ def test_packed_refuses_attention_without_dense_masks() -> None:
     model.config._attn_implementation = "flash_attention_2"
     with pytest.raises(UserError, match="sdpa"):
         pair_logps_packed(model, collate_packed(random_groups(0, [1]), PAD, False))
+
+
+def test_a_sharded_output_head_falls_back_to_the_models_own_logits(tiny_model_dir) -> None:
+    """Under DeepSpeed ZeRO-3 a rank's head weight is an empty placeholder marked with ds_id (FSDP2: a
+    DTensor): applying it outside the model's forward would fail, so the full logits path is taken,
+    and gives the same log-probs."""
+    from orpo_distill.batching import model_forward
+    from orpo_distill.models import load_model
+
+    model = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    mask = torch.ones_like(ids)
+    kind, hidden, head, bias = model_forward(model, input_ids=ids, attention_mask=mask)
+    assert kind == "hidden"
+    expected = torch.nn.functional.linear(hidden, head, bias)
+    model.get_output_embeddings().weight.ds_id = 7  # what DeepSpeed ZeRO-3 puts on a partitioned parameter
+    try:
+        kind, logits, head, _ = model_forward(model, input_ids=ids, attention_mask=mask)
+    finally:
+        del model.get_output_embeddings().weight.ds_id
+    assert kind == "logits" and head is None
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)

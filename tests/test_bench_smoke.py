@@ -102,3 +102,70 @@ def test_options_quick_defaults_and_bad_values() -> None:
     for bad in (["--batch-sizes", "0,4"], ["--batch-sizes", "x"], ["--repeats", "0"]):
         with pytest.raises(SystemExit):
             bench.parse_args(bad)
+
+
+# ---- --backend vllm (the GPU arm; only its wiring is testable here) ----------------------------
+
+
+def test_backend_option_defaults_to_hf_and_checks_values() -> None:
+    bench = load_bench("generate")
+    args = bench.parse_args([])
+    assert (args.backend, args.gpu_memory_utilization) == ("hf", 0.5)
+    args = bench.parse_args(["--backend", "vllm", "--gpu-memory-utilization", "0.3"])
+    assert (args.backend, args.gpu_memory_utilization) == ("vllm", 0.3)
+    for bad in (["--backend", "tgi"], ["--gpu-memory-utilization", "1.5"], ["--gpu-memory-utilization", "0"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(bad)
+    assert bench.headers()[-1] == "vs loop" and bench.headers("hf bf16")[-1] == "vs hf bf16"
+
+
+def test_vllm_backend_without_a_gpu_is_a_clear_error(tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bench = load_bench("generate")
+    assert bench.main(["--backend", "vllm", "--quick", "--device", "cpu", "--model", str(tiny_model_dir)]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_vllm_arm_sends_the_whole_workload_in_one_call_and_counts_its_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fake engine with vLLM's interface (chat, get_tokenizer, outputs with token_ids)."""
+    import types
+    from dataclasses import dataclass, field
+
+    @dataclass
+    class Params:  # vLLM's SamplingParams takes keywords only
+        n: int = 1
+        temperature: float = 1.0
+        top_p: float = 1.0
+        max_tokens: int = 16
+        seed: int | None = None
+        stop: list[str] | None = None
+
+    @dataclass
+    class Completion:
+        text: str
+        token_ids: list[int]
+        finish_reason: str = "length"
+        index: int = 0
+
+    @dataclass
+    class Output:
+        outputs: list[Completion] = field(default_factory=list)
+
+    class Engine:
+        calls: list[int] = []
+
+        def get_tokenizer(self):
+            return types.SimpleNamespace(chat_template="{{ messages }}")
+
+        def chat(self, conversations, sampling_params=None, use_tqdm=True, **kwargs):
+            self.calls.append(len(conversations))
+            assert all(p.temperature == 0 for p in sampling_params)  # greedy, like the hf arms
+            return [Output([Completion("x" * p.max_tokens, list(range(p.max_tokens)))]) for p in sampling_params]
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(SamplingParams=Params))
+    bench = load_bench("generate")
+    prompts = [({"role": "user", "content": f"q{i}"},) for i in range(5)]
+    engine = Engine()
+    run = bench.vllm_arm(engine, prompts)
+    assert run(7, None) == 5 * 7
+    assert run(3, 2) == 2 * 3
+    assert engine.calls == [5, 2]  # one engine call per run, whatever the batch size

@@ -242,3 +242,53 @@ def test_sharded_weights_are_refused_where_training_samples_from_the_model(tiny_
             Distiller._check_sharding(distiller, acc)
     else:
         Distiller._check_sharding(distiller, acc)
+
+
+def test_deepspeed_steps_only_at_the_end_of_each_accumulation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Accelerate's DeepSpeed backward steps the optimizer whenever its sync flag is set: the loop must
+    clear it on all but the last micro-batch of a step, run grad_accum backward passes in every step
+    (zero-weight copies in a short last step) and undo DeepSpeed's own 1/gradient_accumulation_steps."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from orpo_distill import training
+    from orpo_distill.config import TrainConfig
+    from orpo_distill.training import SftExample, train_epoch
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)  # every micro-batch's loss is 1 (and lr 0 keeps it so)
+    monkeypatch.setattr(training, "_forward", lambda model, batch, method, cfg, pad_id: training.MicroBatchOut(
+        model.weight.sum() + 1.0, None, {"nll": 1.0}, 1))
+    seen: list[tuple[bool, float]] = []
+
+    class FakeDeepSpeedAccelerator:
+        device = torch.device("cpu")
+        num_processes, process_index, is_main_process = 1, 0, True
+        distributed_type = DistributedType.DEEPSPEED
+        state = SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config={"gradient_accumulation_steps": 4}))
+        gradient_state = SimpleNamespace(sync_gradients=True)
+        gradient_state._set_sync_gradients = lambda flag: setattr(FakeDeepSpeedAccelerator.gradient_state, "sync_gradients", flag)
+
+        def no_sync(self, model: Any) -> Any:
+            raise AssertionError("one process: no DDP no_sync")
+
+        def backward(self, loss: torch.Tensor) -> None:
+            seen.append((self.gradient_state.sync_gradients, float(loss)))
+            loss.backward()
+
+        def clip_grad_norm_(self, params: Any, max_norm: float) -> None:
+            return None  # DeepSpeed clips inside its step and may report no norm
+
+    cfg = TrainConfig(method="sft", batch_size=1, grad_accum=3, precision="fp32")
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    examples = [SftExample([1], [2]) for _ in range(7)]
+    result = train_epoch(model, examples, opt, sched, cfg, 1, 0, FakeDeepSpeedAccelerator(), log=lambda row: None,
+                         progress=False)
+    assert result.steps == 3 and result.examples == 7
+    assert [sync for sync, _ in seen] == [False, False, True] * 3
+    # each of the first two steps: 3 micro-batches, a third of the step each, times DeepSpeed's 4
+    assert [round(v, 6) for _, v in seen[:6]] == [round(4 / 3, 6)] * 6
+    # the last step holds one real micro-batch (its whole share) and two zero-weight copies
+    assert [round(v, 6) for _, v in seen[6:]] == [4.0, 0.0, 0.0]

@@ -220,6 +220,16 @@ def _output_head(inner: nn.Module) -> tuple[Head, Tensor | None] | None:
     return head, None
 
 
+def _is_sharded(head: Head) -> bool:
+    """True when this rank holds only a shard of the head's weight (DeepSpeed ZeRO-3 leaves an empty
+    placeholder with a ``ds_id``; FSDP2 makes it a DTensor): it can only be applied inside the model's
+    own forward, so the full logits are used."""
+    w = head if isinstance(head, Tensor) else getattr(head, "weight", None)
+    if w is None:
+        return False
+    return hasattr(w, "ds_id") or w.numel() == 0 or type(w).__name__ == "DTensor"
+
+
 def _takes_logits_to_keep(inner: nn.Module) -> bool:
     try:
         return "logits_to_keep" in inspect.signature(inner.forward).parameters
@@ -249,6 +259,8 @@ def model_forward(model: nn.Module, **inputs: Any) -> tuple[str, Tensor, Head | 
     """
     inner = _inner_model(model)
     head = _output_head(inner)
+    if head is not None and _is_sharded(head[0]):
+        head = None
     if head is not None and _takes_logits_to_keep(inner):
         out = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
         hidden_states = getattr(out, "hidden_states", None)

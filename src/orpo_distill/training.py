@@ -260,11 +260,11 @@ def train_epoch(
     batches = micro_batches(examples, order, cfg.batch_size, cfg.token_budget)
     plan = step_plan(len(batches), cfg.grad_accum, rank, world)
     members = step_members(len(batches), cfg.grad_accum, world)
-    # DDP averages gradients over ranks; the step's loss is a sum of the ranks' parts
-    scale = float(world)
-    if getattr(accelerator, "distributed_type", None) == DistributedType.DEEPSPEED:
-        scale *= cfg.grad_accum  # DeepSpeed divides each backward by its gradient_accumulation_steps
-    pad_steps = world > 1 or getattr(accelerator, "distributed_type", None) == DistributedType.DEEPSPEED
+    deepspeed = getattr(accelerator, "distributed_type", None) == DistributedType.DEEPSPEED
+    # DDP averages gradients over ranks; the step's loss is a sum of the ranks' parts. DeepSpeed also
+    # divides each backward by the gradient_accumulation_steps of its own config.
+    scale = float(world) * (deepspeed_accumulation(accelerator) if deepspeed else 1)
+    pad_steps = world > 1 or deepspeed
     result = EpochResult()
     model.train()
     bar = tqdm(total=len(plan), desc=f"epoch {epoch} ({cfg.method})", unit="step",
@@ -293,6 +293,8 @@ def train_epoch(
                     optimizer.zero_grad(set_to_none=True)
                     raise _refuse("loss", loss.item(), epoch, global_step + 1, str(out.metrics),
                                   f"Lower train.lr, use train.precision=fp32, or check the pairs in pairs/epoch_{epoch}.jsonl.")
+                if deepspeed:  # its backward steps the optimizer whenever Accelerate says "sync"
+                    accelerator.gradient_state._set_sync_gradients(sync)
                 accelerator.backward(loss * scale)
             if weight:
                 parts.append((out, share))
@@ -325,6 +327,14 @@ def train_epoch(
         bar.update(1)
     bar.close()
     return result
+
+
+def deepspeed_accumulation(accelerator: Any) -> int:
+    """The gradient_accumulation_steps in DeepSpeed's config (1 when unset or "auto", which Accelerate
+    fills from its own setting, 1 here: this loop accumulates itself)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    value = (getattr(plugin, "deepspeed_config", None) or {}).get("gradient_accumulation_steps", 1)
+    return value if isinstance(value, int) and value > 0 else 1
 
 
 def reduce_sum(accelerator: Any, row: dict[str, float]) -> dict[str, float]:
