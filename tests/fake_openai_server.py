@@ -86,7 +86,15 @@ class Drop:
     reset: bool = True
 
 
-Action = Good | Status | Slow | Malformed | EmptyChoices | Drop
+@dataclass
+class Truncated:
+    """Status 200 announcing a full body (Content-Length) but closing the connection after ``keep`` bytes
+    of it, as a server or proxy dying mid-reply does."""
+
+    keep: int = 40
+
+
+Action = Good | Status | Slow | Malformed | EmptyChoices | Drop | Truncated
 
 
 @dataclass
@@ -238,6 +246,16 @@ def _make_handler(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
                 self._send(200, action.body)
             elif isinstance(action, EmptyChoices):
                 self._send(200, json.dumps({"id": "cmpl-fake", "choices": []}))
+            elif isinstance(action, Truncated):
+                data = json.dumps(server.good_body(rec, Good())).encode("utf-8")
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data[: action.keep])
+                self.wfile.flush()
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
             elif isinstance(action, Drop):
                 if action.reset:  # SO_LINGER 0: close() sends RST
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

@@ -4,7 +4,8 @@ A checkpoint is a folder ``checkpoints/epoch_E`` holding the model (``save_pretr
 adapter), the tokenizer, the optimizer and scheduler states, every RNG state, the negative buffer and
 ``state.json``. It is written into a hidden temp folder and renamed into place, so a process killed
 mid-write leaves either the previous checkpoint or the complete new one, never half of one; leftover
-temp folders are removed on the next start.
+temp folders are removed on the next start (and at once when the write fails, a full disk say, to give the
+space back).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import UserError
+from .errors import UserError, storage_error
 
 STATE = "state.json"
 
@@ -51,21 +52,35 @@ def save_checkpoint(run_dir: Path, epoch: int, model: Any, tokenizer: Any, optim
     tmp = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, **({} if state_dict is None else {"state_dict": state_dict}))
-    tokenizer.save_pretrained(tmp)
-    if optimizer is not None:  # None: a sharded optimizer (FSDP, ZeRO), whose state no one rank holds
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(rng_state(), tmp / "rng.pt")
-    (tmp / "buffer.json").write_text(json.dumps(buffer), encoding="utf-8")
-    (tmp / STATE).write_text(json.dumps({**state, "epoch": epoch}, indent=2), encoding="utf-8")
-    for f in tmp.iterdir():  # make the contents durable before the rename publishes them
-        with f.open("rb") as fh:
-            os.fsync(fh.fileno())
+    try:
+        model.save_pretrained(tmp, **({} if state_dict is None else {"state_dict": state_dict}))
+        tokenizer.save_pretrained(tmp)
+        if optimizer is not None:  # None: a sharded optimizer (FSDP, ZeRO), whose state no one rank holds
+            _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
+        _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
+        _torch_save(rng_state(), tmp / "rng.pt")
+        (tmp / "buffer.json").write_text(json.dumps(buffer), encoding="utf-8")
+        (tmp / STATE).write_text(json.dumps({**state, "epoch": epoch}, indent=2), encoding="utf-8")
+        for f in tmp.iterdir():  # make the contents durable before the rename publishes them
+            with f.open("rb") as fh:
+                os.fsync(fh.fileno())
+    except Exception as e:  # a full disk, say: free what was written; the previous checkpoint stands
+        shutil.rmtree(tmp, ignore_errors=True)
+        disk = storage_error(e)
+        if disk is not None:
+            raise OSError(disk.errno, disk.strerror, str(final)) from e
+        raise
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     return final
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` through a Python file, so a failed write keeps its OSError (a full disk says so);
+    given a path, torch writes in C++ and reports only 'unexpected pos'."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

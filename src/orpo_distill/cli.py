@@ -1,7 +1,8 @@
 """``orpo-distill``: one subcommand per stage, plus ``run`` (all stages) and ``demo``.
 
-User errors (bad config, bad input files, missing models) print one clear message and exit 2; any
-other exception is a bug and keeps its traceback.
+User errors (bad config, bad input files, missing models) and file-system failures (a full disk, a
+read-only run directory) print one clear message and exit 2; any other exception is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import os
 import sys
 from typing import Any, Callable, Sequence
 
-from .errors import UserError
+from .errors import UserError, storage_error, storage_message
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -288,6 +289,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("orpo-distill: interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
         return 130
+    except Exception as e:
+        disk = storage_error(e)  # a full disk or a read-only run directory: the machine's state, not a bug
+        if disk is None:
+            raise
+        print(f"orpo-distill: error: {storage_message(disk)}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -103,6 +103,14 @@ def _from_pretrained(loader: Any, name: str, **kwargs: Any) -> Any:
     resolved = resolve_model(name)
     try:
         return loader.from_pretrained(resolved, **kwargs)
+    except ValueError as e:
+        if "trust_remote_code" not in str(e) or kwargs.get("trust_remote_code"):
+            raise
+        raise UserError(
+            f"model '{name}' needs Python code from its own files (auto_map in its config.json), which is not "
+            "run unless you allow it: set trust_remote_code: true in its teacher or student section, only if you "
+            "trust that code"
+        ) from None
     except OSError as e:
         raise UserError(
             f"could not load model '{name}': {str(e).splitlines()[0]} "

@@ -39,7 +39,7 @@ class Run:
         self.writer = distributed.is_main()
         self.progress = progress and self.writer
         if self.writer:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            _make_run_dir(self.dir)
             save_resolved(cfg, self.dir / "config.yaml")
         distributed.barrier()
         self.metrics = MetricsLog(self.dir / "metrics.jsonl", enabled=self.writer)
@@ -88,7 +88,8 @@ class Run:
         k = self.cfg.teacher.sampling.samples
         if generator is None and any(store.count(r.id) < k for r in self.train_records):
             generator = distributed.sharded(build_generator(self.cfg.teacher, self.train_records, self.cfg.task.kind,
-                                                            self.cfg.teacher.sampling.seed, progress=self.progress))
+                                                            self.cfg.teacher.sampling.seed, progress=self.progress,
+                                                            role="teacher"))
         summary = self._sample(store, generator, self.cfg.teacher.sampling, "teacher")
         return summary
 
@@ -110,7 +111,8 @@ class Run:
         k = self.cfg.student.sampling.samples
         if generator is None and any(store.count(r.id) < k for r in records):
             generator = distributed.sharded(
-                build_generator(self.cfg.student, records, self.cfg.task.kind, self.cfg.seed, progress=self.progress))
+                build_generator(self.cfg.student, records, self.cfg.task.kind, self.cfg.seed, progress=self.progress,
+                                role="student"))
         return self._sample(store, generator, self.cfg.student.sampling, f"student/epoch_{epoch}", records)
 
     def train(self) -> dict[str, Any]:
@@ -188,6 +190,16 @@ class Run:
         if summary.new_samples or summary.failed_requests:  # a rerun that found it all on disk is no event
             self.metrics.log("sampling", **summary.as_dict())
         return summary
+
+
+def _make_run_dir(path: Path) -> None:
+    """Create the run directory; a file where it or a folder above it should be is the user's to move."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"run_dir {path} exists and is not a directory; choose another run_dir or move the file")
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"run_dir {path}: {parent} is a file, not a directory; choose another run_dir")
+    path.mkdir(parents=True, exist_ok=True)
 
 
 def _eval_key(split: str, epoch: int) -> str:

@@ -28,8 +28,11 @@ def _umask() -> int:
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temp file and a rename, so readers never see half a file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:  # a read-only or full file system: name the file we meant, not the temp name
+        raise OSError(e.errno, e.strerror, str(path)) from e
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -37,8 +40,10 @@ def atomic_write_text(path: Path, text: str) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and not e.filename:
+            raise OSError(e.errno, e.strerror, str(path)) from e
         raise
 
 
@@ -69,7 +74,7 @@ def iter_jsonl(path: Path, what: str = "file") -> Iterator[tuple[str, dict[str, 
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(line.rstrip("\r\n"))  # without the line end, so a column past it reads right
             except json.JSONDecodeError as e:
                 raise UserError(f"{where}: malformed JSON: {e.msg} (column {e.colno})") from None
             if not isinstance(obj, dict):
@@ -202,10 +207,15 @@ class TraceStore:
         if not fresh or not self.writer:
             return len(fresh)
         data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in fresh).encode("utf-8")
-        with self.path.open("ab") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with self.path.open("ab") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:  # a full disk: at most a torn last line is left, cut off when the store is reopened
+            if e.filename:
+                raise
+            raise OSError(e.errno, e.strerror, str(self.path)) from e
         return len(fresh)
 
     def all_rows(self) -> list[dict[str, Any]]:

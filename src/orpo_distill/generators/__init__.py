@@ -14,8 +14,20 @@ __all__ = ["GenerationStats", "Generator", "Request", "Sample", "build_generator
 
 
 def build_generator(cfg: GeneratorConfig, records: Sequence[Record] = (), task_kind: str = "mcq", seed: int = 0,
-                    progress: bool = True) -> Generator:
-    """Build the generator a config section names. ``records`` serves the scripted teacher."""
+                    progress: bool = True, role: str = "generator") -> Generator:
+    """Build the generator a config section names. ``records`` serves the scripted teacher (and lets the
+    replay generator check its file against the questions). ``role`` (``teacher`` or ``student``) names the
+    config section in error messages, which the generators word as ``generator.FIELD``."""
+    try:
+        return _build(cfg, records, task_kind, seed, progress)
+    except UserError as e:
+        text = str(e)
+        if role == "generator" or not text.startswith("generator."):
+            raise
+        raise UserError(role + text[len("generator"):]) from None
+
+
+def _build(cfg: GeneratorConfig, records: Sequence[Record], task_kind: str, seed: int, progress: bool) -> Generator:
     if cfg.kind == "hf":
         from .hf import HFGenerator
 
@@ -27,7 +39,9 @@ def build_generator(cfg: GeneratorConfig, records: Sequence[Record] = (), task_k
     if cfg.kind == "replay":
         from .replay import ReplayGenerator
 
-        return ReplayGenerator(cfg)
+        replay = ReplayGenerator(cfg)
+        replay.check_ids(records)
+        return replay
     if cfg.kind == "scripted":
         from .scripted import ScriptedTeacher
 

@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import GeneratorConfig
+from ..errors import UserError
 from ..models import autocast, load_model, load_tokenizer, render_prompt
 from .base import GenerationStats, Request, Sample
 
@@ -54,6 +55,7 @@ class HFGenerator:
         start = time.perf_counter()
         prompts = [render_prompt(self.tokenizer, r.messages) for r in requests]
         encoded = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        self._check_context(requests, encoded)
         rows = [(i, j) for i, r in enumerate(requests) for j in range(r.n)]
         rows.sort(key=lambda ij: (self._settings(requests[ij[0]]), len(encoded[ij[0]])))
         out: list[list[Sample | None]] = [[None] * r.n for r in requests]
@@ -78,6 +80,21 @@ class HFGenerator:
         self.stats.samples += len(rows)
         self.stats.seconds += time.perf_counter() - start
         return [[s for s in samples if s is not None] for samples in out]
+
+    def _check_context(self, requests: Sequence[Request], encoded: list[list[int]]) -> None:
+        """Refuse a prompt that, with the tokens asked for, does not fit the model's context: models with
+        learned positions crash on it, and the others spend quadratic memory on a text they were never
+        trained to read."""
+        config = getattr(self.model, "config", None)
+        limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        if not isinstance(limit, int):
+            return
+        for r, ids in zip(requests, encoded):
+            if len(ids) + r.max_tokens > limit:
+                raise UserError(
+                    f"question {r.key!r}: the prompt is {len(ids)} tokens and max_tokens {r.max_tokens}, more than "
+                    f"the {limit}-token context of {self.name}; shorten or drop that question (or lower max_tokens)"
+                )
 
     @staticmethod
     def _settings(r: Request) -> tuple:

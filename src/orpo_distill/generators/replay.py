@@ -83,6 +83,18 @@ class ReplayGenerator:
     def __repr__(self) -> str:
         return f"ReplayGenerator(path={str(self.path)!r}, questions={len(self._traces)})"
 
+    def check_ids(self, records: Sequence[Any]) -> None:
+        """Refuse a file that holds traces for none of ``records`` (the replay file of another dataset, or
+        ids written differently): every question would silently end up without a trace."""
+        ids = [r.id for r in records]
+        if not ids or any(i in self._traces for i in ids):
+            return
+        theirs = ", ".join(repr(k) for k in list(self._traces)[:3]) or "none"
+        raise UserError(
+            f"{self.path} holds traces for none of the {len(ids)} training questions (its ids: {theirs}; the "
+            f"questions': {', '.join(repr(i) for i in ids[:3])}); is it the replay file of this dataset?"
+        )
+
     def generate(self, requests: Sequence[Request]) -> list[list[Sample]]:
         out: list[list[Sample]] = []
         for req in requests:
