@@ -48,6 +48,27 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+# A small, fast ORPO run with the mixed-policy refresh, in fp32 (bitwise-reproducible on the CPU): the
+# base of the resume, fault, LoRA and distributed tests, each of which overrides what it is about.
+FAST_TRAIN: dict[str, Any] = {
+    "dataset.train_size": 4,
+    "teacher.error_rate": 0.0,  # every question has a positive; the student negatives are what is tested
+    "student.sampling.max_tokens": 4,
+    "student.sampling.samples": 2,
+    "pairs.negatives": "student",
+    "pairs.pairs_per_question": 1,
+    "train.policy": "mixed",
+    "train.phi": 0.5,
+    "train.epochs": 2,
+    "train.batch_size": 2,
+    "train.lr": 1e-3,
+    "train.precision": "fp32",
+    "train.max_length": 128,
+    "eval.every_epoch": False,
+    "eval.before_training": False,
+}
+
+
 def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     """``set_dotted(d, "train.phi", 0.0)`` sets ``d["train"]["phi"]``, creating sections as needed."""
     *parents, last = dotted.split(".")

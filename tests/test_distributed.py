@@ -28,6 +28,7 @@ from orpo_distill.distributed import ShardedGenerator, step_members, step_plan
 from orpo_distill.generators.base import GenerationStats, Request, Sample
 from orpo_distill.metrics import read_metrics
 from orpo_distill.pairs import choose_refresh
+from conftest import FAST_TRAIN
 from test_resume import write_config
 
 # ---- the step plan -----------------------------------------------------------------------------
@@ -87,22 +88,14 @@ def test_sharded_generator_splits_requests_and_returns_all_in_order() -> None:
 # ---- real processes under accelerate launch ----------------------------------------------------
 
 DIST = {
+    **FAST_TRAIN,
     "dataset.train_size": 10,
     "teacher.error_rate": 0.3,
     "teacher.sampling.samples": 3,
     "student.device": "cpu",
     "student.sampling.max_tokens": 6,
-    "student.sampling.samples": 2,
-    "pairs.negatives": "student",
     "pairs.pairs_per_question": 2,
     "train.policy": "off",
-    "train.epochs": 2,
-    "train.batch_size": 2,
-    "train.lr": 1e-3,
-    "train.precision": "fp32",
-    "train.max_length": 128,
-    "eval.every_epoch": False,
-    "eval.before_training": False,
 }
 
 

@@ -15,7 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import set_dotted, tiny_config_dict
+from conftest import FAST_TRAIN, set_dotted, tiny_config_dict
 from orpo_distill import cli, models
 from orpo_distill.config import build_config, resolved_dict
 from orpo_distill.errors import UserError
@@ -24,26 +24,14 @@ from orpo_distill.metrics import read_metrics
 # Two epochs of ORPO with the mixed-policy refresh (sampled from the PEFT model), one optimizer step each;
 # fp32 so that a resume gives the same adapter bit for bit, and a high lr so the adapter visibly learns.
 LORA_RUN = {
-    "dataset.train_size": 4,
+    **FAST_TRAIN,
     "dataset.eval_size": 2,
-    "teacher.error_rate": 0.0,  # every question has a positive; the student's samples are the negatives
-    "student.sampling.max_tokens": 4,
-    "student.sampling.samples": 2,
-    "pairs.negatives": "student",
-    "pairs.pairs_per_question": 1,
-    "train.policy": "mixed",
-    "train.phi": 0.5,
-    "train.epochs": 2,
     "train.batch_size": 8,
     "train.lr": 5e-2,
     "train.warmup_ratio": 0.0,
-    "train.precision": "fp32",
-    "train.max_length": 128,
     "train.lora.enabled": True,
     "train.lora.r": 4,
     "train.lora.alpha": 8,
-    "eval.every_epoch": False,
-    "eval.before_training": False,
 }
 IDS = torch.tensor([[1, 523, 9876, 42, 7, 30000, 12, 5]])
 

@@ -21,25 +21,10 @@ from safetensors.torch import load_file
 from orpo_distill import checkpoints, cli
 from orpo_distill.checkpoints import latest_checkpoint, save_checkpoint
 from orpo_distill.config import RunConfig, resolved_dict
+from conftest import FAST_TRAIN
 from orpo_distill.metrics import read_metrics
 
-FAST = {
-    "dataset.train_size": 4,
-    "teacher.error_rate": 0.0,  # every question has a positive; the student negatives are what is tested
-    "student.sampling.max_tokens": 4,
-    "student.sampling.samples": 2,
-    "pairs.negatives": "student",
-    "pairs.pairs_per_question": 1,
-    "train.policy": "mixed",
-    "train.phi": 0.5,
-    "train.epochs": 3,
-    "train.batch_size": 2,  # 2 steps an epoch: time to kill it between checkpoints
-    "train.lr": 1e-3,
-    "train.precision": "fp32",
-    "train.max_length": 128,
-    "eval.every_epoch": False,
-    "eval.before_training": False,
-}
+FAST = {**FAST_TRAIN, "train.epochs": 3}  # batch 2: 2 steps an epoch, time to kill it between checkpoints
 
 
 def write_config(cfg: RunConfig, path: Path) -> Path:

@@ -16,6 +16,8 @@ from typing import Any, Iterable
 
 import yaml
 
+from conftest import FAST_TRAIN
+
 REPO = Path(__file__).resolve().parents[2]
 LAUNCHER = Path(__file__).resolve().with_name("launcher.py")
 
@@ -124,24 +126,7 @@ def error_message(text: str) -> str:
 
 # ---- one small training run, shared by the kill, NaN and disk-full tests ---------------------------------
 
-TRAIN_FAST = {
-    "dataset.train_size": 4,
-    "teacher.error_rate": 0.0,  # every question has a positive; the student negatives are what is tested
-    "student.sampling.max_tokens": 4,
-    "student.sampling.samples": 2,
-    "pairs.negatives": "student",
-    "pairs.pairs_per_question": 1,
-    "train.policy": "mixed",
-    "train.phi": 0.5,
-    "train.epochs": 2,
-    "train.batch_size": 2,
-    "train.lr": 1e-3,
-    "train.precision": "fp32",
-    "train.max_length": 128,
-    "eval.every_epoch": False,
-    "eval.before_training": False,
-    "student.device": "cpu",  # bitwise-equal weights across runs: no nondeterministic GPU kernels
-}
+TRAIN_FAST = {**FAST_TRAIN, "student.device": "cpu"}  # CPU: bitwise-equal weights across runs
 
 
 def train_config(run_dir: Path, model_dir: Path, path: Path) -> Path:
