@@ -285,3 +285,21 @@ def test_deepspeed_steps_only_at_the_end_of_each_accumulation(monkeypatch: pytes
     assert [round(v, 6) for _, v in seen[:6]] == [round(4 / 3, 6)] * 6
     # the last step holds one real micro-batch (its whole share) and two zero-weight copies
     assert [round(v, 6) for _, v in seen[6:]] == [4.0, 0.0, 0.0]
+
+
+def test_one_process_run_does_not_ask_for_the_student_device(tiny_config: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The teacher stage on a CPU box for a run whose student trains on a GPU later: creating the Run
+    must not resolve student.device (only a multi-process launch needs it, to set up the process group)."""
+    from orpo_distill import pipeline
+    from orpo_distill.errors import UserError
+
+    def no_gpu(name: str) -> Any:
+        raise UserError("student.device is 'cuda' but no CUDA GPU is available")
+
+    monkeypatch.setattr(pipeline, "pick_device", no_gpu)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    run = pipeline.Run(tiny_config(**{"student.device": "cuda"}), progress=False)
+    assert run.teacher().samples > 0
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="no CUDA GPU"):
+        pipeline.Run(tiny_config(**{"student.device": "cuda"}), progress=False)

@@ -35,7 +35,8 @@ class Run:
         self.dir = Path(cfg.run_dir)
         self.overwrite = overwrite
         # Under `accelerate launch` every process runs this; only the main one writes (distributed.py)
-        distributed.init(cpu=pick_device(cfg.student.device).type == "cpu")
+        if distributed.world_size() > 1:  # (one process: no device question asked here)
+            distributed.init(cpu=pick_device(cfg.student.device).type == "cpu")
         self.writer = distributed.is_main()
         self.progress = progress and self.writer
         if self.writer:
