@@ -6,6 +6,8 @@ only here.
 ``FAULT_SLOW_CHECKPOINT=S``  each torch file of a checkpoint (optimizer, scheduler, RNG) takes S seconds
                              longer to write, as on a slow disk: the window in which a test watching the
                              temp folder SIGKILLs the process in the middle of the write
+``FAULT_SLOW_GENERATION=S`` each batch of the hf generator takes S seconds longer, so that a kill lands
+                             in the middle of a stage however fast the machine is
 ``FAULT_NAN_FROM_EPOCH=E``   from epoch E on, every ORPO loss is NaN (the odds-ratio term gets a NaN added)
 """
 
@@ -31,6 +33,18 @@ def slow_checkpoint_writes(seconds: float) -> None:
     checkpoints._torch_save = slow
 
 
+def slow_generation(seconds: float) -> None:
+    from orpo_distill.generators import hf
+
+    real = hf.HFGenerator._generate_batch
+
+    def slow(self: Any, *args: Any, **kwargs: Any) -> Any:
+        time.sleep(seconds)
+        return real(self, *args, **kwargs)
+
+    hf.HFGenerator._generate_batch = slow
+
+
 def nan_loss_from_epoch(first: int) -> None:
     from orpo_distill import recipe, training
 
@@ -53,6 +67,8 @@ def nan_loss_from_epoch(first: int) -> None:
 def main() -> int:
     if os.environ.get("FAULT_SLOW_CHECKPOINT"):
         slow_checkpoint_writes(float(os.environ["FAULT_SLOW_CHECKPOINT"]))
+    if os.environ.get("FAULT_SLOW_GENERATION"):
+        slow_generation(float(os.environ["FAULT_SLOW_GENERATION"]))
     if os.environ.get("FAULT_NAN_FROM_EPOCH"):
         nan_loss_from_epoch(int(os.environ["FAULT_NAN_FROM_EPOCH"]))
     from orpo_distill.cli import main as cli_main

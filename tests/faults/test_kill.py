@@ -61,7 +61,9 @@ def test_student_sampling_killed_midway_keeps_every_stored_sample_and_resumes(
     killed = student_config(tmp_path, "killed", tiny_model_dir)
     store = tmp_path / "killed" / "student" / "epoch_1.jsonl"
     log = tmp_path / "student.log"
-    proc = start_cli(["student", str(killed), "--no-progress"], log)
+    # each chunk's batch slowed by 1 s, so the kill lands midway however fast the machine is
+    proc = start_cli(["student", str(killed), "--no-progress"], log, launcher=True,
+                     env=child_env(FAULT_SLOW_GENERATION="1.0"))
     try:
         wait_for(lambda: bool(complete_rows(store)), proc, log)  # the first chunk is stored
         sigkill(proc)
@@ -165,7 +167,9 @@ def test_evaluation_killed_midway_leaves_no_result_and_reruns_to_the_same_one(
     killed = eval_config(tmp_path, "killed", tiny_model_dir)
     run_dir = tmp_path / "killed"
     log = tmp_path / "eval.log"
-    proc = start_cli(["eval", str(killed), "--epoch", "0"], log)  # with its progress bar, on stderr
+    # with its progress bar, on stderr; each batch of 4 questions slowed by 1 s so the kill lands midway
+    proc = start_cli(["eval", str(killed), "--epoch", "0"], log, launcher=True,
+                     env=child_env(FAULT_SLOW_GENERATION="1.0"))
     progressed = re.compile(r"generate hf:student@epoch_0:.*\b([1-9]\d*)/16\b")
     try:
         wait_for(lambda: bool(progressed.search(log.read_text(errors="replace"))), proc, log)
