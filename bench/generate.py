@@ -344,6 +344,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
+def load_student(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The tokenizer and the fp32 model in eval mode (each arm picks its own autocast)."""
+    tokenizer = load_tokenizer(args.model)
+    model = load_model(args.model, dtype="float32", device=args.device)
+    model.eval()
+    return tokenizer, model
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -352,12 +360,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.backend == "vllm":
         return main_vllm(args, argv)
     try:
-        tokenizer = load_tokenizer(args.model)
-        model = load_model(args.model, dtype="float32", device=args.device)
+        tokenizer, model = load_student(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    model.eval()
     device = pick_device(args.device)
     all_prompts = load_prompts(max(args.prompts or b for b in args.batch_sizes))
     arm_names = ["hf fp32", "hf bf16", "loop fp32"]
@@ -397,12 +403,10 @@ def main_vllm(args: argparse.Namespace, argv: list[str]) -> int:
         if device.type != "cuda":
             raise UserError(f"--backend vllm needs a CUDA GPU (device here: {device})")
         engine = build_vllm_engine(args.model, args.gpu_memory_utilization)  # first: vLLM checks free memory
-        tokenizer = load_tokenizer(args.model)
-        model = load_model(args.model, dtype="float32", device=args.device)
+        tokenizer, model = load_student(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    model.eval()
     all_prompts = load_prompts(max(args.prompts or b for b in args.batch_sizes))
     rows: list[Row] = []
     for b in args.batch_sizes:

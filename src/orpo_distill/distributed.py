@@ -128,23 +128,16 @@ def sharded(gen: Generator) -> Generator:
     return ShardedGenerator(gen) if world_size() > 1 else gen
 
 
-def step_plan(num_micro_batches: int, grad_accum: int, rank_: int, world: int) -> list[list[int]]:
-    """For each optimizer step, the indices of the micro-batches rank ``rank_`` runs.
-
-    A step takes ``grad_accum * world`` consecutive micro-batches of the (rank-independent) epoch
-    order; rank ``r`` runs the ``r``-th run of ``grad_accum`` of them. In the last step a rank may get
-    fewer, or none (it then runs a zero-weight copy so that the gradient all-reduce stays in step).
-    """
-    per_step = grad_accum * world
-    plan = []
-    for start in range(0, num_micro_batches, per_step):
-        lo = start + rank_ * grad_accum
-        hi = min(start + (rank_ + 1) * grad_accum, start + per_step, num_micro_batches)
-        plan.append(list(range(lo, hi)) if lo < hi else [])
-    return plan
-
-
 def step_members(num_micro_batches: int, grad_accum: int, world: int) -> list[list[int]]:
-    """For each optimizer step, every micro-batch in it (all ranks): what the step's loss averages over."""
+    """For each optimizer step, every micro-batch in it (all ranks): ``grad_accum x world`` consecutive
+    ones of the (rank-independent) epoch order; what the step's loss averages over."""
     per_step = grad_accum * world
     return [list(range(s, min(s + per_step, num_micro_batches))) for s in range(0, num_micro_batches, per_step)]
+
+
+def step_plan(num_micro_batches: int, grad_accum: int, rank_: int, world: int) -> list[list[int]]:
+    """For each optimizer step, the indices of the micro-batches rank ``rank_`` runs: the ``rank_``-th
+    run of ``grad_accum`` among the step's members. In the last step a rank may get fewer, or none (it
+    then runs a zero-weight copy so that the gradient all-reduce stays in step)."""
+    lo, hi = rank_ * grad_accum, (rank_ + 1) * grad_accum
+    return [members[lo:hi] for members in step_members(num_micro_batches, grad_accum, world)]

@@ -239,6 +239,9 @@ class Distiller:
                 phi_for_epoch(e, t.epochs, t.policy, t.phi, t.phi_schedule, t.phi_start)
         acc = Accelerator(cpu=pick_device(self.cfg.student.device).type == "cpu")
         self._check_sharding(acc)
+        # FSDP and DeepSpeed split weights or optimizer state over the ranks: the full weights are gathered
+        # (a collective, so every rank calls get_state_dict) and the optimizer state is not saved
+        sharded = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
         ckpt = latest_checkpoint(run.dir)
         state: dict[str, Any] = {"global_step": 0}
         if ckpt is not None:
@@ -279,19 +282,16 @@ class Distiller:
             global_step += result.steps
             run.metrics.log("epoch", epoch=epoch, steps=result.steps, examples=result.examples, tokens=result.tokens,
                             seconds=result.seconds)
-            # FSDP and ZeRO-3 hold a shard of the weights per rank: gathering them is a collective, so
-            # every rank calls get_state_dict; the main process writes the one checkpoint.
-            full_state = acc.get_state_dict(model) if acc.num_processes > 1 else None
+            full_state = acc.get_state_dict(model) if sharded else None
             if acc.is_main_process:
-                sharded_optimizer = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
                 save_checkpoint(run.dir, epoch, acc.unwrap_model(model), self.tokenizer,
-                                None if sharded_optimizer else optimizer, scheduler,
+                                None if sharded else optimizer, scheduler,
                                 self.buffer.to_dict(), {"global_step": global_step, "world_size": acc.num_processes},
                                 state_dict=full_state)
             acc.wait_for_everyone()
             if self.cfg.eval.every_epoch:
                 run.evaluate(epoch, model=acc.unwrap_model(model), tokenizer=self.tokenizer)
-        full_state = acc.get_state_dict(model) if acc.num_processes > 1 else None
+        full_state = acc.get_state_dict(model) if sharded else None
         if acc.is_main_process:
             self.export(acc.unwrap_model(model), full_state)
         acc.wait_for_everyone()
