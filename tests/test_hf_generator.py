@@ -141,3 +141,36 @@ def test_training_mode_is_restored(model, tokenizer):
         assert model.training
     finally:
         model.eval()
+
+
+def _texts(out) -> list[list[str]]:
+    return [[s.text for s in samples] for samples in out]
+
+
+def test_sampled_traces_do_not_depend_on_batch_size_or_batch_company(model, tokenizer, fp32):
+    """Issue 12: a sample is a function of (seed, question, sample index, weights). Batch 1, 5 and 64 give
+    the same texts; so does a request asked alone, or among others in another order."""
+    calls = [Request(key=f"q{i}", messages=req(i % 3).messages, n=4, temperature=1.0, max_tokens=10, seed=100 + i)
+             for i in range(6)]
+    by_batch = {b: _texts(gen(model, tokenizer, batch_size=b).generate(calls)) for b in (1, 5, 64)}
+    assert by_batch[1] == by_batch[5] == by_batch[64]
+    alone = _texts(gen(model, tokenizer, batch_size=5).generate([calls[3]]))[0]
+    reordered = _texts(gen(model, tokenizer, batch_size=5).generate(calls[::-1]))[::-1]
+    assert alone == by_batch[5][3] and reordered == by_batch[5]
+    # the K samples of one question differ (the tiny model is not degenerate at temperature 1)
+    for samples in by_batch[1]:
+        assert len(set(samples)) == len(samples)
+    # a top_p < 1 batch keeps the same property
+    nucleus = [Request(key=c.key, messages=c.messages, n=2, temperature=0.9, top_p=0.8, max_tokens=10, seed=c.seed)
+               for c in calls]
+    assert _texts(gen(model, tokenizer, 1).generate(nucleus)) == _texts(gen(model, tokenizer, 64).generate(nucleus))
+
+
+def test_a_resumed_request_continues_the_same_samples(model, tokenizer, fp32):
+    """Asking for samples 1..3 of a question after sample 0 was stored (a resume: the store asks with the
+    seed of the first missing sample) gives what one request for all four gives."""
+    whole = gen(model, tokenizer, 8).generate([req(0, n=4, temperature=1.0, seed=40)])[0]
+    head = gen(model, tokenizer, 8).generate([req(0, n=1, temperature=1.0, seed=40)])[0]
+    tail = gen(model, tokenizer, 8).generate([req(0, n=3, temperature=1.0, seed=41)])[0]
+    assert [s.text for s in head + tail] == [s.text for s in whole]
+    assert [s.num_tokens for s in head + tail] == [s.num_tokens for s in whole]

@@ -15,6 +15,7 @@ from orpo_distill.pairs import (
     NegativeBuffer,
     choose_refresh,
     make_pairs,
+    pairs_for_every_positive,
     phi_for_epoch,
     positives,
     sft_targets,
@@ -22,7 +23,7 @@ from orpo_distill.pairs import (
     teacher_negatives,
 )
 from orpo_distill.pipeline import Run
-from orpo_distill.recipe import Distiller
+from orpo_distill.recipe import Distiller, chosen_texts
 from orpo_distill.store import read_jsonl
 
 
@@ -253,3 +254,58 @@ def test_epoch_data_sft_rows(tiny_config: Any, traces: str, expected: int) -> No
         assert row["completion"][0]["role"] == "assistant"
         assert row["completion"][0]["content"] in {"a", "b", "c"}
     assert Counter(r["completion"][0]["content"] for r in data.rows).most_common(1)[0][1] == 1
+
+
+# ---- every_positive pairing: the chosen side is what sft-diverse trains on (issue 12) ----------------
+
+
+def test_every_positive_pairs_each_positive_once_and_reuses_negatives_only_when_short() -> None:
+    negs = [Negative(f"n{i}", "student", 1) for i in range(2)]
+    pairs = pairs_for_every_positive("q", ["p0", "p1", "p2", "p3", "p4"], negs, seed=0, epoch=1)
+    assert sorted(c for c, _ in pairs) == ["p0", "p1", "p2", "p3", "p4"]  # each positive exactly once
+    rejected = [n.text for _, n in pairs]
+    assert sorted(rejected[:2]) == ["n0", "n1"]  # without replacement while they last ...
+    assert rejected[2:] == [rejected[0], rejected[1], rejected[0]]  # ... then reused in the same order
+    many = [Negative(f"n{i}", "student", 1) for i in range(6)]
+    more = pairs_for_every_positive("q", ["p0", "p1"], many, seed=0, epoch=1)
+    assert len(more) == 2 and len({n.text for _, n in more}) == 2  # more negatives than positives: 2 pairs
+    assert pairs_for_every_positive("q", ["p"], [], 0, 1) == [] == pairs_for_every_positive("q", [], negs, 0, 1)
+    assert pairs == pairs_for_every_positive("q", ["p0", "p1", "p2", "p3", "p4"], negs, seed=0, epoch=1)  # seeded
+
+
+def test_every_positive_arm_trains_on_exactly_the_sft_diverse_positives(tiny_config: Any) -> None:
+    """The ORPO arm's chosen side covers the positives of sft-diverse, question by question, with the
+    teacher fallback for a question whose student pool is empty; the pairs event counts them."""
+    teacher = {
+        0: [trace("right 0a", True), trace("right 0b", True), trace("right 0c", True), trace("wrong 0", False)],
+        1: [trace("right 1", True), trace("wrong 1", False), trace("cut 1", True, "length")],
+        2: [trace("right 2a", True), trace("right 2b", True)],  # no negative anywhere: dropped, counted
+    }
+    over = {"dataset.train_size": 3, "pairs.pairing": "every_positive", "pairs.no_negative": "teacher"}
+    run = _run_with_traces(tiny_config(**over, **{"train.method": "sft", "train.traces": "all"}), teacher)
+    sft = chosen_texts(Distiller(run).epoch_data(1).rows)
+
+    run.cfg.train.method, run.cfg.pairs.negatives = "orpo", "student"
+    d = Distiller(run)
+    ids = [r.id for r in run.train_records]
+    d.buffer = NegativeBuffer({ids[0]: [Negative("s-wrong 0", "student", 1)], ids[1]: [], ids[2]: []})
+    data = d.epoch_data(1)
+    orpo = chosen_texts(data.rows)
+    assert {q: sorted(t) for q, t in orpo.items()} == {q: sorted(t) for q, t in sft.items() if q != ids[2]}
+    assert sorted(sft[ids[2]]) == ["right 2a", "right 2b"] and ids[2] not in orpo
+    assert [r["rejected"][0]["content"] for r in data.rows if r["id"] == ids[0]] == ["s-wrong 0"] * 3
+    assert [(r["rejected"][0]["content"], r["rejected_source"]) for r in data.rows if r["id"] == ids[1]] == [
+        ("wrong 1", "teacher")]  # the fallback: question 1 has no student negative
+    assert (data.teacher_fallback, data.dropped_no_negative) == (1, 1)
+
+    d.write_pairs(1, data)
+    event = [r for r in map(json.loads, (run.dir / "metrics.jsonl").read_text().splitlines())
+             if r["event"] == "pairs"][-1]
+    tok = d.tokenizer
+    expected_tokens = sum(len(tok(t, add_special_tokens=False)["input_ids"]) + 1 for ts in orpo.values() for t in ts)
+    assert (event["questions"], event["positives"], event["positive_tokens"]) == (2, 4, expected_tokens)
+    assert event["teacher_fallback"] == 1
+
+    run.cfg.pairs.no_negative = "drop"  # without the fallback question 1 leaves the epoch
+    assert ids[1] not in chosen_texts(d.epoch_data(1).rows)
+    assert d.group_size() == 3 and d.upper_bound_examples() == 6  # 3 + 1 + 2 positives

@@ -10,6 +10,8 @@ the real worker-side code.
 
 from __future__ import annotations
 
+import zlib
+
 import copy
 import importlib
 import subprocess
@@ -298,18 +300,22 @@ def test_requests_map_to_one_chat_call_with_per_request_sampling_params(fake_vll
     assert len(engine.calls) == 1  # vLLM batches by itself: one call for the whole list
     kind, messages, params, use_tqdm = engine.calls[0]
     assert kind == "chat" and use_tqdm is False
-    assert messages == [[dict(m) for m in r.messages] for r in requests]
+    # one row per sample, seeded request.seed + sample index (the hf generator's contract, issue 12)
+    rows = [(r, j) for r in requests for j in range(r.n)]
+    assert messages == [[dict(m) for m in r.messages] for r, _ in rows]
     assert [p.kwargs for p in params] == [
-        {"n": r.n, "temperature": r.temperature, "top_p": r.top_p, "max_tokens": r.max_tokens, "seed": r.seed,
-         "stop": ["</answer>", "###"]}
-        for r in requests
+        {"n": 1, "temperature": r.temperature, "top_p": r.top_p, "max_tokens": r.max_tokens,
+         "seed": r.sample_seed(j), "stop": ["</answer>", "###"]}
+        for r, j in rows
     ]
+    assert [p.kwargs["seed"] for p in params[:2]] == [7, 8]  # sample j of a seeded request: seed + j
+    assert params[2].kwargs["seed"] == zlib.crc32(b"q2")  # an unseeded request is seeded from its key
 
     # request order kept, samples in index order, token counts from token_ids
     assert [len(s) for s in results] == [2, 1, 3]
-    assert [s.text for s in results[0]] == ["first question | sample 0 | seed 7", "first question | sample 1 | seed 7"]
-    assert [s.text for s in results[2]] == [f"third question | sample {i} | seed 123" for i in range(3)]
-    assert results[1][0].text == "second question | sample 0 | seed None"
+    assert [s.text for s in results[0]] == ["first question | sample 0 | seed 7", "first question | sample 0 | seed 8"]
+    assert [s.text for s in results[2]] == [f"third question | sample 0 | seed {123 + i}" for i in range(3)]
+    assert results[1][0].text == f"second question | sample 0 | seed {zlib.crc32(b'q2')}"
     assert results[1][0].num_tokens == 3 and results[1][0].finish_reason == "length"  # capped by max_tokens=3
     assert results[0][0].num_tokens == 8 and results[0][0].finish_reason == "stop"
     assert not any(s.failed for samples in results for s in samples)
@@ -347,10 +353,10 @@ def test_without_chat_template_plain_text_is_sent_as_token_ids(fake_vllm):
     # the plain rendering, tokenized without special tokens (no BOS), as training tokenizes it
     tok = FakeTokenizer(None)
     expected = [tok.encode(render_plain(r.messages), add_special_tokens=False) for r in requests]
-    assert prompts == [{"prompt_token_ids": ids} for ids in expected]
+    assert prompts == [{"prompt_token_ids": ids} for ids in [expected[0], expected[0], expected[1]]]  # a row a sample
     assert 1 not in prompts[0]["prompt_token_ids"]
-    assert [p.n for p in params] == [2, 1] and [p.max_tokens for p in params] == [256, 5]
-    assert results[0][1].text == f"{render_plain(requests[0].messages)} | sample 1 | seed 3"
+    assert [p.n for p in params] == [1, 1, 1] and [p.max_tokens for p in params] == [256, 256, 5]
+    assert results[0][1].text == f"{render_plain(requests[0].messages)} | sample 0 | seed 4"
     assert [len(s) for s in results] == [2, 1]
 
 
@@ -362,8 +368,8 @@ def test_a_rejected_request_fails_alone_and_the_others_are_kept(fake_vllm):
 
     engine = fake_vllm.LLM.instances[0]
     assert len(engine.calls) == 4  # the whole list once, then each request alone
-    assert [s.text for s in results[0]] == ["fine | sample 0 | seed None"]
-    assert [s.text for s in results[2]] == ["also fine | sample 0 | seed None"]
+    assert [s.text for s in results[0]] == [f"fine | sample 0 | seed {zlib.crc32(b'q1')}"]
+    assert [s.text for s in results[2]] == [f"also fine | sample 0 | seed {zlib.crc32(b'q3')}"]
     assert len(results[1]) == 2 and all(s.failed and "maximum model length" in s.error for s in results[1])
     assert (gen.stats.requests, gen.stats.samples, gen.stats.failed_requests) == (3, 2, 1)
 
@@ -383,7 +389,7 @@ def test_wrong_number_of_outputs_is_an_error_not_a_silent_shift(fake_vllm, monke
     gen = build_generator(vllm_config(), progress=False)
     real = gen.engine.chat
     monkeypatch.setattr(gen.engine, "chat", lambda *a, **kw: real(*a, **kw)[:-1])
-    with pytest.raises(RuntimeError, match="2 outputs for 3 requests"):
+    with pytest.raises(RuntimeError, match="2 outputs for 3 rows of 3 requests"):
         gen.generate([request(f"q{i}", f"question {i}") for i in range(3)])
 
 
@@ -489,10 +495,10 @@ def test_sample_traces_end_to_end_with_the_fake_engine(fake_vllm, tmp_path):
     gold = {r.question: r.answer for r in records}
 
     def respond(prompt: str, params: Any, i: int) -> str:
-        """Right on even sample indices, a wrong letter on odd ones."""
+        """Right on even seeds, a wrong letter on odd ones (each row carries its own seed)."""
         answer = next(a for q, a in gold.items() if q in prompt)
         wrong = "B" if answer != "B" else "C"
-        return f"Step by step reasoning. The answer is ({answer if i % 2 == 0 else wrong})."
+        return f"Step by step reasoning. The answer is ({answer if params.seed % 2 == 0 else wrong})."
 
     fake_vllm.LLM.respond = staticmethod(respond)
     gen = build_generator(vllm_config(), progress=False)
@@ -504,15 +510,16 @@ def test_sample_traces_end_to_end_with_the_fake_engine(fake_vllm, tmp_path):
     engine = fake_vllm.LLM.instances[0]
     assert len(engine.calls) == 3  # chunks of 2, 2 and 1 questions, one engine call each
     params = [p for call in engine.calls for p in call[2]]
-    assert [p.seed for p in params] == [request_seed(5, r.id, 0) for r in records]
-    assert all(p.n == 3 and p.temperature == 0.7 and p.max_tokens == 32 for p in params)
+    assert [p.seed for p in params] == [request_seed(5, r.id, 0) + j for r in records for j in range(3)]
+    assert all(p.n == 1 and p.temperature == 0.7 and p.max_tokens == 32 for p in params)
     assert summary.samples == summary.new_samples == 15 and summary.questions == 5
-    assert summary.correct == 10 and summary.no_positive == 0 and summary.parse_failures == 0
+    assert summary.correct == sum(1 for p in params if p.seed % 2 == 0) and summary.no_positive == 0 and summary.parse_failures == 0
     assert summary.failed_requests == 0 and summary.completion_tokens == gen.stats.completion_tokens > 0
     rows = list(read_jsonl(store.path))
     assert {r["generator"] for r in rows} == {"vllm:org/teacher-model"}
     assert sorted((r["id"], r["sample"]) for r in rows) == sorted((r.id, i) for r in records for i in range(3))
-    assert all(r["correct"] == (r["sample"] % 2 == 0) for r in rows)
+    seeds = {(r.id, j): request_seed(5, r.id, 0) + j for r in records for j in range(3)}
+    assert all(r["correct"] == (seeds[r["id"], r["sample"]] % 2 == 0) for r in rows)
 
     again = sample_traces(records, task, gen, sampling, TraceStore(store.path, "h"), "teacher", progress=False)
     assert len(engine.calls) == 3 and again.samples == 15  # a complete store asks for nothing

@@ -68,11 +68,37 @@ QUICK_SIZES = {"dataset.train_size": 64, "dataset.eval_size": 100, "train.epochs
 QUICK_SEEDS = 1
 
 
+# ``VARIANT+lambda=X`` and ``VARIANT+lr=X`` change one training knob of any variant: the ablations
+# (``orpo-mixed+lambda=0`` trains on the same rows with the odds-ratio term off) and an equal
+# learning-rate sweep for every arm.
+MODIFIERS = {"lambda": "train.lambda", "lr": "train.lr"}
+
+
 def variant_overrides(name: str) -> dict[str, Any]:
-    """The config overrides of a variant name, ``orpo-mixed@0.25`` included."""
-    if name in VARIANTS:
-        return dict(VARIANTS[name])
-    base, sep, value = name.partition("@")
+    """The config overrides of a variant name: ``orpo-mixed@0.25``, ``orpo-mixed+lambda=0``,
+    ``sft-diverse+lr=5e-5`` and their combinations included."""
+    head, *mods = name.split("+")
+    out = _base_overrides(head, name)
+    for mod in mods:
+        key, sep, value = mod.partition("=")
+        if key not in MODIFIERS or not sep:
+            raise UserError(f"variant {name!r}: after '+' comes {' or '.join(k + '=X' for k in MODIFIERS)}, "
+                            f"got {mod!r}")
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        if not math.isfinite(number) or number < 0 or (key == "lr" and number == 0):
+            raise UserError(f"variant {name!r}: {key} must be a {'positive' if key == 'lr' else 'non-negative'} "
+                            f"number, got {value!r}")
+        out[MODIFIERS[key]] = number
+    return out
+
+
+def _base_overrides(head: str, name: str) -> dict[str, Any]:
+    if head in VARIANTS:
+        return dict(VARIANTS[head])
+    base, sep, value = head.partition("@")
     if base == "orpo-mixed" and sep:
         try:
             phi = float(value)
@@ -81,7 +107,8 @@ def variant_overrides(name: str) -> dict[str, Any]:
         if not 0.0 <= phi <= 1.0:
             raise UserError(f"variant {name!r}: phi after '@' must be a number between 0 and 1")
         return {**VARIANTS["orpo-mixed"], "train.phi": phi, "train.phi_schedule": "constant"}
-    raise UserError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}, or orpo-mixed@PHI (e.g. orpo-mixed@0.25)")
+    raise UserError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}, or orpo-mixed@PHI (e.g. orpo-mixed@0.25), "
+                    f"each optionally followed by +lambda=X or +lr=X")
 
 
 def parse_variants(specs: Iterable[str] | None) -> list[str]:
@@ -438,6 +465,18 @@ def run_timing(directory: Path) -> dict[str, float]:
     return {"train_seconds": train, "sampling_seconds": sampling}
 
 
+def training_data(directory: Path) -> dict[str, float]:
+    """What a run trained on, per epoch (mean over its epochs), from its ``pairs`` events: rows,
+    distinct positives on the chosen (or SFT target) side and their tokens, questions covered, and the
+    questions left out for want of a negative or paired through the teacher fallback."""
+    events = _last_per((e for e in read_metrics(Path(directory) / "metrics.jsonl") if e.get("event") == "pairs"),
+                       "epoch")
+    keys = ("rows", "questions", "positives", "positive_tokens", "dropped_no_negative", "teacher_fallback")
+    if not events:
+        return {}
+    return {k: float(np.mean([float(e.get(k, 0) or 0) for e in events.values()])) for k in keys}
+
+
 def _summarise(per_seed_rows: dict[int, list[dict[str, Any]]]) -> dict[str, Any]:
     seeds = sorted(per_seed_rows)
     correct = {s: {str(r["id"]): bool(r["correct"]) for r in per_seed_rows[s]} for s in seeds}
@@ -512,6 +551,10 @@ def aggregate(plan: Plan) -> dict[str, Any]:
         if not finished:
             continue
         summary, correct = _summarise(finished)
+        data = [training_data(run_dir(plan.dir, variant, s)) for s in finished]
+        data = [x for x in data if x]
+        if data:  # per epoch, mean over the seeds: shows that arms are matched on their positives
+            summary["trained_on"] = {k: float(np.mean([x[k] for x in data])) for k in data[0]}
         summary["train_minutes"] = float(np.mean([t["train_seconds"] for t in timings])) / 60
         summary["refresh_sampling_minutes"] = float(np.mean([t["sampling_seconds"] for t in timings])) / 60
         summary["overrides"] = variant_overrides(variant)
@@ -536,8 +579,14 @@ def comparison_pairs(variants: Sequence[str]) -> list[tuple[str, str]]:
             pairs.append((v, BASELINE))
     if "orpo-teacher-neg" in variants:
         pairs += [(v, "orpo-teacher-neg") for v in student_neg]
-    for v in (v for v in variants if v.startswith("orpo-mixed")):
+    if "sft-diverse" in variants:  # the matched baseline: the same positives, no odds-ratio term
+        pairs += [(v, "sft-diverse") for v in variants if v.startswith("orpo")]
+    for v in (v for v in variants if v.startswith("orpo-mixed") and "+" not in v):
         pairs += [(v, ref) for ref in ("orpo-off", "orpo-on") if ref in variants]
+    for v in (v for v in variants if "+lambda=" in v):  # the odds-ratio term's own effect, same rows
+        head = v.split("+")[0]
+        if head in variants:
+            pairs.append((head, v))
     pairs += [(v, "base") for v in variants]
     return pairs
 

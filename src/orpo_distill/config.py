@@ -118,7 +118,9 @@ class GeneratorConfig(Strict):
 class PairsConfig(Strict):
     negatives: Literal["student", "teacher", "both"] = "student"
     filter: Literal["incorrect", "any"] = "incorrect"
+    pairing: Literal["capped", "every_positive"] = "capped"
     pairs_per_question: int = Field(2, ge=1)
+    no_negative: Literal["drop", "teacher"] = "drop"
     seed: int = 0
 
 
@@ -377,7 +379,7 @@ _MEANINGS: dict[tuple[str, str], str] = {
     ("GeneratorConfig", "stop"): "openai, vllm: stop sequences",
     ("GeneratorConfig", "path"): "replay: JSONL of recorded traces ({id, text} per line)",
     ("GeneratorConfig", "error_rate"): "scripted: share of traces with a deliberate mistake (teacher negatives)",
-    ("GeneratorConfig", "dtype"): "hf, vllm: weight dtype (hf auto: bf16 on GPU, fp32 on CPU with bf16 autocast; vllm auto: vLLM's choice from the checkpoint)",
+    ("GeneratorConfig", "dtype"): "hf, vllm: weight dtype (hf auto: bf16 on GPU, fp32 on CPU with bf16 autocast; hf float32: plain fp32, no autocast, samples bit-identical at any batch size; vllm auto: vLLM's choice from the checkpoint)",
     ("GeneratorConfig", "device"): "hf: auto, cpu, cuda, cuda:1, ...",
     ("GeneratorConfig", "trust_remote_code"): "hf, vllm: allow model code from the Hub (off unless you set it)",
     ("GeneratorConfig", "tensor_parallel_size"): "vllm: GPUs per engine",
@@ -387,7 +389,9 @@ _MEANINGS: dict[tuple[str, str], str] = {
     ("SamplingConfig", "seed"): "base of the per-request seeds",
     ("PairsConfig", "negatives"): "where rejected responses come from: student, teacher or both",
     ("PairsConfig", "filter"): "student negatives: incorrect samples only, or any sample",
-    ("PairsConfig", "pairs_per_question"): "pairs per question per epoch (positives cycle, negatives drawn without replacement)",
+    ("PairsConfig", "pairing"): "capped: up to pairs_per_question pairs a question; every_positive: one pair per correct teacher trace (negatives reused when fewer), so the chosen side is exactly what sft-diverse trains on",
+    ("PairsConfig", "pairs_per_question"): "capped pairing: pairs per question per epoch (positives cycle, negatives drawn without replacement)",
+    ("PairsConfig", "no_negative"): "a question whose negative pool is empty: drop it from the epoch (counted), or pair it with the teacher's wrong traces (still dropped, and counted, when the teacher has none)",
     ("PairsConfig", "seed"): "seed of the pairing",
     ("TrainConfig", "method"): "orpo (preference) or sft (teacher positives only)",
     ("TrainConfig", "policy"): "off (phi 0), on (phi 1) or mixed (phi as given)",

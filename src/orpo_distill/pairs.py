@@ -56,7 +56,7 @@ def positives(traces: Iterable[Trace]) -> list[str]:
 def make_pairs(
     qid: str, pos: Sequence[str], neg: Sequence[Negative], n: int, seed: int, epoch: int
 ) -> list[tuple[str, Negative]]:
-    """Up to ``n`` (chosen, rejected) pairs for one question.
+    """Up to ``n`` (chosen, rejected) pairs for one question (``pairs.pairing: capped``).
 
     Positives are shuffled and cycled; negatives are shuffled and drawn without replacement, so a
     question yields ``min(n, len(neg))`` pairs (none without a positive or a negative).
@@ -69,6 +69,23 @@ def make_pairs(
     rng.shuffle(pos)
     rng.shuffle(neg)
     return [(pos[i % len(pos)], neg[i]) for i in range(min(n, len(neg)))]
+
+
+def pairs_for_every_positive(
+    qid: str, pos: Sequence[str], neg: Sequence[Negative], seed: int, epoch: int
+) -> list[tuple[str, Negative]]:
+    """One pair per positive (``pairs.pairing: every_positive``): the chosen side is exactly the
+    question's positives, the set that SFT on all diverse traces trains on, so ORPO and SFT arms see the
+    same positives. Negatives are shuffled and drawn without replacement while they last, then reused
+    in the same order. None without a negative (see ``pairs.no_negative`` for the fallback)."""
+    if not pos or not neg:
+        return []
+    rng = _rng(seed, epoch, qid)
+    pos = list(pos)
+    neg = list(neg)
+    rng.shuffle(pos)
+    rng.shuffle(neg)
+    return [(p, neg[i % len(neg)]) for i, p in enumerate(pos)]
 
 
 def sft_targets(qid: str, pos: Sequence[str], traces: Literal["single", "all"], seed: int) -> list[str]:

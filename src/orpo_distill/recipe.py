@@ -32,6 +32,7 @@ from .pairs import (
     NegativeBuffer,
     choose_refresh,
     make_pairs,
+    pairs_for_every_positive,
     phi_for_epoch,
     positives,
     sft_targets,
@@ -69,6 +70,19 @@ class EpochData:
     rows: list[dict[str, Any]]  # what pairs/epoch_E.jsonl holds
     dropped_no_positive: int
     dropped_no_negative: int
+    teacher_fallback: int = 0  # questions with no negative of the run's kind, paired with teacher negatives
+
+
+def chosen_texts(rows: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """The positives an epoch's rows train on, per question: the distinct chosen (ORPO) or target (SFT)
+    texts. What ``comparison.md`` counts to show that arms saw the same positives."""
+    out: dict[str, list[str]] = {}
+    for row in rows:
+        text = (row.get("chosen") or row.get("completion"))[0]["content"]
+        texts = out.setdefault(row["id"], [])
+        if text not in texts:
+            texts.append(text)
+    return out
 
 
 class Distiller:
@@ -100,7 +114,7 @@ class Distiller:
     def epoch_data(self, epoch: int) -> EpochData:
         """The pairs (ORPO) or targets (SFT) of one epoch, as rows in TRL's conversational format."""
         seed = self.cfg.pairs.seed + self.cfg.seed
-        rows, no_pos, no_neg = [], 0, 0
+        rows, no_pos, no_neg, fallback = [], 0, 0, 0
         for r in self.run.train_records:
             pos = positives(self.teacher.get(r.id, []))
             if not pos:
@@ -111,12 +125,19 @@ class Distiller:
                 for text in sft_targets(r.id, pos, self.tcfg.traces, seed):
                     rows.append({"id": r.id, "prompt": prompt, "completion": [{"role": "assistant", "content": text}]})
                 continue
+            pcfg = self.cfg.pairs
             negs: list[Negative] = []
-            if self.cfg.pairs.negatives in ("teacher", "both"):
+            if pcfg.negatives in ("teacher", "both"):
                 negs += self.teacher_negs[r.id]
-            if self.cfg.pairs.negatives in ("student", "both"):
+            if pcfg.negatives in ("student", "both"):
                 negs += self.buffer.negatives.get(r.id, [])
-            pairs = make_pairs(r.id, pos, negs, self.cfg.pairs.pairs_per_question, seed, epoch)
+            if not negs and pcfg.no_negative == "teacher" and self.teacher_negs[r.id]:
+                negs = list(self.teacher_negs[r.id])
+                fallback += 1
+            if pcfg.pairing == "every_positive":
+                pairs = pairs_for_every_positive(r.id, pos, negs, seed, epoch)
+            else:
+                pairs = make_pairs(r.id, pos, negs, pcfg.pairs_per_question, seed, epoch)
             if not pairs:
                 no_neg += 1
             for chosen, neg in pairs:
@@ -128,7 +149,7 @@ class Distiller:
                     "rejected_source": neg.source,
                     "rejected_epoch": neg.epoch,
                 })
-        return EpochData(rows, no_pos, no_neg)
+        return EpochData(rows, no_pos, no_neg, fallback)
 
     def tokenize(self, rows: list[dict[str, Any]]) -> list[Any]:
         """Token ids of an epoch's rows: SFT examples, or one pair group per question for ORPO."""
@@ -150,13 +171,32 @@ class Distiller:
             if self.tcfg.traces == "single":
                 return len(self.qids)
             return sum(len(positives(self.teacher[q])) for q in self.qids)
+        if self.cfg.pairs.pairing == "every_positive":
+            return sum(len(positives(self.teacher[q])) for q in self.qids)
         return len(self.qids) * self.cfg.pairs.pairs_per_question
 
+    def group_size(self) -> int:
+        """The most pairs one question can bring to a micro-batch (its pairs stay together)."""
+        if self.tcfg.method != "orpo":
+            return 1
+        if self.cfg.pairs.pairing == "every_positive":
+            return max((len(positives(self.teacher[q])) for q in self.qids), default=1)
+        return self.cfg.pairs.pairs_per_question
+
     def write_pairs(self, epoch: int, data: EpochData) -> Path:
+        """``pairs/epoch_E.jsonl``, and a ``pairs`` event with what the epoch trains on: rows, the
+        questions and distinct positives its chosen side covers and their student tokens (eos
+        included), and the questions left out."""
         path = self.run.dir / "pairs" / f"epoch_{epoch}.jsonl"
         atomic_write_jsonl(path, data.rows)
-        self.run.metrics.log("pairs", epoch=epoch, rows=len(data.rows), dropped_no_positive=data.dropped_no_positive,
-                             dropped_no_negative=data.dropped_no_negative)
+        chosen = chosen_texts(data.rows)
+        eos = 1 if self.tokenizer.eos_token_id is not None else 0
+        tokens = sum(len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) + eos
+                     for texts in chosen.values() for t in texts)
+        self.run.metrics.log("pairs", epoch=epoch, rows=len(data.rows), questions=len(chosen),
+                             positives=sum(len(t) for t in chosen.values()), positive_tokens=tokens,
+                             dropped_no_positive=data.dropped_no_positive,
+                             dropped_no_negative=data.dropped_no_negative, teacher_fallback=data.teacher_fallback)
         return path
 
     # ---- the refresh ---------------------------------------------------------------------------
@@ -253,8 +293,8 @@ class Distiller:
         torch.manual_seed(t.seed + self.cfg.seed)
         model = self.load_student(ckpt)
         optimizer = make_optimizer(model, t)
-        group = self.cfg.pairs.pairs_per_question if t.method == "orpo" else 1
-        total = t.epochs * steps_per_epoch(self.upper_bound_examples(), t, acc.num_processes, group_size=group)
+        total = t.epochs * steps_per_epoch(self.upper_bound_examples(), t, acc.num_processes,
+                                           group_size=self.group_size())
         scheduler = make_scheduler(optimizer, t, total)
         model, optimizer = acc.prepare(model, optimizer)
         start = 1

@@ -175,6 +175,20 @@ def comparison_blocks(result: Mapping[str, Any]) -> list[Block]:
                      _pct(v["parse_failure_rate"]), _num(v["mean_length"]), _num(v["train_minutes"], 2),
                      _num(v["refresh_sampling_minutes"], 2)])
     blocks.append(Table(header, rows))
+    data_rows = [[name, _num(t["questions"], 1), _num(t["positives"], 1), _num(t["positive_tokens"], 0),
+                  _num(t["rows"], 1), _num(t["teacher_fallback"], 1), _num(t["dropped_no_negative"], 1)]
+                 for name, v in result["variants"].items() if (t := v.get("trained_on"))]
+    if data_rows:
+        blocks += [
+            Heading("What each arm trained on"),
+            Para("Per epoch, mean over epochs and seeds, from each run's `pairs` events: the questions and the "
+                 "distinct positives (correct teacher traces) on the chosen side (SFT: the targets) with their "
+                 "student tokens, the rows trained on (pairs or SFT examples), questions paired through the "
+                 "teacher fallback and questions left out for want of a negative. Arms whose positives match "
+                 "differ only in what the odds-ratio term adds."),
+            Table(["variant", "questions", "positives", "positive tokens", "rows", "teacher fallback",
+                   "dropped (no negative)"], data_rows),
+        ]
     if result.get("paired"):
         blocks += [
             Heading("Paired differences"),

@@ -7,6 +7,7 @@ has none), a chat endpoint takes the messages as they are, a completions endpoin
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence, runtime_checkable
 
@@ -24,6 +25,14 @@ class Request:
     top_p: float = 1.0
     max_tokens: int = 256
     seed: int | None = None
+
+    def sample_seed(self, j: int) -> int:
+        """The seed of this request's ``j``-th sample: ``seed + j``. ``sampling.request_seed`` makes
+        ``seed`` the seed of the question's first missing sample, so a sample's seed depends on
+        (run seed, question id, sample index) alone, whatever batch, process or resume asked for it.
+        Unseeded requests get a seed from their key, so they are reproducible too."""
+        base = self.seed if self.seed is not None else zlib.crc32(self.key.encode())
+        return base + j
 
 
 @dataclass

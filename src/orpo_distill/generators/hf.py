@@ -1,5 +1,8 @@
 """Local transformers generation: batched, left-padded, length-sorted, bf16 autocast, stop at EOS.
 
+Sampled rows are seeded one by one (``row_sampling.py``): a sample is the same at any batch size, in
+any batch, under any number of processes and after a resume.
+
 The same class serves the student's sampling and the mixed-policy refresh: built from a model name
 it loads the model, built with :meth:`HFGenerator.from_model` it samples from weights in memory (the
 current student during training, with no reload from disk).
@@ -12,11 +15,13 @@ from typing import Any, Sequence
 
 import torch
 from tqdm.auto import tqdm
+from transformers import LogitsProcessorList
 
 from ..config import GeneratorConfig
 from ..errors import UserError
 from ..models import autocast, load_model, load_tokenizer, render_prompt
 from .base import GenerationStats, Request, Sample
+from .row_sampling import RowSeededSampler
 
 
 class HFGenerator:
@@ -38,7 +43,10 @@ class HFGenerator:
         assert cfg.model is not None
         tok = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
         model = load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code, device=cfg.device)
-        return cls(model, tok, name=f"hf:{cfg.model}", batch_size=cfg.sampling.batch_size, progress=progress)
+        # dtype float32 asked for by name: plain fp32, no bf16 autocast, so samples are bit-exact at any
+        # batch shape (autocast's bf16 rounding can depend on it); auto keeps the fast bf16 path
+        return cls(model, tok, name=f"hf:{cfg.model}", batch_size=cfg.sampling.batch_size, progress=progress,
+                   bf16=cfg.dtype != "float32")
 
     @classmethod
     def from_model(
@@ -70,7 +78,8 @@ class HFGenerator:
         bar = tqdm(total=len(rows), desc=f"generate {self.name}", unit="sample", disable=not self.progress, leave=False)
         for batch in batches:
             first = requests[batch[0][0]]
-            texts, ntoks, reasons = self._generate_batch([encoded[i] for i, _ in batch], first)
+            seeds = [requests[i].sample_seed(j) for i, j in batch]
+            texts, ntoks, reasons = self._generate_batch([encoded[i] for i, _ in batch], first, seeds)
             for (i, j), text, nt, fr in zip(batch, texts, ntoks, reasons):
                 out[i][j] = Sample(text=text, num_tokens=nt, finish_reason=fr)
             bar.update(len(batch))
@@ -101,7 +110,13 @@ class HFGenerator:
         return (r.temperature, r.top_p, r.max_tokens)
 
     @torch.no_grad()
-    def _generate_batch(self, ids: list[list[int]], req: Request) -> tuple[list[str], list[int], list[str]]:
+    def _generate_batch(
+        self, ids: list[list[int]], req: Request, seeds: list[int]
+    ) -> tuple[list[str], list[int], list[str]]:
+        """Generate one batch; ``req`` gives the batch's shared settings, ``seeds`` each row's seed.
+
+        Sampling goes through :class:`RowSeededSampler` under greedy decoding, so each row's sample is
+        a function of its own seed and the weights, never of the batch it happened to share."""
         tok = self.tokenizer
         pad = tok.pad_token_id
         width = max(len(x) for x in ids)
@@ -112,12 +127,10 @@ class HFGenerator:
             attention[r, width - len(x) :] = 1
         device = next(self.model.parameters()).device
         kwargs: dict[str, Any] = dict(max_new_tokens=req.max_tokens, pad_token_id=pad, eos_token_id=self._eos_ids())
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if req.temperature > 0:
-            kwargs.update(do_sample=True, temperature=req.temperature, top_p=req.top_p, top_k=0)
-            if req.seed is not None:
-                torch.manual_seed(req.seed)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            sampler = RowSeededSampler(seeds, prompt_width=width, temperature=req.temperature, top_p=req.top_p)
+            kwargs["logits_processor"] = LogitsProcessorList([sampler])
         was_training = self.model.training
         self.model.eval()
         try:

@@ -105,16 +105,25 @@ class VLLMGenerator:
         return results
 
     def _run(self, requests: Sequence[Request]) -> list[list[Sample]]:
-        params = [self._sampling_params(r) for r in requests]
+        """One engine call for all rows. A request for ``n`` samples becomes ``n`` rows of one sample,
+        row ``j`` seeded ``request.sample_seed(j)``: a sample is then a function of (seed, question,
+        sample index, weights) whatever else shares the call, as with the hf generator (vLLM's own
+        ``n`` fan-out would tie the samples to ``n``). The prefix cache shares the prompt's prefill."""
+        rows = [(i, j) for i, r in enumerate(requests) for j in range(r.n)]
+        params = [self._sampling_params(requests[i], j) for i, j in rows]
         if self.chat:
-            conversations = [[dict(m) for m in r.messages] for r in requests]
+            conversations = [[dict(m) for m in requests[i].messages] for i, _ in rows]
             outputs = self.engine.chat(conversations, sampling_params=params, use_tqdm=self.progress)
         else:
-            prompts = [{"prompt_token_ids": self._plain_ids(r)} for r in requests]
+            ids = [self._plain_ids(r) for r in requests]
+            prompts = [{"prompt_token_ids": ids[i]} for i, _ in rows]
             outputs = self.engine.generate(prompts, sampling_params=params, use_tqdm=self.progress)
-        if len(outputs) != len(requests):
-            raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(requests)} requests")
-        return [_samples(o) for o in outputs]
+        if len(outputs) != len(rows):
+            raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(rows)} rows of {len(requests)} requests")
+        out: list[list[Sample]] = [[] for _ in requests]
+        for (i, _), o in zip(rows, outputs):
+            out[i].extend(_samples(o))
+        return out
 
     def _run_alone(self, request: Request) -> list[Sample]:
         try:
@@ -122,10 +131,9 @@ class VLLMGenerator:
         except ValueError as e:
             return [Sample(text="", error=f"vllm rejected the request: {e}") for _ in range(request.n)]
 
-    def _sampling_params(self, r: Request) -> Any:
-        return self._params_cls(
-            n=r.n, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens, seed=r.seed, stop=self.stop
-        )
+    def _sampling_params(self, r: Request, j: int) -> Any:
+        return self._params_cls(n=1, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens,
+                                seed=r.sample_seed(j), stop=self.stop)
 
     def _plain_ids(self, r: Request) -> list[int]:
         return list(self.tokenizer.encode(render_plain(r.messages), add_special_tokens=False))
