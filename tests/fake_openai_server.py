@@ -15,6 +15,11 @@ Each request takes the next scripted action from the queue; when the queue is em
 ``responder(received)`` (if given), else answers with :class:`Good`. Good answers echo the last
 message (chat) or the prompt (completions) followed by ``|`` and a server-wide choice counter, so every
 choice is distinct and traceable to its prompt.
+
+``FakeOpenAIServer(api_root="/v1")`` answers 404 with FastAPI's ``{"detail": "Not Found"}`` (what vLLM
+and SGLang send) to a POST outside ``/v1/chat/completions`` and ``/v1/completions``, as a real server
+does to a ``base_url`` without ``/v1``. :func:`refusing` scripts an API that rejects ``n > 1`` or a
+token-limit field with the 400 bodies real APIs send (:data:`N_REFUSALS`, :data:`MAX_TOKENS_REFUSAL`).
 """
 
 from __future__ import annotations
@@ -38,8 +43,13 @@ class Good:
     """A well-formed answer with ``count`` choices (default: the request's ``n``).
 
     ``texts`` fixes the choice texts; ``usage`` adds ``usage.completion_tokens`` =
-    ``tokens_per_choice * count``; ``finish_reason`` is set on every choice; ``content_none`` sends a
-    chat choice whose ``content`` is null.
+    ``tokens_per_choice * count`` and ``usage.prompt_tokens`` = ``prompt_tokens``; ``finish_reason`` is
+    set on every choice; ``content_none`` sends a chat choice whose ``content`` is null.
+
+    A reasoning server: ``reasoning`` gives each choice's reasoning, sent in the message field
+    ``reasoning_field`` (``reasoning_content``: older vLLM, DeepSeek, SGLang; ``reasoning``: newer vLLM,
+    OpenRouter), or on the completions endpoint on the choice; ``reasoning_tokens_per_choice``
+    adds ``usage.completion_tokens_details.reasoning_tokens`` as OpenAI reports it.
     """
 
     count: int | None = None
@@ -48,6 +58,10 @@ class Good:
     tokens_per_choice: int = 5
     finish_reason: str = "stop"
     content_none: bool = False
+    reasoning: list[str] | None = None
+    reasoning_field: str = "reasoning_content"
+    reasoning_tokens_per_choice: int | None = None
+    prompt_tokens: int = 3
 
 
 @dataclass
@@ -97,6 +111,48 @@ class Truncated:
 Action = Good | Status | Slow | Malformed | EmptyChoices | Drop | Truncated
 
 
+# 400 bodies of APIs that refuse n > 1, each as its server words it
+N_REFUSALS = {
+    # OpenAI's wording for a value a model does not take (its reasoning models refuse what is not the default)
+    "openai": json.dumps({"error": {
+        "message": "Unsupported value: 'n' does not support 4 with this model. Only the default (1) value is supported.",
+        "type": "invalid_request_error", "param": "n", "code": "unsupported_value"}}),
+    # a gateway that refuses n > 1 with a param but a message that does not quote it
+    "gateway": json.dumps({"error": {"message": "Multiple choices are not supported; send parallel requests instead.",
+                                     "type": "invalid_request_error", "param": "n", "code": "unsupported_parameter"}}),
+    # a server with no structured param, only a message naming n
+    "message-only": json.dumps({"error": {"message": "n must equal 1 (multi-choice is not supported)"}}),
+    # vLLM's older flat error object
+    "flat": json.dumps({"object": "error", "message": "'n' is not supported", "type": "BadRequestError",
+                        "param": None, "code": 400}),
+}
+# OpenAI's, word for word, for its reasoning models (o1, o3, gpt-5)
+MAX_TOKENS_REFUSAL = json.dumps({"error": {
+    "message": "Unsupported parameter: 'max_tokens' is not supported with this model. Use 'max_completion_tokens' instead.",
+    "type": "invalid_request_error", "param": "max_tokens", "code": "unsupported_parameter"}})
+# vLLM's 400 for a limit past the context: names max_tokens, but does not refuse the field
+MAX_TOKENS_TOO_LARGE = json.dumps({"error": {
+    "message": "'max_tokens' or 'max_completion_tokens' is too large: 4000. This model's maximum context length is "
+               "2048 tokens and your request has 30 input tokens (4000 > 2048 - 30).",
+    "type": "BadRequestError", "param": None, "code": 400}})
+
+
+def refusing(n_body: str | None = None, max_tokens_body: str | None = None,
+             then: Callable[["Received"], Action] | None = None) -> Callable[["Received"], Action]:
+    """A responder for an API that answers 400 with ``n_body`` to ``n > 1`` and with ``max_tokens_body`` to a
+    request carrying ``max_tokens``; any other request gets ``then(received)`` (default :class:`Good`)."""
+
+    def respond(rec: "Received") -> Action:
+        body = rec.body or {}
+        if n_body is not None and int(body.get("n", 1)) > 1:
+            return Status(400, body=n_body)
+        if max_tokens_body is not None and "max_tokens" in body:
+            return Status(400, body=max_tokens_body)
+        return then(rec) if then else Good()
+
+    return respond
+
+
 @dataclass
 class Received:
     """What the server received for one request."""
@@ -124,8 +180,9 @@ class Received:
 class FakeOpenAIServer:
     """Threaded HTTP server on 127.0.0.1, port chosen by the OS. Use as a context manager."""
 
-    def __init__(self, responder: Callable[[Received], Action] | None = None) -> None:
+    def __init__(self, responder: Callable[[Received], Action] | None = None, api_root: str | None = None) -> None:
         self.responder = responder
+        self.api_root = api_root  # None: every path is served; "/v1": others get 404, as a real server does
         self.received: list[Received] = []
         self._queue: deque[Action] = deque()
         self._lock = threading.Lock()
@@ -194,11 +251,17 @@ class FakeOpenAIServer:
                 choice["message"] = {"role": "assistant", "content": None if action.content_none else text}
             else:
                 choice["text"] = text
+            if action.reasoning is not None:
+                (choice["message"] if chat else choice)[action.reasoning_field] = action.reasoning[i % len(action.reasoning)]
             choices.append(choice)
         out: dict[str, Any] = {"id": "cmpl-fake", "object": "chat.completion" if chat else "text_completion",
                                "model": body.get("model"), "choices": choices}
         if action.usage:
-            out["usage"] = {"prompt_tokens": 3, "completion_tokens": action.tokens_per_choice * len(choices)}
+            out["usage"] = {"prompt_tokens": action.prompt_tokens,
+                            "completion_tokens": action.tokens_per_choice * len(choices)}
+            if action.reasoning_tokens_per_choice is not None:
+                out["usage"]["completion_tokens_details"] = {
+                    "reasoning_tokens": action.reasoning_tokens_per_choice * len(choices)}
         return out
 
 
@@ -227,6 +290,12 @@ def _make_handler(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
             except json.JSONDecodeError:
                 body = None
             rec = Received("POST", self.path, {k.lower(): v for k, v in self.headers.items()}, body)
+            root = server.api_root
+            if root is not None and self.path not in (f"{root}/chat/completions", f"{root}/completions"):
+                rec.action = Status(404, body='{"detail":"Not Found"}')
+                server._record(rec)
+                self._perform(rec, rec.action)
+                return
             action = server._next_action(rec)
             rec.action = action
             server._record(rec)

@@ -96,7 +96,8 @@ def test_variants_change_only_training_fields_so_the_shared_traces_stay_valid(ti
     assert s3.teacher == s0.teacher and s3.dataset == s0.dataset
 
 
-@pytest.mark.parametrize("bad", ["orpo-offf", "orpo-mixed@1.5", "orpo-mixed@x", "sft-single@0.2"])
+@pytest.mark.parametrize("bad", ["orpo-offf", "orpo-mixed@1.5", "orpo-mixed@x", "sft-single@0.2", "orpo-mixed+beta=1",
+                                 "orpo-mixed+lambda", "orpo-mixed+lambda=-1", "sft-diverse+lr=0", "orpo-on+lr=nan"])
 def test_bad_variant_names_are_user_errors(bad: str) -> None:
     with pytest.raises(UserError, match="variant"):
         parse_variants([f"sft-single,{bad}"])
@@ -107,6 +108,19 @@ def test_variant_lists_parse_in_order_without_repeats() -> None:
         ["orpo-off", "sft-single", "orpo-mixed@0.25"]
     assert parse_variants([]) == compare.DEFAULT_VARIANTS
     assert variant_overrides("orpo-mixed@0.25")["train.phi_schedule"] == "constant"
+
+
+def test_lambda_and_lr_modifiers_change_one_knob_and_pair_with_their_arm(tiny_config: Any, tmp_path: Path) -> None:
+    """``+lambda=0`` is the control with the odds-ratio term off on the same rows; ``+lr=X`` gives any arm
+    the same learning-rate sweep. The control is compared with its own arm."""
+    over = variant_overrides("orpo-mixed@0.25+lambda=0+lr=5e-5")
+    assert over == {**variant_overrides("orpo-mixed@0.25"), "train.lambda": 0.0, "train.lr": 5e-5}
+    cfg = variant_config(tiny_config(), tmp_path / "cmp", "orpo-mixed+lambda=1.0", 0)
+    assert cfg.train.lambda_or == 1.0 and cfg.train.policy == "mixed"
+    pairs = compare.comparison_pairs(["sft-diverse", "orpo-off", "orpo-mixed", "orpo-mixed+lambda=0"])
+    assert ("orpo-mixed", "orpo-mixed+lambda=0") in pairs
+    assert ("orpo-mixed", "sft-diverse") in pairs and ("orpo-off", "sft-diverse") in pairs
+    assert ("orpo-mixed+lambda=0", "orpo-off") not in pairs  # the ablation is not another policy arm
 
 
 def test_a_folder_refuses_another_configuration_but_grows_with_new_variants(tiny_config: Any, tmp_path: Path) -> None:
@@ -247,6 +261,10 @@ def test_comparison_generates_shared_traces_once_and_reuses_them(tiny_config: An
         assert row["seeds"] == seeds and len(row["accuracy_per_seed"]) == 2 and row["questions"] == 4
         assert row["ci95"][0] <= row["accuracy"] <= row["ci95"][1]
         assert row["train_minutes"] > 0 and 0 <= row["parse_failure_rate"] <= 1 and row["mean_length"] > 0
+        # what the arm trained on, from its pairs events: sft-single one target per question
+        assert row["trained_on"]["questions"] == 4 and row["trained_on"]["positive_tokens"] > 0
+    assert saved["variants"]["sft-single"]["trained_on"]["positives"] == 4
+    assert "What each arm trained on" in (out / "comparison.md").read_text()
     assert saved["base"]["questions"] == 4
     pairs = {(p["variant"], p["reference"]) for p in saved["paired"]}
     assert {("orpo-mixed", "sft-single"), ("orpo-mixed", "base"), ("sft-single", "base")} <= pairs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,55 @@ def test_yaml_must_be_a_mapping_and_utf8(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "text, key, first, second",
+    [
+        ("train:\n  phi: 0.5\n  epochs: 2\n  phi: 0.25\n", "train.phi", 2, 4),
+        ("run_dir: a\ntrain:\n  epochs: 1\nrun_dir: b\n", "run_dir", 1, 4),
+        ("train:\n  epochs: 1\ntrain:\n  phi: 0.5\n", "train", 1, 3),  # a section given twice
+        ("train:\n  lora: {r: 4, r: 8}\n", "train.lora.r", 2, 2),
+        ("dataset:\n  fields:\n    question: q\n    question: text\n", "dataset.fields.question", 3, 4),
+    ],
+)
+def test_a_key_given_twice_names_the_key_and_both_lines(tmp_path, text, key, first, second):
+    path = tmp_path / "dup.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(UserError) as e:
+        read_yaml(path)
+    assert str(e.value) == (f"{path}: line {second}: key {key!r} given twice (first on line {first}); YAML would "
+                            "silently keep the second, so remove one")
+
+
+def test_a_key_after_a_merge_overrides_it_and_is_no_duplicate(tmp_path):
+    path = tmp_path / "merge.yaml"
+    path.write_text("x-base: &base {epochs: 3, phi: 0.5}\ntrain:\n  <<: *base\n  phi: 0.25\n", encoding="utf-8")
+    assert read_yaml(path)["train"] == {"epochs": 3, "phi": 0.25}
+    same_value_elsewhere = tmp_path / "ok.yaml"
+    same_value_elsewhere.write_text("teacher:\n  kind: scripted\nstudent:\n  kind: hf\n", encoding="utf-8")
+    assert read_yaml(same_value_elsewhere) == {"teacher": {"kind": "scripted"}, "student": {"kind": "hf"}}
+
+
+def test_a_folder_given_as_the_config_is_named_a_directory(tmp_path):
+    with pytest.raises(UserError, match=re.escape(f"config file {tmp_path} is a directory, not a file")):
+        read_yaml(tmp_path)
+
+
+@pytest.mark.parametrize("word, policy", [("off", "off"), ("on", "on"), ("Off", "off"), ("ON", "on"),
+                                          ("no", "off"), ("yes", "on"), ("mixed", "mixed"), ("'off'", "off")])
+def test_unquoted_policy_off_and_on_mean_what_they_say(tmp_path, word, policy):
+    """YAML 1.1 reads an unquoted off/on (no/yes) as false/true; train.policy takes them as meant."""
+    path = tmp_path / "p.yaml"
+    path.write_text(f"train:\n  policy: {word}\n", encoding="utf-8")
+    assert load_config(path).train.policy == policy
+    assert load_config(None, [f"train.policy={word}"]).train.policy == policy
+
+
+def test_policy_other_values_are_still_refused():
+    msg = error_of({"train": {"policy": "sometimes"}})
+    assert "train.policy" in msg and "'off', 'on' or 'mixed'" in msg
+    assert "train.policy" in error_of({"train": {"policy": 1}})
+
+
+@pytest.mark.parametrize(
     "text, path, value",
     [
         ("train.phi=0.25", ["train", "phi"], 0.25),
@@ -163,7 +213,8 @@ def test_secrets_never_reach_the_run_dir(tmp_path, monkeypatch, capsys):
             "run_dir": str(tmp_path / "run"),
             "dataset": {"train_size": 6, "eval_size": 2},
             "teacher": {"kind": "openai", "base_url": server.base_url, "model": "teacher-x", "max_concurrency": 1,
-                        "api_key_env": "ORPO_TEST_TEACHER_KEY", "max_retries": 0, "sampling": {"samples": 2}},
+                        "api_key_env": "ORPO_TEST_TEACHER_KEY", "max_retries": 0, "sampling": {"samples": 2},
+                        "max_failed_share": 0.5},  # the one failed request must not stop the stage here
         })
         run = Run(cfg, progress=False)
         summary = run.teacher()

@@ -266,6 +266,41 @@ def test_jsonl_config_errors(tmp_path):
         load_splits(DatasetConfig(kind="jsonl"), "exact")
 
 
+def test_a_folder_given_as_the_dataset_file_is_named_a_directory(tmp_path):
+    folder = tmp_path / "medqa"
+    folder.mkdir()
+    for cfg in (DatasetConfig(kind="jsonl", path=str(folder)), DatasetConfig(kind="gsm8k", path=str(folder)),
+                DatasetConfig(kind="jsonl", path=str(write_jsonl(tmp_path / "t.jsonl", mcq_rows(4))),
+                              eval_path=str(folder), fields=FIELDS)):
+        with pytest.raises(UserError, match=re.escape(f"dataset file {folder} is a directory, not a file")):
+            load_splits(cfg, "numeric" if cfg.kind == "gsm8k" else "mcq")
+
+
+def test_options_that_carry_their_own_letters_are_stored_without_them(tmp_path):
+    """MedQA ships its options lettered; the prompt letters them again, so the letters go (one rule for the
+    jsonl and hf loaders: every option lettered in order, in one style)."""
+    opts = ["A. 08:00", "B. 09:00", "C. 10:00", "D. 11:00"]
+    rows = [{"id": "m0", "question": "When?", "options": opts, "answer": "B"},
+            {"id": "m1", "question": "When?", "options": opts, "answer": "C. 10:00"},  # the lettered text
+            {"id": "m2", "question": "When?", "options": opts, "answer": "11:00"},  # the text alone
+            {"id": "m3", "question": "Which?", "options": ["E. coli", "B. subtilis"], "answer": "B. subtilis"},
+            {"id": "m4", "question": "Which?", "options": {"A": "A. 7", "B": "B. 8"}, "answer": "B"}]
+    f = write_jsonl(tmp_path / "medqa.jsonl", rows)
+    cfg = DatasetConfig(kind="jsonl", path=str(f), eval_path=str(write_jsonl(tmp_path / "e.jsonl", [
+        {**rows[0], "id": "e0"}])), fields={"choices": "options"})
+    train, eval_ = load_splits(cfg, "mcq")
+    by_id = {r.id: r for r in train + eval_}
+    assert by_id["m0"].choices == ("08:00", "09:00", "10:00", "11:00") and by_id["m0"].answer == "B"
+    assert by_id["m0"].meta["choices_unlettered"] is True
+    assert by_id["m1"].answer == "C" and by_id["m2"].answer == "D"
+    assert by_id["m3"].choices == ("E. coli", "B. subtilis") and by_id["m3"].answer == "B"
+    assert "choices_unlettered" not in by_id["m3"].meta
+    assert by_id["m4"].choices == ("7", "8") and by_id["e0"].choices == by_id["m0"].choices
+    from orpo_distill.tasks import McqTask
+
+    assert "A. 08:00\nB. 09:00" in McqTask().messages(by_id["m0"])[0]["content"]
+
+
 # ---------------------------------------------------------------------------------------------
 # hf (local folders only: no network)
 

@@ -147,3 +147,16 @@ def test_evaluate_self_consistency_is_a_majority_vote() -> None:
 def test_evaluate_empty() -> None:
     rows, s = evaluate([], build_task("numeric"), FakeGenerator({}), max_tokens=8)
     assert rows == [] and s.n == 0 and s.accuracy == 0.0 and s.mean_length == 0.0
+
+
+def test_evaluate_reads_a_cut_off_answer_as_a_parse_failure() -> None:
+    """The evaluation passes the sample's finish_reason: "so x = 2" cut at max_tokens is no answer,
+    the same text ending on its own is (and is right)."""
+
+    class Cut(FakeGenerator):
+        def generate(self, requests):
+            return [[Sample(text="so x = " + {"a": "2", "b": "4"}[r.key], num_tokens=4,
+                            finish_reason="length" if r.key == "a" else "stop")] for r in requests]
+
+    rows, s = evaluate(RECORDS[:2], build_task("numeric"), Cut({}), max_tokens=4)
+    assert [r["prediction"] for r in rows] == [None, "4"] and s.parse_failures == 1 and s.correct == 1

@@ -8,13 +8,14 @@ from fractions import Fraction
 import pytest
 
 from orpo_distill.records import Record
-from orpo_distill.tasks import ExactTask, McqTask, NumericTask, YesNoTask
+from orpo_distill.tasks import ExactTask, McqTask, NumericTask, YesNoTask, extract_answer
 from orpo_distill.tasks.extract import (
     answer_spans,
     extract_choice,
     extract_number,
     format_number,
     normalize_exact,
+    open_calculator_note,
     parse_number,
 )
 
@@ -103,6 +104,16 @@ NUMERIC_CASES = [
     ("<think>The answer is 3?</think>The answer is 4.", "4"),
     ("Answer:\n\n1,000,000", "1000000"),
     ("The answer is −7.", "-7"),
+    # "A:" (GSM8K's "Q: ... A: ..." layout) is a final-answer marker when the number comes right after it
+    ("A: 18 (9 eggs at $2)", "18"),
+    ("A: 18 dollars, which is 2 more than 16", "18"),
+    ("Q: How much does she make?\nA: $18 a day.", "18"),
+    ("Q: How much? A: 18.", "18"),
+    ("**A:** 18", "18"),
+    ("A: 18\nWait, 9 * 3 = 27, so the answer is 27.", "27"),  # the last marker wins
+    ("The answer is 20.\nA: 18", "18"),
+    ("A: Janet sells 16 - 3 - 4 = 9 eggs. She makes 9 * 2 = $18.", "18"),  # the working, not a statement
+    ("Plan A: 3 apples, then 5 more.", "5"),  # "A:" inside a sentence is no marker
     # no marker: the last number stands
     (COT + "So Mia has 12 marbles now.", "12"),
     ("She had 10, lost 5-3 of them", "3"),  # a minus between numbers is not a sign
@@ -116,6 +127,68 @@ NUMERIC_CASES = [
 @pytest.mark.parametrize("text, expected", NUMERIC_CASES)
 def test_numeric_extraction(text: str, expected: str | None) -> None:
     assert NUM.extract(text) == expected
+
+
+# (model output, finish reason, expected): a text cut off at max_tokens ("length") has no fallback
+NUMERIC_CUT_CASES = [
+    ("She pays 3 * 265408 = <<796224", "length", None),  # the trace: not 796224
+    ("She pays 3 * 265408 = <<796224", None, None),  # an open calculator note is a cut text by itself
+    ("= <<796224", "stop", None),
+    ("Janet sells 16 - 3 - 4 = 9 eggs", "length", None),  # no marker before the cut
+    ("Janet sells 16 - 3 - 4 = 9 eggs", "stop", "9"),  # the same text, finished: the last number
+    ("Janet sells 16 - 3 - 4 = 9 eggs", None, "9"),  # finish reason not known: as before
+    ("The answer is 18. Let me check: 9 * 2 = 1", "length", "18"),  # a statement made before the cut counts
+    ("A: 18 (9 eggs at $2) and then", "length", "18"),
+    ("So the total is 9 * 2 = 18.\n#### 1,2", "length", None),  # the number the cut text ends on may be cut
+    ("The answer is 12", "length", None),
+    ("The answer is 12\n", "length", "12"),  # a line end after it: the number is whole
+    ("The answer is 12", "stop", "12"),
+    ("Let me compute 12 * 3 = <<12*3=36>>36 and", "length", None),  # a closed note: cut by the finish reason
+]
+
+
+@pytest.mark.parametrize("text, finish_reason, expected", NUMERIC_CUT_CASES)
+def test_numeric_cut_off_at_max_tokens_without_a_marker_is_a_parse_failure(
+        text: str, finish_reason: str | None, expected: str | None) -> None:
+    assert NUM.extract(text, finish_reason=finish_reason) == expected
+    assert extract_number(text, finish_reason) == expected
+    assert extract_answer(NUM, text, None, finish_reason) == expected
+
+
+def test_open_calculator_note() -> None:
+    assert open_calculator_note("9 * 2 = <<9*2") and open_calculator_note("= <<796224")
+    assert open_calculator_note("= <<")
+    assert not open_calculator_note("9 * 2 = <<9*2=18>>18")
+    assert not open_calculator_note("no note")
+    assert not open_calculator_note("1 << 3 = 8")  # a shift, not a note
+    assert NUM.extract("1 << 3 = 8") == "8"
+    assert NUM.extract("She sells <<16-3=13>>13, then <<13*2") is None
+
+
+def test_cut_off_texts_of_the_other_kinds_need_a_statement_too() -> None:
+    bare_letter = COT + "So she has 12 marbles.\n\nA"
+    assert MCQ.extract(bare_letter, record=NUM_CHOICES) == "A"
+    assert MCQ.extract(bare_letter, record=NUM_CHOICES, finish_reason="length") is None
+    stated = COT + "The answer is (A). Let me double-check: 9 + 6"
+    assert MCQ.extract(stated, record=NUM_CHOICES, finish_reason="length") == "A"
+    assert extract_choice("B", finish_reason="length") is None and extract_choice("B", finish_reason="stop") == "B"
+    assert YN.extract("Yes, because water", finish_reason="length") is None
+    assert YN.extract("Yes, because water") == "yes"
+    assert YN.extract("The answer is no. Because", finish_reason="length") == "no"
+    assert EXACT.extract("Paris", finish_reason="length") is None
+    assert EXACT.extract("Paris") == "paris"
+    assert EXACT.extract("The answer is Paris. It is", finish_reason="length") == "paris"
+
+
+def test_extract_answer_passes_the_finish_reason_only_to_tasks_that_take_it() -> None:
+    class OldStyle(ExactTask):  # a user's own task, written before extract took a finish reason
+        def extract(self, text, record=None):  # type: ignore[override]
+            return "old:" + text
+
+    assert extract_answer(OldStyle(), "x", None, "length") == "old:x"
+    assert extract_answer(NUM, "Janet sells 9 eggs", None, "length") is None
+    assert extract_answer(NUM, "Janet sells 9 eggs", None, "stop") == "9"
+    assert extract_answer(MCQ, "B", NUM_CHOICES) == "B"
 
 
 YESNO_CASES = [

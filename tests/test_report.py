@@ -75,7 +75,7 @@ def test_report_renders_every_plot_of_a_finished_comparison(tiny_config: Any, tm
         assert heading in md
     result = json.loads((out / "comparison.json").read_text())
     assert f"| orpo-mixed | 1 | {100 * result['variants']['orpo-mixed']['accuracy']:.1f}%" in md
-    assert "| orpo-mixed | 2 | 0.50 | 2.0 | " in md  # the refresh before epoch 2: round(0.5 * 4) questions
+    assert "| orpo-mixed | 2 | 0.50 | 2 | " in md  # the refresh before epoch 2: round(0.5 * 4) questions, a count
 
     # a run directory of the same comparison gets its own report (no accuracy-per-variant plot)
     one = run_dir(out, "orpo-mixed", 0)

@@ -208,3 +208,21 @@ def test_request_seed_depends_on_question_and_start_not_order():
     assert a == request_seed(0, "q1", 0)
     assert len({a, request_seed(0, "q2", 0), request_seed(1, "q1", 0)}) == 3
     assert request_seed(0, "q1", 2) == a + 2  # consecutive starts: seeds line up with per-sample offsets
+
+
+def test_a_sample_cut_at_max_tokens_is_read_with_its_finish_reason(tmp_path):
+    """The stage passes each sample's finish_reason to the extractor: a numeric trace cut off at the
+    token limit on a bare number is a parse failure, the same text that ended on its own is an answer."""
+
+    records = [Record(id="q0", question="?", answer="12"), Record(id="q1", question="?", answer="12")]
+
+    class Cut(Scripted):
+        def generate(self, requests):
+            return [[Sample(text="so x = 12", num_tokens=4, finish_reason="length" if r.key == records[0].id else "stop")]
+                    for r in requests]
+
+    store = TraceStore(tmp_path / "traces.jsonl", "h")
+    run(records, build_task("numeric"), Cut(text=lambda k, i: ""), store, k=1)
+    rows = {r["id"]: r for r in read_jsonl(store.path)}
+    assert rows[records[0].id]["answer"] is None and rows[records[0].id]["finish_reason"] == "length"
+    assert rows[records[1].id]["answer"] == "12"

@@ -11,7 +11,7 @@ import pytest
 from orpo_distill.config import TaskConfig
 from orpo_distill.errors import UserError
 from orpo_distill.records import Record
-from orpo_distill.tasks import ExactTask, McqTask, NumericTask, Task, YesNoTask, build_task
+from orpo_distill.tasks import ExactTask, McqTask, NumericTask, Task, YesNoTask, build_task, unletter_choices
 
 MCQ_REC = Record("m1", "Mia has 9 marbles and buys 6. How many now?", "C", choices=("13", "14", "15", "16"))
 NUM_REC = Record("n1", "What is 9 + 6?", "Nine plus six is <<9+6=15>>15.\n#### 15")
@@ -58,6 +58,48 @@ def test_answer_line_is_canonical_and_reads_back(task: Task, answer: str, line: 
     assert task.answer_line(answer) == line
     record = MCQ_REC if task.kind == "mcq" else Record("r", "q", answer)
     assert task.check(task.extract("Some reasoning.\n" + line, record=record), record)
+
+
+# ---- options that carry their own letters (MedQA) ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "choices, expected",
+    [
+        (["A. 08:00", "B. 09:00", "C. 10:00"], ["08:00", "09:00", "10:00"]),
+        (["(A) 8", "(B) 9"], ["8", "9"]),
+        (["A) 8", "B) 9"], ["8", "9"]),
+        (["A)21", "B)21.5"], ["21", "21.5"]),  # AQuA writes no space after ")"
+        (["A: x", "B: y"], ["x", "y"]),
+        (["[A] x", "[B] y"], ["x", "y"]),
+        (["a) x", "b) y"], ["x", "y"]),
+        # left alone: not every option carries its own letter in order, in one style
+        (["E. coli", "B. subtilis", "S. aureus"], ["E. coli", "B. subtilis", "S. aureus"]),
+        (["Staph", "B. subtilis"], ["Staph", "B. subtilis"]),  # "B. subtilis" is in B's place, but alone
+        (["A. x", "B) y"], ["A. x", "B) y"]),  # two styles
+        (["A. x", "C. y"], ["A. x", "C. y"]),  # out of order
+        (["B. x", "A. y"], ["B. x", "A. y"]),
+        (["A.5", "B.6"], ["A.5", "B.6"]),  # no space after the dot: no label
+        (["A. x"], ["A. x"]),  # a single option
+        (["A. ", "B. y"], ["A. ", "B. y"]),
+        (["8", "9"], ["8", "9"]),
+    ],
+)
+def test_unletter_choices_strips_only_a_full_run_of_own_letters(choices: list[str], expected: list[str]) -> None:
+    assert unletter_choices(choices) == expected
+    assert unletter_choices(unletter_choices(choices)) == expected
+
+
+def test_lettered_options_are_not_lettered_twice() -> None:
+    record = Record("med", "What time?", "A", choices=("A. 08:00", "B. 09:00", "C. 10:00"))
+    content = McqTask().messages(record)[0]["content"]
+    assert "A. 08:00\nB. 09:00\nC. 10:00" in content and "A. A." not in content
+    species = Record("bio", "Which is gram-positive?", "B", choices=("E. coli", "B. subtilis"))
+    assert "A. E. coli\nB. B. subtilis" in McqTask().messages(species)[0]["content"]  # their own text, kept
+    # the gold as the option's text, and answers naming the text, read the same without the letters
+    assert McqTask().normalize_gold(Record("med", "q", "09:00", choices=record.choices)) == "B"
+    assert McqTask().normalize_gold(Record("med", "q", "B. 09:00", choices=record.choices)) == "B"
+    assert McqTask().extract("So it is at nine.\nThe answer is 10:00.", record=record) == "C"
 
 
 # ---- gold answers and checking -----------------------------------------------------------------

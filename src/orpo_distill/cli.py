@@ -129,6 +129,11 @@ def eval_rows(s: Any) -> list[tuple[str, str]]:
     ]
     if s.self_consistency_k:
         rows.append((f"self-consistency@{s.self_consistency_k}", f"{s.self_consistency_accuracy:.1%}"))
+    if s.option_text_match is not None:
+        rows.append(("computes the gold option / letter = own working",
+                     f"{s.option_text_match:.1%} / {s.letter_text_agreement:.1%}"))
+    if s.warning:
+        rows.append(("WARNING", s.warning))
     return rows
 
 
@@ -167,8 +172,27 @@ def _run_and_report(run: Any) -> None:
             ("before: parse failures / mean tokens", f"{before.parse_failure_rate:.1%} / {before.mean_length:.0f}"),
         ]
     rows.append(("after: parse failures / mean tokens", f"{after.parse_failure_rate:.1%} / {after.mean_length:.0f}"))
+    rows += [(f"{when}: WARNING", s.warning) for when, s in (("before", out.get("eval_before")), ("after", after))
+             if s is not None and s.warning]
     rows.append(("wall-clock (this invocation)", f"{minutes:.1f} min"))
-    print_table(f"ORPO-Distill result ({run.dir})", rows)
+    print_table(f"{result_title(run.cfg)} ({run.dir})", rows)
+
+
+def result_title(cfg: Any) -> str:
+    """The end-of-run table's title: the method and the variant it amounts to (compare's names):
+    "SFT result: sft-single", "ORPO result: orpo-mixed, phi 0.5", "ORPO result: orpo-teacher-neg"."""
+    t = cfg.train
+    if t.method == "sft":
+        return f"SFT result: sft-{'single' if t.traces == 'single' else 'diverse'}"
+    if cfg.pairs.negatives == "teacher":
+        return "ORPO result: orpo-teacher-neg"
+    name = f"orpo-{t.policy}"
+    if t.policy == "mixed":
+        phi = ", ".join(f"{x:g}" for x in t.phi) if isinstance(t.phi, list) else f"{t.phi:g}"
+        name += f", phi {phi}" + (f" (linear from {t.phi_start:g})" if t.phi_schedule == "linear" else "")
+    if cfg.pairs.negatives == "both":
+        name += ", student and teacher negatives"
+    return f"ORPO result: {name}"
 
 
 def cmd_demo(args: argparse.Namespace) -> None:

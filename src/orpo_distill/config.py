@@ -69,6 +69,7 @@ class SamplingConfig(Strict):
     max_tokens: int = Field(256, ge=1)
     batch_size: int = Field(16, ge=1, description="local generators: sequences per forward pass")
     seed: int = 0
+    reasoning: Literal["think", "plain", "drop"] = "think"
 
 
 class GeneratorConfig(Strict):
@@ -86,8 +87,13 @@ class GeneratorConfig(Strict):
     backoff_base: float = Field(1.0, ge=0)
     backoff_max: float = Field(60.0, ge=0)
     stop: list[str] | None = None
+    token_param: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
+    max_failed_share: float = Field(0.0, ge=0, le=1)
     # replay
     path: str | None = None
+    on_missing: Literal["warn", "error"] = Field(
+        "warn", description="replay: a question with fewer recorded traces than sampling.samples: warn (store what "
+        "there is; the summary counts the missing samples) or error (refuse before storing anything)")
     # scripted
     error_rate: float = Field(0.25, ge=0, le=1)
     # hf / vllm
@@ -181,6 +187,16 @@ class TrainConfig(Strict):
     seed: int = 0
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    @field_validator("policy", mode="before")
+    @classmethod
+    def _policy_from_yaml_bool(cls, v: Any) -> Any:
+        """YAML 1.1 (PyYAML) reads an unquoted ``policy: off`` as false and ``on`` as true: take them as meant."""
+        if v is False:
+            return "off"
+        if v is True:
+            return "on"
+        return v
 
     @field_validator("phi")
     @classmethod
@@ -301,14 +317,62 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping that gives one key twice (PyYAML alone silently keeps the last)."""
+
+    def __init__(self, key: str, first_line: int, second_line: int) -> None:
+        super().__init__(f"key {key!r} given twice, on line {first_line} and line {second_line}")
+        self.key, self.first_line, self.second_line = key, first_line, second_line
+
+
+def _check_unique_keys(node: yaml.Node, path: str = "") -> None:
+    """Raise :class:`DuplicateKeyError` for the first mapping in ``node`` that gives a key twice; the key
+    is named by its dotted path (``train.phi``). A key after a merge (``<<: *base``) overrides the
+    merged one, as YAML means it to, and is no duplicate."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            name = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            dotted = f"{path}.{name}" if path and name is not None else name
+            if name is not None:
+                line = key_node.start_mark.line + 1
+                if name in seen:
+                    raise DuplicateKeyError(str(dotted), seen[name], line)
+                seen[name] = line
+            _check_unique_keys(value_node, str(dotted) if dotted is not None else path)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_unique_keys(item, f"{path}[{i}]")
+
+
+def yaml_load(text: str) -> Any:
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (:class:`DuplicateKeyError`)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_unique_keys(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
+    if p.is_dir():
+        raise UserError(f"config file {p} is a directory, not a file")
     if not p.is_file():
         raise UserError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = yaml_load(p.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
         raise UserError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except DuplicateKeyError as e:
+        raise UserError(f"{p}: line {e.second_line}: key {e.key!r} given twice (first on line {e.first_line}); "
+                        "YAML would silently keep the second, so remove one") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -377,6 +441,8 @@ _MEANINGS: dict[tuple[str, str], str] = {
     ("GeneratorConfig", "backoff_base"): "openai: first backoff in seconds (doubles each retry, with jitter)",
     ("GeneratorConfig", "backoff_max"): "openai: longest single wait, Retry-After included",
     ("GeneratorConfig", "stop"): "openai, vllm: stop sequences",
+    ("GeneratorConfig", "token_param"): "openai: the request field that carries sampling.max_tokens; newer OpenAI models want max_completion_tokens. A 400 saying the one sent is unsupported switches to the other for the rest of the run (logged once)",
+    ("GeneratorConfig", "max_failed_share"): "teacher: share of the stage's requests that may fail for good (after their retries) before the stage exits with an error; the traces that arrived are kept either way, and rerunning the same command asks only for the missing ones",
     ("GeneratorConfig", "path"): "replay: JSONL of recorded traces ({id, text} per line)",
     ("GeneratorConfig", "error_rate"): "scripted: share of traces with a deliberate mistake (teacher negatives)",
     ("GeneratorConfig", "dtype"): "hf, vllm: weight dtype (hf auto: bf16 on GPU, fp32 on CPU with bf16 autocast; hf float32: plain fp32, no autocast, samples bit-identical at any batch size; vllm auto: vLLM's choice from the checkpoint)",
@@ -387,6 +453,7 @@ _MEANINGS: dict[tuple[str, str], str] = {
     ("SamplingConfig", "top_p"): "nucleus sampling threshold",
     ("SamplingConfig", "max_tokens"): "longest response in tokens",
     ("SamplingConfig", "seed"): "base of the per-request seeds",
+    ("SamplingConfig", "reasoning"): "what the student trains on when the teacher's server sends its reasoning apart (`reasoning_content`, `reasoning`, or `<think>...</think>` in the text): think (default): the reasoning and the answer as `<think>\\n...\\n</think>\\n\\nANSWER`, because the reasoning is what distillation transfers and the tags keep it apart from the answer; plain: the reasoning, a blank line, the answer; drop: the answer only. The answer is always extracted from the answer part (from the reasoning when the answer is empty); a changed choice is a changed store (refused, or --overwrite)",
     ("PairsConfig", "negatives"): "where rejected responses come from: student, teacher or both",
     ("PairsConfig", "filter"): "student negatives: incorrect samples only, or any sample",
     ("PairsConfig", "pairing"): "capped: up to pairs_per_question pairs a question; every_positive: one pair per correct teacher trace (negatives reused when fewer), so the chosen side is exactly what sft-diverse trains on",

@@ -63,11 +63,7 @@ def make_pairs(
     """
     if not pos or not neg:
         return []
-    rng = _rng(seed, epoch, qid)
-    pos = list(pos)
-    neg = list(neg)
-    rng.shuffle(pos)
-    rng.shuffle(neg)
+    pos, neg = _shuffled(qid, pos, neg, seed, epoch)
     return [(pos[i % len(pos)], neg[i]) for i in range(min(n, len(neg)))]
 
 
@@ -80,12 +76,18 @@ def pairs_for_every_positive(
     in the same order. None without a negative (see ``pairs.no_negative`` for the fallback)."""
     if not pos or not neg:
         return []
+    pos, neg = _shuffled(qid, pos, neg, seed, epoch)
+    return [(p, neg[i % len(neg)]) for i, p in enumerate(pos)]
+
+
+def _shuffled(qid: str, pos: Sequence[str], neg: Sequence[Negative], seed: int,
+              epoch: int) -> tuple[list[str], list[Negative]]:
+    """Copies of a question's positives and negatives in the order (seed, epoch, question) gives."""
     rng = _rng(seed, epoch, qid)
-    pos = list(pos)
-    neg = list(neg)
+    pos, neg = list(pos), list(neg)
     rng.shuffle(pos)
     rng.shuffle(neg)
-    return [(p, neg[i % len(neg)]) for i, p in enumerate(pos)]
+    return pos, neg
 
 
 def sft_targets(qid: str, pos: Sequence[str], traces: Literal["single", "all"], seed: int) -> list[str]:

@@ -68,6 +68,40 @@ class Run:
     def task(self) -> Any:
         return build_task(self.cfg.task)
 
+    def write_prompts(self) -> Path | None:
+        """``prompts/student.jsonl`` ({id, split, prompt}: each train and eval question as the student reads
+        it, after a local student's chat template, which may add text of its own) and
+        ``prompts/teacher.jsonl`` ({id, messages}: the training questions as sent to the teacher; an
+        openai completions endpoint gets {id, prompt}, the plain text). Once per Run, main process only."""
+        if getattr(self, "_prompts_written", False) or not self.writer:
+            return None
+        from .generators.base import render_plain
+        from .models import render_prompt
+        from .store import atomic_write_text
+
+        def shown(cfg: Any, tok: Any, messages: list[dict[str, str]]) -> dict[str, Any]:
+            if tok is not None:
+                return {"prompt": render_prompt(tok, messages)}
+            if cfg.kind == "openai" and cfg.endpoint == "completions":
+                return {"prompt": render_plain(messages)}
+            return {"messages": messages}
+
+        def write(path: Path, rows: list[dict[str, Any]]) -> None:  # unchanged: left alone (a rerun writes nothing)
+            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+            if not path.is_file() or path.read_text(encoding="utf-8") != text:
+                atomic_write_text(path, text)
+
+        scfg = self.cfg.student
+        tok = load_tokenizer(scfg.model, trust_remote_code=scfg.trust_remote_code) if scfg.kind in ("hf", "vllm") else None
+        train, held_out = self.splits
+        student = [{"id": r.id, "split": split, **shown(scfg, tok, self.task.messages(r))}
+                   for split, records in (("train", train), ("eval", held_out)) for r in records]
+        write(self.dir / "prompts" / "student.jsonl", student)
+        write(self.dir / "prompts" / "teacher.jsonl",
+              [{"id": r.id, **shown(self.cfg.teacher, None, self.task.messages(r))} for r in train])
+        self._prompts_written = True
+        return self.dir / "prompts" / "student.jsonl"
+
     def task_fingerprint(self) -> Any:
         """What about the prompt and the answer check a stored trace depends on."""
         t = self.cfg.task
@@ -84,14 +118,27 @@ class Run:
         return self._open_store(self.dir / "teacher" / "traces.jsonl", settings)
 
     def teacher(self, generator: Generator | None = None) -> SampleSummary:
-        """Sample and verify ``teacher.sampling.samples`` traces per training question."""
+        """Sample and verify ``teacher.sampling.samples`` traces per training question.
+
+        Raises :class:`UserError` when no teacher server can be reached (nothing stored), and, after
+        storing what arrived, when more than ``teacher.max_failed_share`` of the requests failed for good.
+        """
         store = self.teacher_store()
         k = self.cfg.teacher.sampling.samples
         if generator is None and any(store.count(r.id) < k for r in self.train_records):
             generator = distributed.sharded(build_generator(self.cfg.teacher, self.train_records, self.cfg.task.kind,
                                                             self.cfg.teacher.sampling.seed, progress=self.progress,
                                                             role="teacher"))
-        summary = self._sample(store, generator, self.cfg.teacher.sampling, "teacher")
+        try:
+            summary = self._sample(store, generator, self.cfg.teacher.sampling, "teacher",
+                                   max_failed_share=self.cfg.teacher.max_failed_share)
+        except UserError as e:  # the generators word their fields generator.FIELD; here it is teacher.FIELD
+            import re
+
+            text = re.sub(r"(?<![\w./-])generator\.(?=[a-z_]+)", "teacher.", str(e))
+            if text == str(e):
+                raise
+            raise UserError(text) from None
         return summary
 
     def student_store(self, epoch: int, generator_name: str | None = None) -> TraceStore:
@@ -114,12 +161,14 @@ class Run:
             generator = distributed.sharded(
                 build_generator(self.cfg.student, records, self.cfg.task.kind, self.cfg.seed, progress=self.progress,
                                 role="student"))
+        self.write_prompts()
         return self._sample(store, generator, self.cfg.student.sampling, f"student/epoch_{epoch}", records)
 
     def train(self) -> dict[str, Any]:
         """Train every epoch not yet in a complete checkpoint (see ``recipe.py``)."""
         from .recipe import Distiller
 
+        self.write_prompts()
         return Distiller(self).train()
 
     def evaluate(self, epoch: int, model: Any = None, tokenizer: Any = None) -> EvalSummary:
@@ -184,12 +233,17 @@ class Run:
         out["eval_after"] = self.evaluate(last)
         return out
 
-    def _sample(self, store: TraceStore, generator: Generator | None, sampling: Any, stage: str, records: list[Record] | None = None) -> SampleSummary:
+    def _sample(self, store: TraceStore, generator: Generator | None, sampling: Any, stage: str,
+                records: list[Record] | None = None, max_failed_share: float | None = None) -> SampleSummary:
         records = self.train_records if records is None else records
         summary = sample_traces(records, self.task, generator, sampling, store, stage, progress=self.progress)
         distributed.barrier()  # the main process has appended the last chunk: every rank may read the store
         if summary.new_samples or summary.failed_requests:  # a rerun that found it all on disk is no event
             self.metrics.log("sampling", **summary.as_dict())
+        if max_failed_share is not None and summary.failed_requests > max_failed_share * summary.requests:
+            from .sampling import failed_requests_message
+
+            raise UserError(failed_requests_message(summary, store.path, stage, max_failed_share))
         return summary
 
 

@@ -136,6 +136,13 @@ def _num(x: float | None, digits: int = 1) -> str:
     return "n/a" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
 
 
+def _count(x: float | None) -> str:
+    """A count: "80", not "80.0"; a mean of counts over seeds or epochs keeps one decimal when it has one."""
+    if x is None or not math.isfinite(x):
+        return "n/a"
+    return str(int(round(x))) if abs(x - round(x)) < 1e-9 else f"{x:.1f}"
+
+
 # ---- the comparison tables ---------------------------------------------------------------------------
 
 
@@ -175,8 +182,8 @@ def comparison_blocks(result: Mapping[str, Any]) -> list[Block]:
                      _pct(v["parse_failure_rate"]), _num(v["mean_length"]), _num(v["train_minutes"], 2),
                      _num(v["refresh_sampling_minutes"], 2)])
     blocks.append(Table(header, rows))
-    data_rows = [[name, _num(t["questions"], 1), _num(t["positives"], 1), _num(t["positive_tokens"], 0),
-                  _num(t["rows"], 1), _num(t["teacher_fallback"], 1), _num(t["dropped_no_negative"], 1)]
+    data_rows = [[name, _count(t["questions"]), _count(t["positives"]), _num(t["positive_tokens"], 0),
+                  _count(t["rows"]), _count(t["teacher_fallback"]), _count(t["dropped_no_negative"])]
                  for name, v in result["variants"].items() if (t := v.get("trained_on"))]
     if data_rows:
         blocks += [
@@ -356,8 +363,8 @@ def _draw_common(root: Path, series: dict[str, Any], refresh: dict[str, Any], di
 
 
 def _refresh_table(refresh: Mapping[str, Mapping[int, Mapping[str, float]]]) -> Table:
-    rows = [[name, str(e), _num(r["phi"], 2), _num(r["selected"]), _num(r["refreshed"]), _num(r["all_correct"]),
-             _num(r["fell_back_to_teacher"])]
+    rows = [[name, str(e), _num(r["phi"], 2), _count(r["selected"]), _count(r["refreshed"]), _count(r["all_correct"]),
+             _count(r["fell_back_to_teacher"])]
             for name, per in refresh.items() for e, r in per.items()]
     return Table(["variant", "before epoch", "phi", "selected", "refreshed", "all correct (kept old)",
                   "fell back to teacher"], rows)
@@ -399,6 +406,55 @@ def comparison_report(root: Path) -> list[Block]:
     return blocks
 
 
+def _eval_table(evals: Mapping[int, Mapping[str, Any]]) -> Table:
+    """One row per evaluated epoch; mcq's text-match figures (evaluation.option_text_agreement) beside
+    the accuracy, so a letter accuracy at chance is read next to how often the working was right."""
+    header = ["epoch", "questions", "accuracy", "95% interval (Wilson)", "parse failures", "mean length (tokens)"]
+    rows = [[str(e), str(v["n"]), _pct(v["accuracy"]), _ci(v["ci95"]), _pct(v["parse_failure_rate"]),
+             _num(v["mean_length"])] for e, v in sorted(evals.items())]
+    if any(v.get("option_text_match") is not None for v in evals.values()):
+        header += ["computes the gold option", "letter = its own working"]
+        for row, (_, v) in zip(rows, sorted(evals.items())):
+            row += [_pct(v.get("option_text_match")), _pct(v.get("letter_text_agreement"))]
+    return Table(header, rows)
+
+
+_BUCKETS = ("other", "unparsed")
+
+
+def _answer_blocks(evals: Mapping[int, Mapping[str, Any]]) -> list[Block]:
+    """Predicted answers per evaluated epoch against the gold (evaluation.answer_distribution).
+
+    Rows are the last evaluation's answers; when its answers are complete (no "other" bucket, as for
+    mcq) the answers only earlier evaluations gave are added too. A "-" is an answer that evaluation
+    did not keep among its top ones (it is inside that evaluation's "other").
+    """
+    dist = {e: v for e, v in sorted(evals.items()) if v.get("predicted_answers")}
+    if not dist:
+        return []
+    last = dist[max(dist)]
+    complete = "other" not in last["predicted_answers"]
+    keys = [k for k in last["predicted_answers"] if k not in _BUCKETS]
+    if complete:
+        keys += [k for v in dist.values() for k in v["predicted_answers"] if k not in _BUCKETS]
+    keys = list(dict.fromkeys(keys)) + [b for b in _BUCKETS if any(b in v["predicted_answers"] for v in dist.values())]
+
+    def cell(counts: Mapping[str, int], k: str, n: int, whole: bool) -> str:
+        c = counts.get(k, 0 if whole or k in _BUCKETS else None)  # a bucket is never folded away
+        return "-" if c is None else f"{c} ({_pct(c / n if n else math.nan, 0)})"
+
+    gold = last.get("gold_answers") or {}
+    rows = [[k, "-" if k == "unparsed" else cell(gold, k, last["n"], complete),
+             *(cell(v["predicted_answers"], k, v["n"], "other" not in v["predicted_answers"]) for v in dist.values())]
+            for k in keys]
+    dash = " \"-\": not among that evaluation's most frequent answers (in its \"other\")." if any(
+        "-" in r[2:] for r in rows) else ""
+    return [Heading("Predicted answers"),
+            Table(["answer", "gold", *(f"epoch {e}" for e in dist)], rows),
+            Para("Questions per answer: the gold, and the student's predictions after each evaluated epoch. "
+                 "One answer far above its gold share means the accuracy partly measures that share." + dash)]
+
+
 def run_report(root: Path) -> list[Block]:
     import yaml
 
@@ -423,12 +479,12 @@ def run_report(root: Path) -> list[Block]:
              f"{train.get('epochs')} epochs."),
     ]
     if evals:
-        blocks += [Heading("Evaluation"), Table(
-            ["epoch", "questions", "accuracy", "95% interval (Wilson)", "parse failures", "mean length (tokens)"],
-            [[str(e), str(v["n"]), _pct(v["accuracy"]), _ci(v["ci95"]), _pct(v["parse_failure_rate"]),
-              _num(v["mean_length"])] for e, v in sorted(evals.items())])]
+        blocks += [Heading("Evaluation"), _eval_table(evals),
+                   *(Para(f"**Warning (epoch {e}):** {v['warning']}.")
+                     for e, v in sorted(evals.items()) if v.get("warning"))]
         if "epochs" in images:
             blocks.append(Image(images["epochs"], "Accuracy after each evaluated epoch (0: before training)"))
+        blocks += _answer_blocks(evals)
     epochs = _last_per((e for e in read_metrics(root / "metrics.jsonl") if e.get("event") == "epoch"), "epoch")
     if epochs:
         blocks += [Heading("Training"), Table(

@@ -3,6 +3,11 @@
 Work goes in chunks of questions; each chunk's verified samples are appended (and fsynced) before the
 next chunk starts, so a kill loses at most one chunk of generation and a rerun asks only for what is
 missing. Failed requests are logged to ``failures.jsonl`` beside the store and retried on the next run.
+
+A reasoning teacher's sample comes as an answer (``Sample.text``) and the reasoning its server sent
+apart (``Sample.reasoning``). The row keeps both (``content``, ``reasoning``); its ``text``, what the
+student trains on, is composed by :func:`training_text` as ``sampling.reasoning`` says; its ``answer`` is
+extracted from the content alone, or from the reasoning when the content is empty.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from .config import SamplingConfig
 from .generators.base import Generator, Request
 from .records import Record
 from .store import TraceStore
+from .tasks.base import extract_answer
 
 
 @dataclass
@@ -35,6 +41,10 @@ class SampleSummary:
     completion_tokens: int = 0
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    requests: int = 0  # requests (questions) sent to the generator by this stage
+    missing: int = 0  # samples short of K after the stage (failed requests, or a source with fewer)
+    prompt_tokens: int = 0  # the generator's token use for the new samples, as its server reported it
+    reasoning_tokens: int = 0  # the part of completion_tokens spent on reasoning
 
     @property
     def correct_share(self) -> float:
@@ -50,20 +60,36 @@ class SampleSummary:
         return d
 
     def rows(self) -> list[tuple[str, str]]:
-        return [
+        rows = [
             ("questions", str(self.questions)),
             ("samples (new)", f"{self.samples} ({self.new_samples})"),
             ("correct share", f"{self.correct_share:.1%}"),
             ("questions with no positive", str(self.no_positive)),
             ("parse failures", str(self.parse_failures)),
             ("failed requests", str(self.failed_requests)),
-            ("tokens/s (new samples)", f"{self.tokens_per_second:.1f}"),
         ]
+        if self.missing:
+            rows.append(("missing samples", str(self.missing)))
+        if self.prompt_tokens:
+            rows.append(("prompt tokens (new samples)", str(self.prompt_tokens)))
+        rows.append(("completion tokens (new samples)", str(self.completion_tokens)))
+        if self.reasoning_tokens:
+            rows.append(("of which reasoning", str(self.reasoning_tokens)))
+        rows.append(("tokens/s (new samples)", f"{self.tokens_per_second:.1f}"))
+        return rows
+
+
+REASONING_DEFAULT = "think"
 
 
 def sampling_settings(generator_name: str, sampling: SamplingConfig, task_fingerprint: Any) -> dict[str, Any]:
-    """What determines a stored sample; its hash guards the store against silent reuse."""
-    return {
+    """What determines a stored sample; its hash guards the store against silent reuse.
+
+    ``sampling.reasoning`` is in it when it is not the default: any two choices give two hashes, and a
+    store made before the choice existed (whose text is what the default makes of a teacher without
+    separate reasoning) keeps its hash.
+    """
+    settings = {
         "generator": generator_name,
         "temperature": sampling.temperature,
         "top_p": sampling.top_p,
@@ -71,6 +97,44 @@ def sampling_settings(generator_name: str, sampling: SamplingConfig, task_finger
         "seed": sampling.seed,
         "task": task_fingerprint,
     }
+    if sampling.reasoning != REASONING_DEFAULT:
+        settings["reasoning"] = sampling.reasoning
+    return settings
+
+
+def training_text(content: str, reasoning: str | None, mode: str = REASONING_DEFAULT) -> str:
+    """What the student trains on, from a sample's answer and the reasoning its server sent apart.
+
+    ``think``: ``<think>\\nREASONING\\n</think>\\n\\nANSWER``; ``plain``: the reasoning, a blank line, the
+    answer; ``drop``: the answer alone. Without reasoning the answer is the text, as it is; with an empty
+    answer the reasoning is (the answer sits in it).
+    """
+    if not reasoning or not reasoning.strip():
+        return content
+    if not content.strip():
+        return reasoning.strip()
+    if mode == "drop":
+        return content
+    if mode == "plain":
+        return f"{reasoning.strip()}\n\n{content.strip()}"
+    return f"<think>\n{reasoning.strip()}\n</think>\n\n{content.strip()}"
+
+
+def answer_text(content: str, reasoning: str | None) -> str:
+    """Where the final answer is read: the content, or the reasoning when the content is empty."""
+    return content if content.strip() else (reasoning or "")
+
+
+def failed_requests_message(summary: SampleSummary, store_path: Any, stage: str, allowed: float) -> str:
+    """One line for a stage that ended with too many failed requests: how many, where their errors are,
+    and how to retry only them."""
+    failures = store_path.with_name(store_path.stem + ".failures.jsonl")
+    last = str(summary.extra.get("last_error") or "")
+    last = f"; the last error: {last[:200]}" if last else ""
+    return (f"{stage}: {summary.failed_requests} of {summary.requests} requests failed for good, so "
+            f"{summary.missing} {stage} traces are missing ({summary.samples} stored){last}; every error is in "
+            f"{failures}. Rerun the same command to ask again for the missing ones only (stored traces are kept), "
+            f"or let a share of requests fail with {stage}.max_failed_share (now {allowed:g})")
 
 
 def request_seed(base: int, qid: str, start: int) -> int:
@@ -106,6 +170,9 @@ def sample_traces(
     start = time.perf_counter()
     tokens_before = generator.stats.completion_tokens
     failed_before = generator.stats.failed_requests
+    requests_before = generator.stats.requests
+    prompt_before = getattr(generator.stats, "prompt_tokens", 0)
+    reasoning_before = getattr(generator.stats, "reasoning_tokens", 0)
     for c in range(0, len(todo), chunk_questions):
         chunk = todo[c : c + chunk_questions]
         requests = [
@@ -117,6 +184,7 @@ def sample_traces(
                 top_p=sampling.top_p,
                 max_tokens=sampling.max_tokens,
                 seed=request_seed(sampling.seed, r.id, have),
+                start=have,
             )
             for r, have in chunk
         ]
@@ -127,19 +195,25 @@ def sample_traces(
             for s in samples:
                 if s.failed:
                     failures.append({"id": record.id, "error": s.error, "time": time.time()})
+                    summary.extra["last_error"] = s.error
                     continue
-                answer = task.extract(s.text, record=record)
+                reasoning = getattr(s, "reasoning", None)
+                answer = extract_answer(task, answer_text(s.text, reasoning), record, s.finish_reason)
                 rows.append(
                     {
                         "id": record.id,
                         "sample": idx,
-                        "text": s.text,
+                        "text": training_text(s.text, reasoning, sampling.reasoning),
                         "answer": answer,
                         "correct": bool(task.check(answer, record)),
                         "source": source,
                         "generator": generator.name,
                         "num_tokens": s.num_tokens,
                         "finish_reason": s.finish_reason,
+                        "content": s.text,
+                        "reasoning": reasoning,
+                        "reasoning_tokens": getattr(s, "reasoning_tokens", 0),
+                        "prompt_tokens": getattr(s, "prompt_tokens", None),
                     }
                 )
                 idx += 1
@@ -152,6 +226,9 @@ def sample_traces(
     summary.seconds = time.perf_counter() - start
     summary.completion_tokens = generator.stats.completion_tokens - tokens_before
     summary.failed_requests = generator.stats.failed_requests - failed_before
+    summary.requests = generator.stats.requests - requests_before
+    summary.prompt_tokens = getattr(generator.stats, "prompt_tokens", 0) - prompt_before
+    summary.reasoning_tokens = getattr(generator.stats, "reasoning_tokens", 0) - reasoning_before
     return summarise_store(store, records, k, summary)
 
 
@@ -165,4 +242,5 @@ def summarise_store(store: TraceStore, records: Sequence[Record], k: int, summar
         summary.correct += n_ok
         summary.parse_failures += sum(1 for x in got if x["answer"] is None)
         summary.no_positive += n_ok == 0
+        summary.missing += k - len(got)
     return summary

@@ -163,6 +163,11 @@ def _jsonl_dataset(c: Ctx, content: str | bytes, name: str = "d.jsonl") -> list[
     return [c.config(dataset={"kind": "jsonl", "path": c.file(name, content)})]
 
 
+def _dataset_folder(c: Ctx) -> list[str]:
+    (c.tmp / "medqa").mkdir()
+    return [c.config(dataset={"kind": "jsonl", "path": str(c.tmp / "medqa")})]
+
+
 def _set(**dotted: Any) -> Callable[[Ctx], list[str]]:
     return lambda c: [c.config(**dotted)]
 
@@ -180,6 +185,12 @@ CASES: list[Case] = [
          "{tmp}/latin1.yaml: not UTF-8 text (invalid continuation byte at byte 12)"),
     Case("yaml-missing", "config: the file does not exist", "teacher",
          lambda c: [str(c.tmp / "nope.yaml")], "config file not found: {tmp}/nope.yaml"),
+    Case("yaml-is-a-directory", "config: a folder instead of the file", "teacher",
+         lambda c: [str(c.tmp)], "config file {tmp} is a directory, not a file"),
+    Case("yaml-duplicate-key", "config: a key given twice (YAML alone keeps the second silently)", "teacher",
+         lambda c: [c.file("dup.yaml", "train:\n  phi: 0.5\n  epochs: 2\n  phi: 0.25\n")],
+         "{tmp}/dup.yaml: line 4: key 'train.phi' given twice (first on line 2); YAML would silently keep the "
+         "second, so remove one", real=True),
     Case("yaml-python-tag", "config: a YAML tag that would run code (!!python/object/apply)", "teacher",
          lambda c: [c.file("tag.yaml", f"run_dir: !!python/object/apply:os.system ['touch {c.tmp / MARKER}']\n")],
          "{tmp}/tag.yaml: line 1, column 10: malformed YAML: could not determine a constructor for the tag "
@@ -258,6 +269,14 @@ CASES: list[Case] = [
     Case("replay-yaml-tag", "teacher: a replay line that is a YAML python tag (never evaluated)", "teacher",
          lambda c: _replay(c, "rp.jsonl", f"!!python/object/apply:os.system ['touch {c.tmp / MARKER}']\n"),
          "{tmp}/rp.jsonl:1: malformed JSON: Expecting value (column 1)"),
+    Case("replay-is-a-directory", "teacher: a folder given as the replay file", "teacher",
+         lambda c: [c.config(teacher={"kind": "replay", "path": str(c.tmp)})],
+         "teacher.path: replay file {tmp} is a directory, not a file"),
+    Case("replay-fewer-than-samples", "teacher: a replay file with 1 trace per question where "
+         "teacher.sampling.samples asks for 4, with teacher.on_missing: error", "teacher",
+         lambda c: [c.dataset(MCQ, **{"teacher.on_missing": "error"})],
+         "teacher.on_missing is error: {tmp}/replay.jsonl holds fewer than the 4 traces per question that "
+         "sampling.samples asks for, for 3 of the 3 questions (9 samples missing; "),
     Case("replay-wrong-ids", "teacher: a replay file whose ids match no training question", "teacher",
          lambda c: _replay(c, "rp.jsonl", [{"id": f"other-{i}", "text": "The answer is (A)."} for i in range(3)]),
          "{tmp}/rp.jsonl holds traces for none of the 12 training questions"),
@@ -265,6 +284,8 @@ CASES: list[Case] = [
     Case("dataset-missing", "dataset: the file does not exist", "teacher",
          lambda c: [c.config(dataset={"kind": "jsonl", "path": str(c.tmp / "none.jsonl")})],
          "dataset file not found: {tmp}/none.jsonl"),
+    Case("dataset-is-a-directory", "dataset: a folder given as the dataset file", "teacher",
+         _dataset_folder, "dataset file {tmp}/medqa is a directory, not a file; name a .jsonl file in it"),
     Case("dataset-empty", "dataset: an empty file", "teacher",
          lambda c: _jsonl_dataset(c, ""), "the dataset has no training questions (check dataset.path, fields and train_size)"),
     Case("dataset-malformed", "dataset: a line that is not JSON", "teacher",

@@ -126,8 +126,11 @@ def test_a_server_that_never_recovers_fails_the_request_and_the_rerun_fetches_on
 
     with FakeOpenAIServer(first_question_dead) as server:
         config = teacher_yaml(tmp_path, server, tiny_model_dir, questions, max_retries=2, concurrency=1)
-        assert cli.main(["teacher", str(config), "--no-progress"]) == 0
-        assert summary_value(capsys.readouterr().out, "failed requests") == 1
+        # a failed request fails the stage (teacher.max_failed_share 0), after storing what arrived
+        assert cli.main(["teacher", str(config), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert "teacher: 1 of 6 requests failed for good, so 2 teacher traces are missing (10 stored)" in err
+        assert "Rerun the same command to ask again for the missing ones only" in err, err
         store = tmp_path / "run" / "teacher" / "traces.jsonl"
         assert len(check_store(store)) == (questions - 1) * K
         failures = list(read_jsonl(store.with_name("traces.failures.jsonl")))

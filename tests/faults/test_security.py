@@ -63,7 +63,8 @@ def test_full_run_writes_no_key_anywhere_and_nothing_outside_its_run_dir(tmp_pat
         cfg.update(
             dataset={"kind": "jsonl", "path": str(dataset), "eval_fraction": 0.2},
             teacher={"kind": "openai", "base_url": server.base_url, "model": "teacher-x", "max_concurrency": 1,
-                     "api_key_env": "ORPO_FAULTS_TEACHER_KEY", "sampling": {"samples": 2}},
+                     "api_key_env": "ORPO_FAULTS_TEACHER_KEY", "sampling": {"samples": 2},
+                     "max_failed_share": 0.5},  # the refused first request must not stop the run
         )
         cfg["student"]["sampling"].update(samples=1, max_tokens=4)
         cfg["train"].update(epochs=1, batch_size=4, precision="fp32", max_length=128)

@@ -9,6 +9,14 @@ source's; unmapped names are read as themselves. ``choices`` may be a list, or a
 ``{"label": [...], "text": [...]}``. For ``mcq`` the answer becomes a letter: a letter (``B``, ``(b)``)
 is kept, a choice label (ARC's ``"1"``) or the text of a choice becomes its letter, and a JSON integer
 is read as a 0-based index into the choices.
+
+Choices that carry their own letters (``["A. 08:00", "B. 09:00"]``, as MedQA ships them) are stored
+without them, since every prompt letters the choices itself; the rule (every choice lettered in order,
+in one style) is :func:`orpo_distill.tasks.base.unletter_choices`. A gold answer may then still be
+given as the lettered text ("A. 08:00").
+
+One field map serves every file of the dataset: ``train_path``, ``eval_path`` (or ``path``) and both
+Hugging Face splits are read with the same ``fields``, so the files must name their fields alike.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from ..config import DatasetConfig
 from ..errors import UserError
 from ..store import iter_jsonl
 from ..records import Record
+from ..tasks.base import unletter_choices
 from .splits import cap, ensure_disjoint, question_id, split_by_fraction
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -41,6 +50,10 @@ _CALC_NOTE = re.compile(r"<<[^<>]*>>")
 
 def read_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield ``("file:line", object)`` for each non-blank line; errors name the line."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"dataset file {path} is a directory, not a file; name a .jsonl file in it"
+                        " (a saved Hugging Face dataset folder is read with dataset.kind: hf)")
     return iter_jsonl(path, what="dataset file")
 
 
@@ -82,8 +95,10 @@ def parse_choices(raw: Any, where: str) -> tuple[list[str] | None, list[str] | N
     return [str(x) for x in raw], labels
 
 
-def mcq_letter(answer: Any, choices: list[str] | None, labels: list[str] | None, where: str) -> str:
-    """Normalise a multiple-choice answer to a letter, or say why it cannot be one."""
+def mcq_letter(answer: Any, choices: list[str] | None, labels: list[str] | None, where: str,
+               lettered: list[str] | None = None) -> str:
+    """Normalise a multiple-choice answer to a letter, or say why it cannot be one. ``lettered``: the
+    choices as the source wrote them, when that was with their own letters (matched as text too)."""
     n = len(choices) if choices else len(LETTERS)
     last = LETTERS[n - 1]
     if isinstance(answer, int) and not isinstance(answer, bool):
@@ -97,12 +112,13 @@ def mcq_letter(answer: Any, choices: list[str] | None, labels: list[str] | None,
     if m and LETTERS.index(m.group(1).upper()) < n:
         return m.group(1).upper()
     if choices:
-        stripped = [c.strip() for c in choices]
-        if text in stripped:
-            return LETTERS[stripped.index(text)]
-        folded = [c.casefold() for c in stripped]
-        if text.casefold() in folded:
-            return LETTERS[folded.index(text.casefold())]
+        for texts in (choices, lettered or []):
+            stripped = [c.strip() for c in texts]
+            if text in stripped:
+                return LETTERS[stripped.index(text)]
+            folded = [c.casefold() for c in stripped]
+            if text.casefold() in folded:
+                return LETTERS[folded.index(text.casefold())]
         raise UserError(
             f"{where}: answer {text!r} is neither a letter A-{last} nor the text of one of the {n} choices"
         )
@@ -127,16 +143,20 @@ def parse_row(
     question = row.get(fmap["question"])
     if not isinstance(question, str) or not question.strip():
         raise UserError(f"{where}: missing question (field '{fmap['question']}')")
-    choices, labels = parse_choices(row.get(fmap["choices"]), where)
+    source_choices, labels = parse_choices(row.get(fmap["choices"]), where)
+    choices = unletter_choices(source_choices) if source_choices else None
+    lettered = source_choices if choices != source_choices else None
     raw_answer = row.get(fmap["answer"])
     if task_kind == "mcq":
         if raw_answer is None or (isinstance(raw_answer, str) and not raw_answer.strip()):
             raise UserError(f"{where}: missing answer (field '{fmap['answer']}')")
-        answer = mcq_letter(raw_answer, choices, labels, where)
+        answer = mcq_letter(raw_answer, choices, labels, where, lettered)
     else:
         answer = answer_text(raw_answer, where, fmap["answer"])
     rid = row.get(fmap["id"])
     meta: dict[str, Any] = {"source": where}
+    if lettered:
+        meta["choices_unlettered"] = True  # the source's choices carried their own letters, removed
     if rid is None or (isinstance(rid, str) and not rid.strip()):
         rid = default_id or question_id(question)
         meta["id_from"] = "row index" if default_id else "question text"

@@ -25,6 +25,7 @@ class Request:
     top_p: float = 1.0
     max_tokens: int = 256
     seed: int | None = None
+    start: int = 0  # the question's index of the first sample asked for (what the store already holds)
 
     def sample_seed(self, j: int) -> int:
         """The seed of this request's ``j``-th sample: ``seed + j``. ``sampling.request_seed`` makes
@@ -37,12 +38,22 @@ class Request:
 
 @dataclass
 class Sample:
-    """One generated text. ``error`` is set (and ``text`` empty) when the request failed for good."""
+    """One generated text. ``error`` is set (and ``text`` empty) when the request failed for good.
+
+    ``text`` is the answer part (the final content). A reasoning model's server may send its reasoning
+    apart from it (``reasoning``; None when there is none); the sampling stage decides what of the two the
+    student trains on. ``num_tokens`` counts every generated token, reasoning included (the server's
+    ``completion_tokens``); ``reasoning_tokens`` the reasoning's share of them; ``prompt_tokens`` this
+    sample's share of the prompt the server billed (None when the server reported no usage).
+    """
 
     text: str
     num_tokens: int = 0
     finish_reason: str | None = None
     error: str | None = None
+    reasoning: str | None = None
+    reasoning_tokens: int = 0
+    prompt_tokens: int | None = None
 
     @property
     def failed(self) -> bool:
@@ -60,6 +71,8 @@ class GenerationStats:
     completion_tokens: int = 0
     seconds: float = 0.0
     extra: dict[str, int] = field(default_factory=dict)
+    prompt_tokens: int = 0  # as the server reported them (0 where it reports no usage)
+    reasoning_tokens: int = 0  # the part of completion_tokens spent reasoning
 
 
 @runtime_checkable

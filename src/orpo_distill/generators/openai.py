@@ -12,6 +12,28 @@ than asked for, the missing ones are requested again (the seed, when set, is off
 samples already held so the top-up is not a copy). A choice with empty or null content is kept as a
 sample with text ``""``: the server did answer, and the empty text simply fails answer extraction.
 
+Some APIs refuse what others take. An HTTP 400 whose error names ``n`` ("Unsupported value: 'n' ...")
+makes the generator ask for one sample per call from then on (logged once; the top-up path collects
+the K samples); one that names the token-limit field sent ("Unsupported parameter: 'max_tokens' ...
+Use 'max_completion_tokens' instead") switches to the other field (``token_param``) for the rest of the
+run, once. The call that met the 400 is sent again at once, and counts as no retry.
+
+Reasoning models: the reasoning a server sends apart from the answer (``message.reasoning_content``:
+older vLLM, DeepSeek, SGLang; ``message.reasoning``: newer vLLM, OpenRouter and others) or inside
+the text as ``<think>...</think>`` (llama.cpp without a reasoning format, and any server without a
+reasoning parser; a lone ``</think>`` means the chat template opened the tag) becomes
+``Sample.reasoning``, and ``Sample.text`` is the answer after it. ``usage`` (prompt, completion and
+``completion_tokens_details.reasoning_tokens``) is split over the choices of its response; without a
+reasoning count, the reasoning's share of the completion tokens is estimated from its length.
+
+Fail fast: until a server has given one HTTP answer (any status but 404), a call it refuses at connect
+time (nothing listens on the port, an unknown host, a connect timeout) or answers 404 (``/v1`` missing
+from ``base_url``, a model it does not serve) counts against it. When every server has met
+:data:`FAIL_FAST_ATTEMPTS` such calls, or every request of a batch failed that way, ``generate`` raises
+a :class:`ServerUnreachable` (a ``UserError``) naming the URL and the likely fix, and stops the calls
+in flight, before anything is stored. A server that has answered once is never judged this way again:
+it keeps the per-request retries above.
+
 ``base_url`` is the API root including the version (``http://host:8000/v1``), as for the OpenAI
 client. Several base URLs spread requests round-robin; one that fails is skipped for a cool-down that
 grows with its consecutive failures, and tried again after it.
@@ -26,30 +48,45 @@ import logging
 import math
 import os
 import random
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
+from urllib.parse import urlsplit
 
 import httpx
 from tqdm.auto import tqdm
 
 from ..config import GeneratorConfig
 from ..errors import UserError
-from .base import GenerationStats, Request, Sample, render_plain
+from .base import GenerationStats, Request, Sample
+from .openai_wire import (  # noqa: F401  (re-exported: the wire format's names, as before the split)
+    THINK_CLOSE,
+    THINK_OPEN,
+    MalformedResponse,
+    build_payload,
+    error_text,
+    parse_choices,
+    rejected_parameter,
+    rough_token_count,
+    split_think,
+)
 
 logger = logging.getLogger(__name__)
 
 RETRYABLE_STATUS = frozenset({408, 429})
+FAIL_FAST_ATTEMPTS = 3  # calls refused (or 404) at a server that never answered, before the stage stops
+TOKEN_PARAMS = ("max_tokens", "max_completion_tokens")
 
 
 # ---------------------------------------------------------------------------------------------
 # pure helpers
 
 
-class MalformedResponse(ValueError):
-    """The server answered 2xx with a body that is not an OpenAI-style completion."""
+class ServerUnreachable(UserError):
+    """No configured server has answered: every call was refused, or answered 404."""
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -77,63 +114,6 @@ def backoff_delay(
     if retry_after is not None:
         delay = max(delay, retry_after)
     return min(cap, delay)
-
-
-def rough_token_count(text: str) -> int:
-    """About four characters per token: a stand-in when the server reports no usage."""
-    return math.ceil(len(text) / 4)
-
-
-def build_payload(
-    request: Request, model: str, endpoint: str, n: int, seed: int | None, stop: list[str] | None
-) -> dict[str, Any]:
-    """The JSON body for one HTTP call asking for ``n`` choices."""
-    payload: dict[str, Any] = {"model": model}
-    if endpoint == "chat":
-        payload["messages"] = [dict(m) for m in request.messages]
-    else:
-        payload["prompt"] = render_plain(request.messages)
-    payload.update(n=n, temperature=request.temperature, top_p=request.top_p, max_tokens=request.max_tokens)
-    if seed is not None:
-        payload["seed"] = seed
-    if stop:
-        payload["stop"] = list(stop)
-    return payload
-
-
-def parse_choices(body: Any, endpoint: str) -> list[Sample]:
-    """Samples from a completion body; raises :class:`MalformedResponse` when its shape is wrong.
-
-    ``usage.completion_tokens`` is split evenly over the choices (remainder to the first ones);
-    without it each sample gets a rough count.
-    """
-    if not isinstance(body, dict) or not isinstance(body.get("choices"), list):
-        raise MalformedResponse("no 'choices' list in the response")
-    texts: list[str] = []
-    reasons: list[str | None] = []
-    for choice in body["choices"]:
-        if not isinstance(choice, dict):
-            raise MalformedResponse("a choice is not an object")
-        if endpoint == "chat":
-            message = choice.get("message")
-            if not isinstance(message, dict):
-                raise MalformedResponse("a chat choice has no 'message' object")
-            content = message.get("content")
-        else:
-            content = choice.get("text")
-        if content is not None and not isinstance(content, str):
-            raise MalformedResponse("a choice's content is not a string")
-        texts.append(content or "")
-        reason = choice.get("finish_reason")
-        reasons.append(reason if isinstance(reason, str) else None)
-    usage = body.get("usage")
-    total = usage.get("completion_tokens") if isinstance(usage, dict) else None
-    if isinstance(total, int) and not isinstance(total, bool) and total >= 0 and texts:
-        q, r = divmod(total, len(texts))
-        counts = [q + (1 if i < r else 0) for i in range(len(texts))]
-    else:
-        counts = [rough_token_count(t) for t in texts]
-    return [Sample(text=t, num_tokens=c, finish_reason=f) for t, c, f in zip(texts, counts, reasons)]
 
 
 def normalize_base_urls(base_url: str | list[str] | None) -> list[str]:
@@ -217,12 +197,20 @@ class ServerPool:
 
 @dataclass
 class _Attempt:
-    """What one HTTP call gave: samples, or an error that may be worth retrying."""
+    """What one HTTP call gave: samples, or an error that may be worth retrying.
+
+    ``answered``: the server gave an HTTP answer (any status but 404), so it is up; ``dead``: the call
+    was refused at connect time or answered 404 (what an unreachable or misaddressed server does);
+    ``switched``: the server refused a parameter the generator has now changed, so the call is sent again.
+    """
 
     samples: list[Sample]
     error: str | None = None
     retryable: bool = False
     retry_after: float | None = None
+    answered: bool = False
+    dead: str | None = None
+    switched: bool = False
 
 
 class OpenAIGenerator:
@@ -230,14 +218,15 @@ class OpenAIGenerator:
 
     ``stats.requests`` counts requests (questions), not HTTP calls; ``stats.extra["http_calls"]``
     counts calls, ``stats.retries`` the failed calls that were retried, ``stats.samples`` the samples
-    without error. ``sleep``, ``clock`` and ``rng`` are injectable so tests need not wait.
+    without error; the token counts are those of the samples kept. ``sleep``, ``clock`` and ``rng`` are
+    injectable so tests need not wait (by default a backoff wait ends early when the stage is stopped).
     """
 
     def __init__(
         self,
         cfg: GeneratorConfig,
         *,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], Any] | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
@@ -250,14 +239,33 @@ class OpenAIGenerator:
         self.name = f"openai:{cfg.model}"
         self.stats = GenerationStats()
         self._pool = ServerPool(self.base_urls, cfg.backoff_base, cfg.backoff_max, clock)
-        self._sleep, self._rng = sleep, rng or random.Random()
+        self._stop = threading.Event()  # set when the stage stops: workers end, backoff waits return
+        self._sleep, self._rng = sleep or self._stop.wait, rng or random.Random()
         self._stats_lock = threading.Lock()
+        # what the servers turned out to refuse, remembered for the run
+        self._quirk_lock = threading.Lock()
+        self._one_per_call = False
+        self._token_param: str = cfg.token_param
+        self._token_switched = False
+        # fail fast: servers that answered, and the refused / 404 calls of those that have not
+        self._answered: set[str] = set()
+        self._dead: dict[str, list[str]] = {u: [] for u in self.base_urls}
 
     def __repr__(self) -> str:
         return (
             f"OpenAIGenerator(model={self.model!r}, base_url={self.base_urls!r}, endpoint={self.cfg.endpoint!r}, "
             f"api_key_env={self.cfg.api_key_env!r})"
         )
+
+    @property
+    def one_sample_per_call(self) -> bool:
+        """True once a server refused ``n > 1``: every call then asks for one sample."""
+        return self._one_per_call
+
+    @property
+    def token_param(self) -> str:
+        """The field that carries the token limit now (``cfg.token_param``, or the other after a refusal)."""
+        return self._token_param
 
     # -- public
 
@@ -272,9 +280,17 @@ class OpenAIGenerator:
                 total=len(requests), desc=self.name, unit="req", disable=None
             ) as bar:
                 futures = {pool.submit(self._run, client, req): i for i, req in enumerate(requests)}
-                for fut in as_completed(futures):
-                    results[futures[fut]] = fut.result()
-                    bar.update(1)
+                try:
+                    for fut in as_completed(futures):
+                        results[futures[fut]] = fut.result()
+                        bar.update(1)
+                except BaseException:  # an unreachable server (or Ctrl-C): stop the other calls at once
+                    self._stop.set()
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
+            if not self._answered and all(s.failed for r in results for s in r) and any(self._dead.values()):
+                # a batch too small to reach the count: every request failed, and no server ever answered
+                raise ServerUnreachable(self._unreachable_message())
         finally:
             self._add("seconds", time.perf_counter() - start)
         return results
@@ -294,16 +310,24 @@ class OpenAIGenerator:
         stalls = 0  # consecutive calls that added nothing
         error = "no attempt made"
         while len(samples) < req.n:
+            if self._stop.is_set():
+                error = "the stage was stopped"
+                break
             need = req.n - len(samples)
             seed = None if req.seed is None else req.seed + len(samples)
             server = self._pool.pick()
-            got = self._attempt(client, server, req, need, seed)
+            got = self._attempt(client, server, req, 1 if self._one_per_call else need, seed)
+            self._judge(server, got)  # raises ServerUnreachable when no server can be reached
+            if got.switched:  # sent again at once with what the server takes: neither a stall nor a retry
+                continue
             if got.samples:
                 self._pool.mark_ok(server)
                 kept = got.samples[:need]
                 samples.extend(kept)
                 self._add("samples", len(kept))
                 self._add("completion_tokens", sum(s.num_tokens for s in kept))
+                self._add("reasoning_tokens", sum(s.reasoning_tokens for s in kept))
+                self._add("prompt_tokens", sum(s.prompt_tokens or 0 for s in kept))
                 stalls = 0
                 continue
             error = got.error or f"{server} returned no choices"
@@ -322,7 +346,8 @@ class OpenAIGenerator:
                 )
         if len(samples) < req.n:
             self._add("failed_requests")
-            logger.warning("%s: request %s failed: %s", self.name, req.key, error)
+            if not self._stop.is_set():
+                logger.warning("%s: request %s failed: %s", self.name, req.key, error)
             samples.extend(Sample(text="", error=error) for _ in range(req.n - len(samples)))
         return samples
 
@@ -330,25 +355,111 @@ class OpenAIGenerator:
         """One HTTP call; classifies every failure as retryable or not, with a key-free message."""
         path = "chat/completions" if self.cfg.endpoint == "chat" else "completions"
         url = f"{server}/{path}"
-        payload = build_payload(req, self.model, self.cfg.endpoint, n, seed, self.cfg.stop)
+        payload = build_payload(req, self.model, self.cfg.endpoint, n, seed, self.cfg.stop, self._token_param)
         self._add_extra("http_calls")
         try:
             resp = client.post(url, json=payload)
+        except httpx.ConnectTimeout:
+            return _Attempt([], f"connect timeout after {self.cfg.timeout:g}s to {url}", retryable=True,
+                            dead=f"no connection within {self.cfg.timeout:g}s")
         except httpx.TimeoutException:
             return _Attempt([], f"timeout after {self.cfg.timeout:g}s from {url}", retryable=True)
+        except httpx.ConnectError as e:
+            text = self._redact(f"connection error with {url}: {type(e).__name__}: {e}")
+            return _Attempt([], text, retryable=True, dead=self._redact(f"{type(e).__name__}: {e}"))
         except httpx.TransportError as e:
             return _Attempt([], self._redact(f"connection error with {url}: {type(e).__name__}: {e}"), retryable=True)
         code = resp.status_code
+        if code == 404:
+            text = self._redact(resp.text[:300])
+            return _Attempt([], f"HTTP 404 from {url}: {text}", retryable=False, dead=f"HTTP 404 {text[:120]}".strip())
         if code in RETRYABLE_STATUS or code >= 500:
             after = parse_retry_after(resp.headers.get("retry-after"))
-            return _Attempt([], f"HTTP {code} from {url}", retryable=True, retry_after=after)
+            return _Attempt([], f"HTTP {code} from {url}", retryable=True, retry_after=after, answered=True)
         if not 200 <= code < 300:
-            return _Attempt([], self._redact(f"HTTP {code} from {url}: {resp.text[:300]}"), retryable=False)
+            if code in (400, 422):
+                changed = self._adapt(payload, resp.text, server)
+                if changed:
+                    return _Attempt([], f"HTTP {code} from {url}: {changed}", answered=True, switched=True)
+            return _Attempt([], self._redact(f"HTTP {code} from {url}: {resp.text[:300]}"), retryable=False,
+                            answered=True)
         try:
             samples = parse_choices(resp.json(), self.cfg.endpoint)
         except ValueError as e:  # JSON decoding, UTF-8 decoding, or shape
-            return _Attempt([], f"malformed response from {url}: {type(e).__name__}: {str(e)[:200]}", retryable=True)
-        return _Attempt(samples)
+            return _Attempt([], f"malformed response from {url}: {type(e).__name__}: {str(e)[:200]}", retryable=True,
+                            answered=True)
+        return _Attempt(samples, answered=True)
+
+    # -- what servers refuse
+
+    def _adapt(self, payload: dict[str, Any], body: str, server: str) -> str | None:
+        """After a 400 naming a parameter the server does not take, change it for the rest of the run.
+
+        Returns what changed (the call is then sent again), or None when nothing can change: the error is
+        the caller's. Each change is logged once; a call that was sent before another thread changed the
+        setting is simply sent again.
+        """
+        with self._quirk_lock:
+            if int(payload.get("n", 1)) > 1 and rejected_parameter(body, "n"):
+                if not self._one_per_call:
+                    self._one_per_call = True
+                    logger.warning(
+                        "%s: %s does not take n > 1 (HTTP 400: %s); asking for one sample per request from now on",
+                        self.name, server, self._redact(error_text(body)[0][:200]))
+                return "n > 1 refused; one sample per request from now on"
+            sent = next(p for p in TOKEN_PARAMS if p in payload)
+            if rejected_parameter(body, sent):
+                other = TOKEN_PARAMS[1 - TOKEN_PARAMS.index(sent)]
+                if self._token_param == other:
+                    return f"{sent} refused; {other} already in use"
+                if not self._token_switched:
+                    self._token_switched = True
+                    self._token_param = other
+                    logger.warning("%s: %s does not take %s (HTTP 400: %s); sending %s from now on",
+                                   self.name, server, sent, self._redact(error_text(body)[0][:200]), other)
+                    return f"{sent} refused; {other} from now on"
+        return None
+
+    # -- fail fast
+
+    def _judge(self, server: str, got: _Attempt) -> None:
+        """Count a refused or 404 call at a server that never answered; stop when no server can be reached."""
+        with self._stats_lock:
+            if got.answered:
+                self._answered.add(server)
+                return
+            if got.dead is None or server in self._answered:
+                return
+            self._dead[server].append(got.dead)
+            if self._answered or any(len(v) < FAIL_FAST_ATTEMPTS for v in self._dead.values()):
+                return
+            self._stop.set()
+        raise ServerUnreachable(self._unreachable_message())
+
+    def _unreachable_message(self) -> str:
+        """One line: each server, what it did, and the likely fix."""
+        path = "chat/completions" if self.cfg.endpoint == "chat" else "completions"
+        parts = []
+        for u in self.base_urls:
+            seen = self._dead.get(u) or []
+            if not seen:
+                continue
+            last = seen[-1]
+            calls = f"{len(seen)} call{'s' if len(seen) > 1 else ''}"
+            split = urlsplit(u)
+            if last.startswith("HTTP 404"):
+                if not re.search(r"/v\d+[\w.-]*$", split.path):
+                    hint = f"base_url is the API root with its version: {u}/v1"
+                else:
+                    hint = (f"check generator.model ({self.model!r}: is it a model this server serves? "
+                            f"GET {u}/models lists them) and generator.endpoint ({self.cfg.endpoint!r})")
+                parts.append(f"POST {u}/{path} answered {last} on {calls}; {hint}")
+            else:
+                port = split.port or (443 if split.scheme == "https" else 80)
+                parts.append(f"{u} refused {calls} ({last}): is the server started, and listening on "
+                             f"{split.hostname} port {port}? (check the host and port in base_url)")
+        return ("generator.base_url: no server answered, so the stage stopped before storing anything: "
+                + "; ".join(parts) + ". Rerun the same command once the server answers")
 
     # -- bookkeeping
 

@@ -1,7 +1,8 @@
 """Tasks: prompt building, answer extraction and checking (DESIGN.md section 3, "tasks").
 
 ``build_task(cfg)`` turns the ``task`` section of the config into a task object with ``messages``,
-``extract``, ``check`` and ``normalize_gold``. The extraction rules live in :mod:`.extract`, the
+``extract``, ``check`` and ``normalize_gold``; ``extract_answer(task, text, record, finish_reason)`` is
+how a caller holding a generator's sample reads its answer (a cut-off text is read differently). The extraction rules live in :mod:`.extract`, the
 kinds in :mod:`.base`, user-supplied tasks in :mod:`.custom`.
 """
 
@@ -9,10 +10,11 @@ from __future__ import annotations
 
 from ..config import TaskConfig
 from ..errors import UserError
-from .base import TASK_KINDS, ExactTask, McqTask, NumericTask, Task, YesNoTask
+from .base import TASK_KINDS, ExactTask, McqTask, NumericTask, Task, YesNoTask, extract_answer, unletter_choices
 from .custom import build_custom_task
 
-__all__ = ["Task", "McqTask", "NumericTask", "YesNoTask", "ExactTask", "TASK_KINDS", "build_task"]
+__all__ = ["Task", "McqTask", "NumericTask", "YesNoTask", "ExactTask", "TASK_KINDS", "build_task", "extract_answer",
+           "unletter_choices"]
 
 
 def build_task(cfg: TaskConfig | str) -> Task:

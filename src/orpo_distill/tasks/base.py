@@ -15,9 +15,12 @@ ask for them; :meth:`Task.answer_line` writes them):
 
 from __future__ import annotations
 
+import inspect
+import re
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import ClassVar
+from functools import lru_cache
+from typing import Any, Callable, ClassVar, Sequence
 
 from ..errors import UserError
 from ..records import Record
@@ -41,12 +44,86 @@ def _short(text: str, limit: int = 60) -> str:
     return repr(text if len(text) <= limit else text[: limit - 3] + "...")
 
 
+# An option's own label: "A." "A:" "A)" "(A)" "[A]" (a letter, any case), then spacing. ")" and "]"
+# close the label themselves, so "A)21" (AQuA's layout) counts without a space; "A." and "A:" need one,
+# so "A.5" is not a label.
+_OWN_LABEL_RE = re.compile(r"^\s*(?:\((?P<p>[A-Za-z])\)\s*|\[(?P<b>[A-Za-z])\]\s*|(?P<c>[A-Za-z])\)\s*|(?P<d>[A-Za-z])[.:]\s+)")
+
+
+def _own_label(choice: str) -> tuple[str, str, int] | None:
+    """(letter, label style, where the text starts) of a choice's leading label, or ``None``."""
+    m = _OWN_LABEL_RE.match(choice)
+    if m is None:
+        return None
+    style = next(k for k in "pbcd" if m.group(k))
+    letter = m.group(style)
+    return letter, style + (":" if style == "d" and ":" in m.group(0) else ""), m.end()
+
+
+def unletter_choices(choices: Sequence[str]) -> list[str]:
+    """``choices`` without the letters they carry themselves, so a prompt that letters them does not
+    show "A. A. 08:00" (MedQA ships its options lettered).
+
+    The rule: the letters go only when EVERY choice (two or more) starts with its own letter in order,
+    A, B, C, ... (or a, b, c, ...), all in one label style: "A." / "A:" / "A)" / "(A)" / "[A]" (the dot
+    and colon followed by a space). Then each label and the spacing after it are removed; otherwise
+    nothing changes. So ["A. 08:00", "B. 09:00"] become ["08:00", "09:00"], while an option that
+    merely starts like a label ("B. subtilis" among other names, or first among options that carry no
+    label) is left as it is, and so are options that would be left empty ("A. ").
+    """
+    texts = [str(c) for c in choices]
+    if len(texts) < 2:
+        return texts
+    labels = [_own_label(c) for c in texts]
+    if any(x is None for x in labels):
+        return texts
+    letters = "".join(x[0] for x in labels)  # type: ignore[index]
+    if letters not in (LETTERS[: len(texts)], LETTERS[: len(texts)].lower()):
+        return texts
+    if len({x[1] for x in labels}) != 1:  # type: ignore[index]
+        return texts
+    out = [c[x[2]:].strip() for c, x in zip(texts, labels)]  # type: ignore[index]
+    return out if all(out) else texts
+
+
+def _signature_takes_finish_reason(fn: Callable[..., Any]) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "finish_reason" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+_cached_takes_finish_reason = lru_cache(maxsize=256)(_signature_takes_finish_reason)
+
+
+def _takes_finish_reason(fn: Callable[..., Any]) -> bool:
+    try:
+        return _cached_takes_finish_reason(fn)
+    except TypeError:  # an unhashable callable
+        return _signature_takes_finish_reason(fn)
+
+
+def extract_answer(task: Any, text: str, record: Record | None = None, finish_reason: str | None = None) -> str | None:
+    """``task.extract(text, record=record, finish_reason=finish_reason)``, for any task.
+
+    The callers that hold a generator's sample (sampling, evaluation) call this with the sample's
+    ``finish_reason``, so a text cut off at the token limit is read as extract.py's rule 5 says. A
+    task whose ``extract`` takes no ``finish_reason`` (a user's own Task subclass) is called without it.
+    """
+    method = task.extract
+    if _takes_finish_reason(getattr(method, "__func__", method)):
+        return method(text, record=record, finish_reason=finish_reason)
+    return method(text, record=record)
+
+
 @dataclass(frozen=True)
 class Task:
     """The shared prompt layout and check; subclasses supply the answer format.
 
-    The user message is the question, then the choices as "A. ..." lines when the record has any,
-    then the instruction (``instruction`` replaces the kind's default; ``""`` means none). A set
+    The user message is the question, then the choices as "A. ..." lines when the record has any
+    (without the letters the choices carry themselves, see :func:`unletter_choices`), then the
+    instruction (``instruction`` replaces the kind's default; ``""`` means none). A set
     ``system_prompt`` adds a system message first.
     """
 
@@ -68,7 +145,8 @@ class Task:
     def user_content(self, record: Record) -> str:
         parts = [record.question.strip()]
         if record.choices:
-            parts.append("\n".join(f"{LETTERS[i]}. {str(c).strip()}" for i, c in enumerate(record.choices)))
+            choices = unletter_choices(record.choices)
+            parts.append("\n".join(f"{LETTERS[i]}. {c.strip()}" for i, c in enumerate(choices)))
         instruction = self.default_instruction if self.instruction is None else self.instruction
         if instruction.strip():
             parts.append(instruction.strip())
@@ -80,8 +158,12 @@ class Task:
 
     # ---- answers -------------------------------------------------------------------------------
 
-    def extract(self, text: str, record: Record | None = None) -> str | None:
-        """The normalised final answer of a model output, or ``None`` when there is none."""
+    def extract(self, text: str, record: Record | None = None, finish_reason: str | None = None) -> str | None:
+        """The normalised final answer of a model output, or ``None`` when there is none.
+
+        ``finish_reason`` is the generator's for that output; ``"length"`` (cut off at the token limit)
+        means only a final-answer statement counts (extract.py, rule 5). ``None``: not known.
+        """
         raise NotImplementedError
 
     def normalize_gold(self, record: Record) -> str:
@@ -131,9 +213,9 @@ class McqTask(Task):
             return LETTERS[: LETTERS.index(gold) + 1]
         return DEFAULT_LETTERS
 
-    def extract(self, text: str, record: Record | None = None) -> str | None:
-        choices = record.choices if record is not None else None
-        return extract_choice(text, self.letters(record), choices)
+    def extract(self, text: str, record: Record | None = None, finish_reason: str | None = None) -> str | None:
+        choices = unletter_choices(record.choices) if record is not None and record.choices else None
+        return extract_choice(text, self.letters(record), choices, finish_reason=finish_reason)
 
     def normalize_gold(self, record: Record) -> str:
         letters = self.letters(record)
@@ -143,9 +225,10 @@ class McqTask(Task):
             return bare
         if record.choices:
             wanted = normalize_exact(raw)
-            for i, c in enumerate(record.choices):
-                if normalize_exact(str(c)) == wanted:
-                    return LETTERS[i]
+            for texts in (record.choices, unletter_choices(record.choices)):
+                for i, c in enumerate(texts):
+                    if normalize_exact(str(c)) == wanted:
+                        return LETTERS[i]
         raise UserError(
             f"record {record.id}: mcq answer {_short(raw)} is neither a letter {letters[0]}-{letters[-1]} "
             "nor the text of one of its choices"
@@ -162,8 +245,8 @@ class NumericTask(Task):
         'Think step by step, then finish with the line "The answer is N." where N is the final number.'
     )
 
-    def extract(self, text: str, record: Record | None = None) -> str | None:
-        return extract_number(text)
+    def extract(self, text: str, record: Record | None = None, finish_reason: str | None = None) -> str | None:
+        return extract_number(text, finish_reason=finish_reason)
 
     def normalize_gold(self, record: Record) -> str:
         gold = extract_number(record.answer)
@@ -185,8 +268,8 @@ class YesNoTask(Task):
         'Think step by step, then finish with the line "The answer is yes." or "The answer is no."'
     )
 
-    def extract(self, text: str, record: Record | None = None) -> str | None:
-        return extract_yesno(text)
+    def extract(self, text: str, record: Record | None = None, finish_reason: str | None = None) -> str | None:
+        return extract_yesno(text, finish_reason=finish_reason)
 
     def normalize_gold(self, record: Record) -> str:
         gold = normalize_yesno(record.answer)
@@ -204,8 +287,8 @@ class ExactTask(Task):
         'Think step by step, then finish with the line "The answer is <answer>." giving just the answer.'
     )
 
-    def extract(self, text: str, record: Record | None = None) -> str | None:
-        return extract_exact(text)
+    def extract(self, text: str, record: Record | None = None, finish_reason: str | None = None) -> str | None:
+        return extract_exact(text, finish_reason=finish_reason)
 
     def normalize_gold(self, record: Record) -> str:
         gold = normalize_exact(record.answer)

@@ -115,7 +115,8 @@ class ExtractorTask(ExactTask):
     name: str = ""
     failures: dict[str, int] = field(default_factory=dict, compare=False)
 
-    def extract(self, text: str, record: Record | None = None) -> str | None:
+    def extract(self, text: str, record: Record | None = None, finish_reason: str | None = None) -> str | None:
+        # the user's fn(text, record) sees the text only; a cut-off text is for it to judge
         assert self.extractor is not None
         try:
             value = self.extractor(text, record)
@@ -145,7 +146,7 @@ class FactoryTask(ExactTask):
         except Exception as e:
             raise UserError(f"task.custom {self.name}: messages() failed on record {record.id}: {e!r}") from None
 
-    def extract(self, text: str, record: Record | None = None) -> str | None:
+    def extract(self, text: str, record: Record | None = None, finish_reason: str | None = None) -> str | None:
         try:
             if _takes_record(self.inner.extract):
                 value = self.inner.extract(text, record=record)

@@ -17,6 +17,16 @@ The rules, shared by all kinds:
    only a letter, a bold letter, or a one-line reply starting with one; yes/no a line holding only the
    word, or a reply that starts "Yes," / "No."; exact a one-line reply. Otherwise ``None``.
 4. Text after a closing ``</think>`` is searched first (reasoning models think, then answer).
+5. A text cut off at the token limit (``finish_reason == "length"``) has no fallback: only a
+   final-answer statement made before the cut counts, since the last number or letter of an
+   unfinished text is whatever the model was in the middle of writing ("= <<796224" is no answer).
+   For numbers, a number the cut text ends on may itself be cut short and does not count either.
+
+Numeric answers have one more marker: ``A:`` opening a line or following a sentence (GSM8K's
+few-shot "Q: ... A: ..." layout), when the number comes right after it: "A: 18 (9 eggs at $2)" is 18,
+"A: 18 dollars, which is 2 more than 16" is 18, but "A: Janet sells 16 - 3 - 4 = 9 eggs ..." is the
+working, not a statement, and is not read as one. A calculator note left open (``<<16-3``, the GSM8K
+annotation) that the text ends in also marks it as cut off, with or without a finish reason.
 
 Extractors never raise; ``None`` means "could not parse". Outputs are normalised (letter "B", number
 "1234", "yes"/"no", lower-cased text) so ``extract(extract(x)) == extract(x)``.
@@ -116,13 +126,20 @@ def _parts(text: str) -> list[str]:
     return [text]
 
 
+def is_cut(finish_reason: str | None) -> bool:
+    """Whether a generator's finish reason says the text stopped at the token limit."""
+    return finish_reason == "length"
+
+
 def _extract(
     text: str,
     parse_span: Callable[[str], T | None],
     fallback: Callable[[str], T | None],
     extra: Callable[[str], list[tuple[int, T]]] | None = None,
+    cut: bool = False,
 ) -> T | None:
-    """Rule 1-4 of the module docstring, with the kind's own span parser and fallback."""
+    """Rule 1-5 of the module docstring, with the kind's own span parser and fallback; ``cut``: the
+    text stopped at the token limit, so only final-answer statements count (rule 5)."""
     if not isinstance(text, str) or not text.strip():
         return None
     for part in _parts(text):
@@ -135,6 +152,8 @@ def _extract(
             found.extend(extra(part))
         if found:
             return max(found, key=lambda pv: pv[0])[1]
+        if cut:
+            continue
         value = fallback(part)
         if value is not None:
             return value
@@ -255,9 +274,44 @@ def _last_number(text: str) -> str | None:
     return None
 
 
-def extract_number(text: str) -> str | None:
-    """The final numeric answer, canonical ("18.00" -> "18", "#### 1,234" -> "1234"), or ``None``."""
-    return _extract(text, _number_in_span, _last_number)
+# "A:" opening a line (after markdown) or following a sentence, then the number right after it
+_NUMERIC_A_RE = re.compile(r"(?:^[ \t>#*]*|(?<=[.?!])[ \t]+)A[ \t*]*:[ \t*]*(?=[$€£]?[ \t]*[-−]?\d)", re.MULTILINE)
+# the number (or its start) a cut text ends on: "= 79", "#### 1,2", "is 1."
+_TRAILING_NUMBER_RE = re.compile(r"[-−]?[\d,./]*\d[.,/]?\Z")
+
+
+def _a_statements(part: str) -> list[tuple[int, str]]:
+    """Numeric ``A:`` statements: (position, number) for each one followed right away by a number."""
+    out = []
+    for m in _NUMERIC_A_RE.finditer(part):
+        end = part.find("\n", m.end())
+        value = _number_in_span(part[m.end() : end if end >= 0 else len(part)][:_SPAN_MAX])
+        if value is not None:
+            out.append((m.start(), value))
+    return out
+
+
+# the text ends inside a GSM8K calculator note: "<<" and then only what such a note holds ("16-3-4=9")
+_OPEN_NOTE_RE = re.compile(r"<<[\d.,+\-*/=()]*\Z")
+
+
+def open_calculator_note(text: str) -> bool:
+    """The text ends inside a GSM8K calculator note (``<<16-3=13>>``) never closed: it was cut off there.
+    Only the note's own characters may follow the ``<<``, so "1 << 3 = 8" (a shift) is no such note."""
+    return _OPEN_NOTE_RE.search(text) is not None
+
+
+def extract_number(text: str, finish_reason: str | None = None) -> str | None:
+    """The final numeric answer, canonical ("18.00" -> "18", "#### 1,234" -> "1234"), or ``None``.
+
+    ``finish_reason`` is the generator's ("length": cut off at the token limit; rule 5).
+    """
+    if not isinstance(text, str):
+        return None
+    cut = is_cut(finish_reason) or open_calculator_note(text)
+    if cut:
+        text = _TRAILING_NUMBER_RE.sub("", text)
+    return _extract(text, _number_in_span, _last_number, extra=_a_statements, cut=cut)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,11 +376,13 @@ _LETTER_LINE_RE = re.compile(
 _LEADING_LETTER_REPLY_RE = re.compile(r"^\s*[\(\[]?([A-Z])(?:[\)\].:]|$)")
 
 
-def extract_choice(text: str, letters: str = DEFAULT_LETTERS, choices: Sequence[str] | None = None) -> str | None:
+def extract_choice(text: str, letters: str = DEFAULT_LETTERS, choices: Sequence[str] | None = None,
+                   finish_reason: str | None = None) -> str | None:
     """The chosen letter among ``letters``, upper-case, or ``None``.
 
     With ``choices`` a final-answer statement may give the choice's text instead of its letter
-    ("The answer is Paris." -> the letter of "Paris"; numbers compare by value).
+    ("The answer is Paris." -> the letter of "Paris"; numbers compare by value). ``finish_reason``
+    "length" (cut off): statements only, no bare letter (rule 5).
     """
     letters = letters.upper()
 
@@ -355,7 +411,8 @@ def extract_choice(text: str, letters: str = DEFAULT_LETTERS, choices: Sequence[
             return m.group(1)
         return None
 
-    return _extract(text, lambda s: _letter_in_span(s, letters, choices), fallback, extra=is_correct)
+    return _extract(text, lambda s: _letter_in_span(s, letters, choices), fallback, extra=is_correct,
+                    cut=is_cut(finish_reason))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,9 +446,9 @@ def _yesno_fallback(part: str) -> str | None:
     return _YES_NO[m.group(1).lower()] if m else None
 
 
-def extract_yesno(text: str) -> str | None:
-    """ "yes" or "no" (true/false map to yes/no), or ``None``."""
-    return _extract(text, _yesno_in_span, _yesno_fallback)
+def extract_yesno(text: str, finish_reason: str | None = None) -> str | None:
+    """ "yes" or "no" (true/false map to yes/no), or ``None``; cut off (``"length"``): statements only."""
+    return _extract(text, _yesno_in_span, _yesno_fallback, cut=is_cut(finish_reason))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,6 +486,7 @@ def _exact_fallback(part: str) -> str | None:
     return normalize_exact(clean_span(stripped)) or None
 
 
-def extract_exact(text: str) -> str | None:
-    """The stated final answer, normalised with :func:`normalize_exact`; a one-line reply counts whole."""
-    return _extract(text, _exact_in_span, _exact_fallback)
+def extract_exact(text: str, finish_reason: str | None = None) -> str | None:
+    """The stated final answer, normalised with :func:`normalize_exact`; a one-line reply counts whole,
+    unless it was cut off (``"length"``): then statements only."""
+    return _extract(text, _exact_in_span, _exact_fallback, cut=is_cut(finish_reason))
