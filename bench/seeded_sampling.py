@@ -74,6 +74,21 @@ def exactness(model: Any, tok: Any, reqs: list[Request], batches: Sequence[int])
     return rows
 
 
+def logit_drift(model: Any, tok: Any, reqs: list[Request], batches: Sequence[int]) -> list[list[str]]:
+    """Largest next-token logit difference of one prompt alone against the same prompt repeated ``b``
+    times (no padding at all), per precision: what the batch shape alone does to a row."""
+    ids = tok(render_prompt(tok, reqs[0].messages), return_tensors="pt", add_special_tokens=False)["input_ids"]
+    rows = []
+    for bf16 in (False, True):
+        ctx = (lambda: autocast(torch.device("cpu"))) if bf16 else nullcontext
+        with torch.no_grad(), ctx():
+            alone = model(input_ids=ids).logits[0, -1].float()
+            for b in batches:
+                many = model(input_ids=ids.repeat(b, 1)).logits[0, -1].float()
+                rows.append(["bf16 autocast" if bf16 else "fp32", str(b), f"{(many - alone).abs().max().item():.3g}"])
+    return rows
+
+
 def timed_generate(model: Any, tok: Any, reqs: list[Request], seeded: bool) -> tuple[int, float]:
     """One batch of every row; returns (generated tokens up to EOS, seconds)."""
     prompts = [render_prompt(tok, r.messages) for r in reqs for _ in range(r.n)]
@@ -121,6 +136,7 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=MODEL, help=f"model name or folder (default {MODEL})")
     p.add_argument("--prompts", type=int, default=12)
     p.add_argument("--samples", type=int, default=2)
     p.add_argument("--max-new-tokens", type=int, default=48)
@@ -128,16 +144,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--markdown", action="store_true")
     args = p.parse_args(argv)
-    tok = load_tokenizer(MODEL)
-    model = load_model(MODEL, dtype="float32", device="cpu").eval()
+    tok = load_tokenizer(args.model)
+    model = load_model(args.model, dtype="float32", device="cpu").eval()
     reqs = requests(args.prompts, args.samples, args.max_new_tokens)
     batches = [int(x) for x in args.batch_sizes.split(",")]
+    drift = logit_drift(model, tok, reqs, batches)
     exact = exactness(model, tok, reqs, batches)
     fast = speed(model, tok, reqs, args.repeats)
     print(f"command: python bench/seeded_sampling.py {shlex.join(sys.argv[1:])}")
     print(f"machine: {cpu_line()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"workload: {args.prompts} prompts x {args.samples} samples, temperature 0.8, "
-          f"{args.max_new_tokens} new tokens, SmolLM2-135M-Instruct\n")
+          f"{args.max_new_tokens} new tokens, {args.model}\n")
+    print(table(["precision", "same prompt x batch size", "max next-token logit difference vs alone"], drift))
+    print()
     print(table(["precision", "batch size", "samples equal to batch 1", "share"], exact))
     print()
     print(table(["sampler (bf16 autocast, one batch of all rows)", "rows", "tokens/s (median)", "vs do_sample"], fast))

@@ -169,3 +169,17 @@ def test_vllm_arm_sends_the_whole_workload_in_one_call_and_counts_its_tokens(mon
     assert run(7, None) == 5 * 7
     assert run(3, 2) == 2 * 3
     assert engine.calls == [5, 2]  # one engine call per run, whatever the batch size
+
+
+def test_seeded_sampling_bench_runs_and_fp32_is_exact(tiny_model_dir: Path) -> None:
+    """bench/seeded_sampling.py end to end on the tiny model: its three tables, and in fp32 every sample
+    equal to its batch-1 sample (the contract the bench measures)."""
+    cmd = [sys.executable, str(ROOT / "bench" / "seeded_sampling.py"), "--model", str(tiny_model_dir), "--prompts", "3",
+           "--max-new-tokens", "6", "--batch-sizes", "2,6", "--repeats", "1"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    drift, exact, speed = (table_rows(block) for block in proc.stdout.split("\n\n") if block.startswith("|"))
+    assert [r["precision"] for r in drift] == ["fp32", "fp32", "bf16 autocast", "bf16 autocast"]
+    fp32 = [r for r in exact if r["precision"] == "fp32" and r["share"]]
+    assert [r["share"] for r in fp32] == ["100.0%", "100.0%"]
+    assert len(speed) == 2 and all(float(r["tokens/s (median)"]) > 0 for r in speed)
