@@ -16,7 +16,6 @@ from orpo_distill.config import load_config
 from orpo_distill.generators import hf
 from orpo_distill.models import load_model
 from orpo_distill.pipeline import Run
-from orpo_distill.recipe import Distiller
 
 
 def main(config: str, out: str) -> None:
@@ -29,7 +28,7 @@ def main(config: str, out: str) -> None:
         return real_generate(self, requests)
 
     hf.HFGenerator.generate = recording_generate
-    distiller = Distiller(run)
+    distiller = run.distiller()
     distiller.buffer = distiller.initial_buffer()
     model = load_model(run.cfg.student.model, dtype="float32", device="cpu")
     distiller.refresh(2, model)

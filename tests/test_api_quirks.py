@@ -385,3 +385,18 @@ def test_max_failed_share_lets_a_share_of_requests_fail(tmp_path):
 def test_max_failed_share_is_validated():
     with pytest.raises(UserError, match="max_failed_share"):
         build_config({"teacher": {"max_failed_share": 1.5}})
+
+
+def test_student_stage_against_a_dead_port_names_the_student_section(tmp_path):
+    """The same fail-fast stop for a remote student: the one line names student.base_url, not teacher's
+    or the generators' own ``generator.`` wording."""
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    data = yaml.safe_load(teacher_config(tmp_path, url).read_text())
+    data["teacher"] = {"kind": "scripted"}
+    data["student"] = {"kind": "openai", "base_url": url, "model": "student-x", "max_concurrency": 1,
+                       "backoff_base": 0.01, "sampling": {"samples": 2}}
+    run = Run(build_config(data, "test"), progress=False)
+    with pytest.raises(UserError) as err:
+        run.student(epoch=1)
+    assert str(err.value).startswith("student.base_url: no server answered"), str(err.value)
+    assert url in str(err.value) and not (tmp_path / "run" / "student" / "epoch_1.jsonl").exists()

@@ -193,12 +193,11 @@ def test_load_student_refuses_4bit_before_loading(tiny_config: Any, monkeypatch:
                                                   no_model_loads: list[str]) -> None:
     """Every way into training (compare too) goes through load_student, which checks again."""
     from orpo_distill.pipeline import Run
-    from orpo_distill.recipe import Distiller
 
     monkeypatch.setattr(models, "_bitsandbytes_available", lambda: False)
     run = Run(tiny_config(**{"train.lora.enabled": True, "train.lora.load_in_4bit": True}), progress=False)
     with pytest.raises(UserError, match="needs bitsandbytes"):
-        Distiller(run).load_student(None)
+        run.distiller().load_student(None)
     assert no_model_loads == []
 
 
@@ -227,7 +226,6 @@ def test_4bit_student_is_loaded_nf4_and_prepared_for_kbit_training(
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from orpo_distill.pipeline import Run
-    from orpo_distill.recipe import Distiller
 
     real_from_pretrained, real_prepare = AutoModelForCausalLM.from_pretrained, peft.prepare_model_for_kbit_training
     loads: list[tuple[str, dict[str, Any]]] = []
@@ -241,10 +239,10 @@ def test_4bit_student_is_loaded_nf4_and_prepared_for_kbit_training(
         prepared.append({"model": model, **kwargs})
         return real_prepare(model, **kwargs)
 
-    import orpo_distill.recipe as recipe
+    import orpo_distill.student_weights as student_weights
 
     checks: list[str] = []
-    monkeypatch.setattr(recipe, "require_4bit_support", checks.append)  # tested above; here: as if on a GPU
+    monkeypatch.setattr(student_weights, "require_4bit_support", checks.append)  # tested above; here: as if on a GPU
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained)
     monkeypatch.setattr(peft, "prepare_model_for_kbit_training", prepare)
@@ -252,7 +250,7 @@ def test_4bit_student_is_loaded_nf4_and_prepared_for_kbit_training(
                          "train.lora.load_in_4bit": True, "train.gradient_checkpointing": gradient_checkpointing,
                          "student.device": "auto"})
     ckpt = lora_run["dir"] / "checkpoints" / "epoch_1" if resume else None
-    model = Distiller(Run(cfg, progress=False)).load_student(ckpt)
+    model = Run(cfg, progress=False).distiller().load_student(ckpt)
 
     assert checks == ["auto"] and len(loads) == 1
     name, kwargs = loads[0]
@@ -285,7 +283,6 @@ def test_4bit_export_merges_into_a_reloaded_full_precision_base(tiny_config: Any
     from peft import PeftModel
 
     from orpo_distill.pipeline import Run
-    from orpo_distill.recipe import Distiller
     from orpo_distill.training import apply_lora
 
     cfg = tiny_config(**{"train.lora.enabled": True, "train.lora.r": 4, "train.lora.alpha": 8,
@@ -307,10 +304,10 @@ def test_4bit_export_merges_into_a_reloaded_full_precision_base(tiny_config: Any
         loads.append((name, kwargs))
         return real_load_model(name, **kwargs)
 
-    import orpo_distill.recipe as recipe
+    import orpo_distill.student_weights as student_weights
 
-    monkeypatch.setattr(recipe, "load_model", load_model)
-    target = Distiller(Run(cfg, progress=False)).export(model)
+    monkeypatch.setattr(student_weights, "load_model", load_model)
+    target = Run(cfg, progress=False).distiller().export(model)
 
     assert loads == [(str(tiny_model_dir), {"dtype": "bfloat16", "trust_remote_code": False, "device": "cpu"})]
     assert any("lora_A" in n for n, _ in model.named_parameters()), "the in-memory model was merged"

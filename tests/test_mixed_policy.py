@@ -1,4 +1,4 @@
-"""The mixed-policy refresh (DESIGN.md 1.5), through the real Run and Distiller on the tiny student.
+"""The mixed-policy refresh, through the real Run and Distiller on the tiny student.
 
 phi 0, 0.5 and 1 regenerate exactly 0, half and all of the questions' negatives at each refresh, and
 the refreshed ones come from the current weights: the student as it is after the previous epoch,
@@ -184,7 +184,7 @@ def test_initial_buffer_uses_teacher_negatives_when_configured(tiny_config: Any)
         ])
         run.student_store(1).append([{"id": qid, "sample": i, "text": "student right", "answer": "A", "correct": True}
                                      for i in range(2)])
-        d = recipe.Distiller(run)
+        d = run.distiller()
         buf = d.initial_buffer()
         if expected_source is None:
             assert buf.negatives[qid] == []

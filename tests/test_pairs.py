@@ -1,4 +1,4 @@
-"""Pair building, SFT targets, the phi schedule and one epoch's pair rows (DESIGN.md 1.3, 1.5, 1.6)."""
+"""Pair building, SFT targets, the phi schedule and one epoch's pair rows."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from orpo_distill.pairs import (
     teacher_negatives,
 )
 from orpo_distill.pipeline import Run
-from orpo_distill.recipe import Distiller, chosen_texts
+from orpo_distill.epoch_rows import chosen_texts, examples_upper_bound, largest_group
 from orpo_distill.store import read_jsonl
 
 
@@ -198,7 +198,7 @@ def test_epoch_data_counts_dropped_questions_and_writes_trl_format(tiny_config: 
         2: [trace("right 2", True), trace("right 2b", True)],  # no negative
         # 3: no traces at all -> no positive
     })
-    d = Distiller(run)
+    d = run.distiller()
     data = d.epoch_data(1)
     assert data.dropped_no_positive == 2
     assert data.dropped_no_negative == 1
@@ -229,7 +229,7 @@ def test_epoch_data_counts_dropped_questions_and_writes_trl_format(tiny_config: 
 def test_epoch_data_student_and_both_pools(tiny_config: Any) -> None:
     cfg = tiny_config(**{"dataset.train_size": 2, "pairs.negatives": "both", "pairs.pairs_per_question": 10})
     run = _run_with_traces(cfg, {0: [trace("right", True), trace("t-wrong", False)], 1: [trace("right 1", True)]})
-    d = Distiller(run)
+    d = run.distiller()
     ids = [r.id for r in run.train_records]
     d.buffer = NegativeBuffer({ids[0]: [Negative("s-wrong", "student", 1)], ids[1]: []})
     data = d.epoch_data(1)
@@ -247,7 +247,7 @@ def test_epoch_data_sft_rows(tiny_config: Any, traces: str, expected: int) -> No
     cfg = tiny_config(**{"dataset.train_size": 1, "train.method": "sft", "train.traces": traces})
     run = _run_with_traces(cfg, {0: [trace("a", True), trace("b", True), trace("c", True), trace("x", False),
                                      trace("cut", True, "length")]})
-    data = Distiller(run).epoch_data(1)
+    data = run.distiller().epoch_data(1)
     assert len(data.rows) == expected
     for row in data.rows:
         assert set(row) == {"id", "prompt", "completion"}
@@ -283,10 +283,10 @@ def test_every_positive_arm_trains_on_exactly_the_sft_diverse_positives(tiny_con
     }
     over = {"dataset.train_size": 3, "pairs.pairing": "every_positive", "pairs.no_negative": "teacher"}
     run = _run_with_traces(tiny_config(**over, **{"train.method": "sft", "train.traces": "all"}), teacher)
-    sft = chosen_texts(Distiller(run).epoch_data(1).rows)
+    sft = chosen_texts(run.distiller().epoch_data(1).rows)
 
     run.cfg.train.method, run.cfg.pairs.negatives = "orpo", "student"
-    d = Distiller(run)
+    d = run.distiller()
     ids = [r.id for r in run.train_records]
     d.buffer = NegativeBuffer({ids[0]: [Negative("s-wrong 0", "student", 1)], ids[1]: [], ids[2]: []})
     data = d.epoch_data(1)
@@ -308,4 +308,6 @@ def test_every_positive_arm_trains_on_exactly_the_sft_diverse_positives(tiny_con
 
     run.cfg.pairs.no_negative = "drop"  # without the fallback question 1 leaves the epoch
     assert ids[1] not in chosen_texts(d.epoch_data(1).rows)
-    assert d.group_size() == 3 and d.upper_bound_examples() == 6  # 3 + 1 + 2 positives
+    cfg = run.cfg
+    assert largest_group(d.teacher, d.qids, cfg.train, cfg.pairs) == 3  # 3 + 1 + 2 positives
+    assert examples_upper_bound(d.teacher, d.qids, cfg.train, cfg.pairs) == 6

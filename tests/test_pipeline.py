@@ -1,4 +1,4 @@
-"""The whole pipeline through ``orpo-distill run``: every artifact of DESIGN.md section 2, a rerun that
+"""The whole pipeline through ``orpo-distill run``: every artifact of the run folder (docs/architecture.md), a rerun that
 does nothing, and each training variant the paper compares, on the tiny student and scripted teacher."""
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def test_run_end_to_end_writes_every_artifact_and_a_rerun_does_nothing(tiny_conf
         assert sorted(json.loads((ckpt / "buffer.json").read_text())) == qids
     assert not list((run / "checkpoints").glob(".*")), "a temp folder was left behind"
 
-    # metrics.jsonl: one train row per step, with every figure DESIGN.md 1.4 names, finite
+    # metrics.jsonl: one train row per step, with every figure the ORPO loss logs, finite
     events = read_metrics(run / "metrics.jsonl")
     train = [e for e in events if e["event"] == "train"]
     assert [e["step"] for e in train] == [1, 2] and [e["epoch"] for e in train] == [1, 2]  # batch 8 > pairs

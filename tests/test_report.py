@@ -130,3 +130,21 @@ def test_report_of_something_else_is_a_clear_error(tmp_path: Path, capsys: pytes
         report.detect(tmp_path)
     assert cli.main(["report", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_run_report_gives_the_generation_cost_per_stage(tmp_path: Path) -> None:
+    """The teacher's token totals (what a hosted API bills) summed over every invocation of the stage."""
+    events = [
+        {"event": "sampling", "stage": "teacher", "requests": 10, "new_samples": 40, "failed_requests": 1,
+         "prompt_tokens": 1200, "completion_tokens": 5000, "reasoning_tokens": 3000, "seconds": 12.5},
+        {"event": "sampling", "stage": "teacher", "requests": 1, "new_samples": 4, "failed_requests": 0,
+         "prompt_tokens": 120, "completion_tokens": 500, "reasoning_tokens": None, "seconds": 1.5},
+        {"event": "sampling", "stage": "student/epoch_1", "requests": 10, "new_samples": 20, "failed_requests": 0,
+         "prompt_tokens": 0, "completion_tokens": 800, "reasoning_tokens": 0, "seconds": 4.0},
+    ]
+    (tmp_path / "config.yaml").write_text("train: {epochs: 1}\n")
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    md = report.render_markdown(report.run_report(tmp_path), tmp_path)
+    assert "## Generation cost" in md
+    assert "| teacher | 11 | 44 | 1 | 1320 | 5500 | 3000 | 14 |" in md
+    assert "| student/epoch_1 | 10 | 20 | 0 | 0 | 800 | 0 | 4 |" in md

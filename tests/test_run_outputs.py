@@ -51,11 +51,11 @@ def test_the_train_stage_writes_the_prompts_before_training(tiny_config: Any, mo
     from orpo_distill import recipe
 
     class NoTraining:
-        def __init__(self, run: Run) -> None:
-            self.run = run
+        def __init__(self, cfg: Any, layout: Any, *args: Any, **kwargs: Any) -> None:
+            self.layout = layout
 
-        def train(self) -> dict[str, Any]:
-            assert (self.run.dir / "prompts" / "student.jsonl").is_file()
+        def train(self, reuse: bool = False) -> dict[str, Any]:
+            assert self.layout.prompts("student").is_file()
             return {"trained": True}
 
     monkeypatch.setattr(recipe, "Distiller", NoTraining)

@@ -17,7 +17,6 @@ from orpo_distill.config import TrainConfig
 from orpo_distill.errors import NonFiniteLossError
 from orpo_distill.models import load_model
 from orpo_distill.pipeline import Run
-from orpo_distill.recipe import Distiller
 from orpo_distill.training import (
     SftExample,
     epoch_order,
@@ -131,7 +130,7 @@ def tiny_epoch(tiny_config: Any, tiny_model_dir: Path) -> dict[str, Any]:
     """The first epoch's tokenized pair groups (one per question) of a small run, and the tiny model."""
     run = Run(tiny_config(**FAST), progress=False)
     _teacher_traces(run)
-    d = Distiller(run)
+    d = run.distiller()
     data = d.epoch_data(1)
     examples = d.tokenize(data.rows)
     assert len(examples) == 4 and all(len(g.pairs) == 1 for g in examples)

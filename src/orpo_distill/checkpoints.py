@@ -21,8 +21,7 @@ import numpy as np
 import torch
 
 from .errors import UserError, storage_error
-
-STATE = "state.json"
+from .layout import STATE, RunLayout, epoch_of
 
 
 def rng_state() -> dict[str, Any]:
@@ -41,7 +40,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def checkpoint_dir(run_dir: Path, epoch: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"epoch_{epoch}"
+    return RunLayout(run_dir).checkpoint(epoch)
 
 
 def save_checkpoint(run_dir: Path, epoch: int, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any,
@@ -85,15 +84,15 @@ def _torch_save(obj: Any, path: Path) -> None:
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint (one with ``state.json``); removes stale temp folders."""
-    root = Path(run_dir) / "checkpoints"
+    root = RunLayout(run_dir).checkpoints
     if not root.is_dir():
         return None
     for stale in root.glob(".epoch_*.tmp"):
         shutil.rmtree(stale, ignore_errors=True)
-    done = [p for p in root.glob("epoch_*") if (p / STATE).is_file()]
+    done = [p for p in root.glob("epoch_*") if (p / STATE).is_file() and epoch_of(p) is not None]
     if not done:
         return None
-    return max(done, key=lambda p: int(p.name.split("_")[1]))
+    return max(done, key=epoch_of)
 
 
 def load_training_state(path: Path, optimizer: Any, scheduler: Any) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -29,7 +29,7 @@ def _open_run(args: argparse.Namespace) -> Any:
     from .pipeline import Run
 
     cfg = load_config(args.config, args.overrides)
-    return Run(cfg, overwrite=args.overwrite, progress=not args.no_progress)
+    return Run(cfg, overwrite=args.overwrite, progress=not args.no_progress, reuse=getattr(args, "reuse", False))
 
 
 def _check_training_environment(cfg: Any) -> None:
@@ -56,7 +56,7 @@ def print_table(title: str, rows: Sequence[tuple[str, str]]) -> None:
 def cmd_teacher(args: argparse.Namespace) -> None:
     run = _open_run(args)
     summary = run.teacher()
-    print_table(f"teacher traces ({run.dir / 'teacher' / 'traces.jsonl'})", summary.rows())
+    print_table(f"teacher traces ({run.layout.teacher_traces})", summary.rows())
 
 
 def cmd_student(args: argparse.Namespace) -> None:
@@ -64,22 +64,23 @@ def cmd_student(args: argparse.Namespace) -> None:
     generator = None
     if args.epoch > 1:  # the student as it was after the previous epoch
         from .generators.hf import HFGenerator
+        from .layout import student_generator_name
 
         model, tok = run.load_student_for_eval(args.epoch - 1)
-        generator = HFGenerator.from_model(model, tok, name=f"hf:student@epoch_{args.epoch - 1}",
+        generator = HFGenerator.from_model(model, tok, name=student_generator_name(args.epoch - 1),
                                            batch_size=run.cfg.student.sampling.batch_size, progress=run.progress)
     summary = run.student(epoch=args.epoch, generator=generator)
-    print_table(f"student samples ({run.dir / 'student' / f'epoch_{args.epoch}.jsonl'})", summary.rows())
+    print_table(f"student samples ({run.layout.student_samples(args.epoch)})", summary.rows())
 
 
 def cmd_pairs(args: argparse.Namespace) -> None:
-    from .recipe import Distiller, uses_student_negatives
+    from .provenance import uses_student_negatives
 
     run = _open_run(args)
     run.teacher()
     if uses_student_negatives(run.cfg):
         run.student(epoch=1)
-    d = Distiller(run)
+    d = run.distiller()
     if uses_student_negatives(run.cfg):
         d.buffer = d.initial_buffer()
     data = d.epoch_data(1)
@@ -92,7 +93,7 @@ def cmd_pairs(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .recipe import uses_student_negatives
+    from .provenance import uses_student_negatives
 
     run = _open_run(args)
     _check_training_environment(run.cfg)
@@ -108,16 +109,17 @@ def cmd_eval(args: argparse.Namespace) -> None:
     epoch = args.epoch
     if epoch is None:
         from .checkpoints import latest_checkpoint
+        from .layout import epoch_of
 
         ckpt = latest_checkpoint(run.dir)
         if ckpt is not None:
-            epoch = int(ckpt.name.split("_")[1])
-        elif (run.dir / "model" / "config.json").is_file():
+            epoch = epoch_of(ckpt)
+        elif run.layout.has_model():
             epoch = run.cfg.train.epochs  # the exported final model
         else:
             epoch = 0
     s = run.evaluate(epoch)
-    print_table(f"evaluation after epoch {epoch} ({run.dir / 'eval'})", eval_rows(s))
+    print_table(f"evaluation after epoch {epoch} ({run.layout.eval_dir})", eval_rows(s))
 
 
 def eval_rows(s: Any) -> list[tuple[str, str]]:
@@ -161,8 +163,8 @@ def _run_and_report(run: Any) -> None:
     if "eval_before" in out:
         before = out["eval_before"]
         split = run.cfg.eval.split
-        b = [r["correct"] for r in read_jsonl(run.dir / "eval" / f"{split}_epoch_0.jsonl")]
-        a = [r["correct"] for r in read_jsonl(run.dir / "eval" / f"{split}_epoch_{last}.jsonl")]
+        b = [r["correct"] for r in read_jsonl(run.layout.eval_rows(split, 0))]
+        a = [r["correct"] for r in read_jsonl(run.layout.eval_rows(split, last))]
         diff, lo, hi = paired_bootstrap_diff(b, a)
         rows = [
             ("held-out questions", str(before.n)),
@@ -206,7 +208,8 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
     _add_common(p)
     p.add_argument("--variants", action="append", default=[], metavar="A,B,...",
                    help="variants to compare (default: sft-single, sft-diverse, orpo-teacher-neg, orpo-off, orpo-on, "
-                        "orpo-mixed); orpo-mixed@PHI sets phi, e.g. orpo-mixed@0.25")
+                        "orpo-mixed); orpo-mixed@PHI sets phi, e.g. orpo-mixed@0.25; VARIANT+lambda=X or +lr=X changes one "
+                        "knob, e.g. orpo-mixed+lambda=0 (the odds-ratio term off)")
     p.add_argument("--seeds", type=int, default=None, help="seeds per variant (default 3; 1 with --quick)")
     p.add_argument("--quick", action="store_true",
                    help="the small size: at most 64 training and 100 held-out questions, 2 epochs, 1 seed")
@@ -231,7 +234,9 @@ def cmd_compare(args: argparse.Namespace) -> None:
     out = Path(args.out or cfg.run_dir)
     run_comparison(cfg, args.variants, [cfg.seed + i for i in range(n)], out, progress=not args.no_progress,
                    overwrite=args.overwrite, keep_checkpoints=args.keep_checkpoints)
-    print((out / "comparison.md").read_text(encoding="utf-8"))
+    from .layout import CompareLayout
+
+    print(CompareLayout(out).comparison_md.read_text(encoding="utf-8"))
     print(f"report: {out / 'report.md'} and {out / 'report.html'}")
 
 
@@ -282,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
             ARGUMENTS[name](p)
         else:
             _add_common(p)
+            p.add_argument("--reuse", action="store_true",
+                           help="keep checkpoints, model and evaluations made with other training settings (resume "
+                                "from them on purpose) instead of setting them aside and training again")
         if name == "student":
             p.add_argument("--epoch", type=int, default=1, help="sample before this epoch (1: the initial student)")
         if name == "eval":

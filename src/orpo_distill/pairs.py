@@ -1,4 +1,4 @@
-"""Preference pairs and the negative buffer with its mixed-policy refresh (DESIGN.md 1.3 and 1.5).
+"""Preference pairs and the negative buffer with its mixed-policy refresh.
 
 Everything here is pure: it takes traces as plain dicts (the rows of the trace stores) and returns new
 values; the training stage does the sampling and the file I/O. Randomness comes from

@@ -1,49 +1,83 @@
 """A run: one directory, one config, and the stages that read and write files in it.
 
-Each stage is a method that is safe to call again: it skips what is already on disk and does only
-what is missing. ``run_all`` calls them in order. The heavy lifting lives in the stage modules
-(sampling, pairs, training, evaluation); this file only wires them to the run directory.
+Each stage is safe to call again: it skips what is already on disk and does only what is missing.
+``run_all`` calls them in order. The stages live in their own modules (``sampling``, ``epoch_rows``,
+``recipe``, ``evaluation``) and receive what they use; this class composes them with the run folder
+(``layout.RunLayout``), the config and the metrics log. See docs/architecture.md.
+
+Every output carries the hash of the settings that made it: the trace stores their sampling settings',
+checkpoints and ``model/`` the training settings' (``provenance.py``), each evaluation its own. A rerun
+whose training settings changed sets the old trained outputs aside (``checkpoints.old``, ...) and trains
+again, saying so; ``reuse`` keeps them on purpose. A changed evaluation setting re-evaluates only.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Sequence
 
-from . import distributed
-from .checkpoints import checkpoint_dir
-from .config import RunConfig, save_resolved
+from . import distributed, provenance
+from .config import RunConfig, resolved_dict
 from .errors import UserError
 from .evaluation import EvalSummary, evaluate
 from .datasets import load_splits
 from .generators import build_generator
 from .generators.base import Generator
 from .generators.hf import HFGenerator
+from .layout import RunLayout, eval_key, student_generator_name
 from .metrics import MetricsLog
 from .models import load_model, load_tokenizer, pick_device
 from .records import Record
-from .sampling import SampleSummary, sample_traces, sampling_settings
-from .store import TraceStore, atomic_write_json, atomic_write_jsonl, settings_hash
+from .sampling import SampleSummary, sample_traces
+from .store import TraceStore, atomic_write_json, atomic_write_jsonl, atomic_write_text, settings_hash
 from .tasks import build_task
 
 
 class Run:
-    def __init__(self, cfg: RunConfig, overwrite: bool = False, progress: bool = True):
+    """``overwrite``: set aside trace stores made with other sampling settings instead of refusing.
+    ``reuse``: keep checkpoints, the model and evaluations made with other training settings."""
+
+    def __init__(self, cfg: RunConfig, overwrite: bool = False, progress: bool = True, reuse: bool = False):
         self.cfg = cfg
-        self.dir = Path(cfg.run_dir)
+        self.layout = RunLayout(Path(cfg.run_dir))
         self.overwrite = overwrite
+        self.reuse = reuse
         # Under `accelerate launch` every process runs this; only the main one writes (distributed.py)
         if distributed.world_size() > 1:  # (one process: no device question asked here)
             distributed.init(cpu=pick_device(cfg.student.device).type == "cpu")
         self.writer = distributed.is_main()
         self.progress = progress and self.writer
+        # weights trained with other settings are set aside before anything is written, so that config.yaml
+        # never records settings the folder's model was not trained with
+        changes = provenance.check_trained_outputs(self.layout, cfg, reuse, self.writer)
         if self.writer:
             _make_run_dir(self.dir)
-            save_resolved(cfg, self.dir / "config.yaml")
+            if not self._stores_conflict():  # the trace stage refuses such a rerun: keep the folder's config
+                _save_config(cfg, self.layout.config)
         distributed.barrier()
-        self.metrics = MetricsLog(self.dir / "metrics.jsonl", enabled=self.writer)
+        self.metrics = MetricsLog(self.layout.metrics, enabled=self.writer)
+        if changes:
+            self.metrics.log("set_aside", reason="training settings changed", changes=changes,
+                             set_aside=[p.name + ".old" for p in self.layout.trained_outputs()])
+
+    @property
+    def dir(self) -> Path:
+        return self.layout.root
+
+    def _stores_conflict(self) -> bool:
+        """Whether a trace store in the folder holds other settings than this config's (and no --overwrite)."""
+        if self.overwrite:
+            return False
+        for path, settings in ((self.layout.teacher_traces, provenance.teacher_store_settings(self.cfg)),
+                               (self.layout.student_samples(1), provenance.student_store_settings(self.cfg))):
+            stored = provenance.stored_hash(path)
+            if stored is not None and stored != settings_hash(settings):
+                return True
+        return False
 
     # ---- inputs -------------------------------------------------------------------------------
 
@@ -96,26 +130,20 @@ class Run:
         train, held_out = self.splits
         student = [{"id": r.id, "split": split, **shown(scfg, tok, self.task.messages(r))}
                    for split, records in (("train", train), ("eval", held_out)) for r in records]
-        write(self.dir / "prompts" / "student.jsonl", student)
-        write(self.dir / "prompts" / "teacher.jsonl",
+        write(self.layout.prompts("student"), student)
+        write(self.layout.prompts("teacher"),
               [{"id": r.id, **shown(self.cfg.teacher, None, self.task.messages(r))} for r in train])
         self._prompts_written = True
-        return self.dir / "prompts" / "student.jsonl"
+        return self.layout.prompts("student")
 
     def task_fingerprint(self) -> Any:
         """What about the prompt and the answer check a stored trace depends on."""
-        t = self.cfg.task
-        return {"kind": t.kind, "custom": t.custom, "system": t.system_prompt, "instruction": t.instruction}
+        return provenance.task_fingerprint(self.cfg)
 
     # ---- stages -------------------------------------------------------------------------------
 
     def teacher_store(self) -> TraceStore:
-        cfg = self.cfg.teacher
-        name = f"{cfg.kind}:{cfg.model or cfg.path or 'scripted'}"
-        settings = sampling_settings(name, cfg.sampling, self.task_fingerprint())
-        if cfg.kind == "scripted":
-            settings["error_rate"] = cfg.error_rate
-        return self._open_store(self.dir / "teacher" / "traces.jsonl", settings)
+        return self._open_store(self.layout.teacher_traces, provenance.teacher_store_settings(self.cfg))
 
     def teacher(self, generator: Generator | None = None) -> SampleSummary:
         """Sample and verify ``teacher.sampling.samples`` traces per training question.
@@ -129,23 +157,13 @@ class Run:
             generator = distributed.sharded(build_generator(self.cfg.teacher, self.train_records, self.cfg.task.kind,
                                                             self.cfg.teacher.sampling.seed, progress=self.progress,
                                                             role="teacher"))
-        try:
-            summary = self._sample(store, generator, self.cfg.teacher.sampling, "teacher",
-                                   max_failed_share=self.cfg.teacher.max_failed_share)
-        except UserError as e:  # the generators word their fields generator.FIELD; here it is teacher.FIELD
-            import re
-
-            text = re.sub(r"(?<![\w./-])generator\.(?=[a-z_]+)", "teacher.", str(e))
-            if text == str(e):
-                raise
-            raise UserError(text) from None
-        return summary
+        with _config_section("teacher"):
+            return self._sample(store, generator, self.cfg.teacher.sampling, "teacher",
+                                max_failed_share=self.cfg.teacher.max_failed_share)
 
     def student_store(self, epoch: int, generator_name: str | None = None) -> TraceStore:
-        cfg = self.cfg.student
-        name = generator_name or f"{cfg.kind}:{cfg.model}"
-        settings = sampling_settings(name, cfg.sampling, self.task_fingerprint())
-        return self._open_store(self.dir / "student" / f"epoch_{epoch}.jsonl", settings)
+        settings = provenance.student_store_settings(self.cfg, generator_name)
+        return self._open_store(self.layout.student_samples(epoch), settings)
 
     def _open_store(self, path: Path, settings: dict[str, Any]) -> TraceStore:
         """The main process opens (and repairs) a store first; the others then read it, read-only."""
@@ -162,26 +180,48 @@ class Run:
                 build_generator(self.cfg.student, records, self.cfg.task.kind, self.cfg.seed, progress=self.progress,
                                 role="student"))
         self.write_prompts()
-        return self._sample(store, generator, self.cfg.student.sampling, f"student/epoch_{epoch}", records)
+        with _config_section("student"):
+            return self._sample(store, generator, self.cfg.student.sampling, f"student/epoch_{epoch}", records)
+
+    def sample_refresh(self, epoch: int, generator: Generator, records: Sequence[Record]) -> dict[str, list[dict[str, Any]]]:
+        """The refresh's sampler: ``generator`` (the current weights) samples ``records`` into
+        ``student/epoch_E.jsonl``; returns their samples by question."""
+        self.student(epoch=epoch, generator=generator, records=list(records))
+        store = self.student_store(epoch, generator.name)
+        return {r.id: store.for_question(r.id) for r in records}
+
+    def distiller(self) -> Any:
+        """The training stage, given what it uses (``recipe.TrainingInputs``)."""
+        from .recipe import Distiller, TrainingInputs
+
+        inputs = TrainingInputs(records=self.train_records, messages=self.task.messages,
+                                teacher_rows=self.teacher_store().all_rows(),
+                                initial_student_rows=lambda: self.student_store(1).all_rows(),
+                                sample=self.sample_refresh,
+                                evaluate=lambda epoch, model, tok: self.evaluate(epoch, model=model, tokenizer=tok))
+        return Distiller(self.cfg, self.layout, self.metrics, inputs, progress=self.progress)
 
     def train(self) -> dict[str, Any]:
         """Train every epoch not yet in a complete checkpoint (see ``recipe.py``)."""
-        from .recipe import Distiller
-
         self.write_prompts()
-        return Distiller(self).train()
+        return self.distiller().train(reuse=self.reuse)
 
     def evaluate(self, epoch: int, model: Any = None, tokenizer: Any = None) -> EvalSummary:
         """Greedy evaluation of the student after ``epoch`` (0: before training); cached on disk."""
         split = self.cfg.eval.split
-        key = _eval_key(split, epoch)
-        path = self.dir / "eval" / f"{key}.jsonl"
+        key = eval_key(split, epoch)
+        path = self.layout.eval_rows(split, epoch)
         summaries = self.eval_summaries()
+        wanted = settings_hash(provenance.eval_settings(self.cfg, epoch, self.weights_hash(epoch)))
         if path.exists() and key in summaries:
-            return EvalSummary.from_dict(summaries[key])
+            cached = summaries[key].get("settings_hash")
+            if cached is None or cached == wanted:  # None: written before evaluations carried a hash
+                return EvalSummary.from_dict(summaries[key])
+            self.metrics.log("eval_stale", key=key, cached_hash=cached, settings_hash=wanted,
+                             note="cached evaluation was made with other settings or another model: recomputed")
         if model is None:
             model, tokenizer = self.load_student_for_eval(epoch)
-        gen = distributed.sharded(HFGenerator.from_model(model, tokenizer, name=f"hf:student@epoch_{epoch}",
+        gen = distributed.sharded(HFGenerator.from_model(model, tokenizer, name=student_generator_name(epoch),
                                                          batch_size=self.cfg.eval.batch_size, progress=self.progress))
         ecfg = self.cfg.eval
         rows, summary = evaluate(self.eval_records, self.task, gen, ecfg.max_tokens, ecfg.self_consistency,
@@ -189,29 +229,37 @@ class Run:
         if self.writer:
             atomic_write_jsonl(path, rows)
             summaries = self.eval_summaries()
-            summaries[key] = {**summary.as_dict(), "epoch": epoch, "split": split,
+            summaries[key] = {**summary.as_dict(), "epoch": epoch, "split": split, "settings_hash": wanted,
                               "tokens_per_s": gen.stats.completion_tokens / gen.stats.seconds if gen.stats.seconds else 0.0}
-            atomic_write_json(self.dir / "eval" / "summary.json", summaries)
+            atomic_write_json(self.layout.eval_summary, summaries)
         self.metrics.log("eval", key=key, **summary.as_dict())
         distributed.barrier()  # the other ranks read summary.json next time
         return summary
 
     def eval_summaries(self) -> dict[str, Any]:
-        path = self.dir / "eval" / "summary.json"
-        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+        return self.layout.eval_summaries()
+
+    def weights_hash(self, epoch: int) -> str | None:
+        """The training-settings hash recorded with the weights after ``epoch`` (None: before training, or
+        weights written before hashes existed)."""
+        return provenance.weights_hash(self.layout, epoch, self.cfg.train.epochs)
 
     def load_student_for_eval(self, epoch: int) -> tuple[Any, Any]:
         scfg = self.cfg.student
         tok = load_tokenizer(scfg.model, trust_remote_code=scfg.trust_remote_code)
         if epoch == 0:
             return load_model(scfg.model, dtype=scfg.dtype, trust_remote_code=scfg.trust_remote_code, device=scfg.device), tok
-        ckpt = checkpoint_dir(self.dir, epoch)
-        exported = self.dir / "model"
-        if not (ckpt / "state.json").is_file() and epoch == self.cfg.train.epochs and (exported / "config.json").is_file():
+        ckpt = self.layout.checkpoint(epoch)
+        exported = self.layout.model
+        if not (ckpt / "state.json").is_file() and epoch == self.cfg.train.epochs and self.layout.has_model():
             # checkpoints removed (compare does) but the final model was exported: that is this epoch
             return load_model(str(exported), dtype=scfg.dtype, trust_remote_code=scfg.trust_remote_code, device=scfg.device), tok
         if not (ckpt / "state.json").is_file():
             raise UserError(f"no complete checkpoint for epoch {epoch} in {ckpt.parent}; run `orpo-distill train` first")
+        refused = None if self.reuse else provenance.conflict(
+            ckpt, json.loads((ckpt / "state.json").read_text(encoding="utf-8")), self.cfg)
+        if refused:
+            raise UserError(refused)
         if self.cfg.train.lora.enabled:
             from peft import PeftModel
 
@@ -221,10 +269,8 @@ class Run:
 
     def run_all(self) -> dict[str, Any]:
         """Every stage in order; each skips what is already complete."""
-        from .recipe import uses_student_negatives
-
         out: dict[str, Any] = {"teacher": self.teacher()}
-        if uses_student_negatives(self.cfg):
+        if provenance.uses_student_negatives(self.cfg):
             out["student"] = self.student(epoch=1)
         if self.cfg.eval.before_training:
             out["eval_before"] = self.evaluate(0)
@@ -247,6 +293,28 @@ class Run:
         return summary
 
 
+@contextmanager
+def _config_section(role: str) -> Iterator[None]:
+    """The generators word their fields ``generator.FIELD``; within a stage it is ``teacher.FIELD`` or
+    ``student.FIELD``."""
+    try:
+        yield
+    except UserError as e:
+        text = re.sub(r"(?<![\w./-])generator\.(?=[a-z_]+)", role + ".", str(e))
+        if text == str(e):
+            raise
+        raise UserError(text) from None
+
+
+def _save_config(cfg: RunConfig, path: Path) -> None:
+    """The resolved config, written only when it changed (an unchanged rerun leaves the file alone)."""
+    import yaml
+
+    text = yaml.safe_dump(resolved_dict(cfg), sort_keys=False)
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        atomic_write_text(path, text)
+
+
 def _make_run_dir(path: Path) -> None:
     """Create the run directory; a file where it or a folder above it should be is the user's to move."""
     if path.exists() and not path.is_dir():
@@ -255,7 +323,3 @@ def _make_run_dir(path: Path) -> None:
         if parent.exists() and not parent.is_dir():
             raise UserError(f"run_dir {path}: {parent} is a file, not a directory; choose another run_dir")
     path.mkdir(parents=True, exist_ok=True)
-
-
-def _eval_key(split: str, epoch: int) -> str:
-    return f"{split}_epoch_{epoch}"

@@ -2,7 +2,7 @@
 
 Why no pyplot: it keeps global state (a current figure, a backend chosen at first import) that a
 library should not touch; ``Figure`` plus ``savefig`` needs neither a display nor a backend switch.
-Each function takes plain data (lists and dicts, prepared by ``report.py``) and writes one PNG.
+Each function takes plain data (lists and dicts, prepared by the ``report`` package) and writes one PNG.
 Readability rules kept everywhere: a title, axis labels with units, a legend when there are several
 series, constrained layout so labels never overlap, long tick labels rotated.
 """

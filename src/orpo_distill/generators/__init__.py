@@ -19,12 +19,15 @@ def build_generator(cfg: GeneratorConfig, records: Sequence[Record] = (), task_k
     replay generator check its file against the questions). ``role`` (``teacher`` or ``student``) names the
     config section in error messages, which the generators word as ``generator.FIELD``."""
     try:
-        return _build(cfg, records, task_kind, seed, progress)
+        generator = _build(cfg, records, task_kind, seed, progress)
     except UserError as e:
         text = str(e)
         if role == "generator" or not text.startswith("generator."):
             raise
         raise UserError(role + text[len("generator"):]) from None
+    if hasattr(generator, "config_section"):  # errors raised later, while generating, name the same section
+        generator.config_section = role
+    return generator
 
 
 def _build(cfg: GeneratorConfig, records: Sequence[Record], task_kind: str, seed: int, progress: bool) -> Generator:

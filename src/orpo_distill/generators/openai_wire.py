@@ -1,5 +1,5 @@
 """The OpenAI wire format, as pure functions: the request body out; choices, reasoning, usage and error
-bodies in. No I/O here; ``openai.py`` does the HTTP calls, retries and server bookkeeping.
+bodies in. No I/O here; ``openai.py`` does the HTTP calls and retries, ``openai_servers.py`` the server bookkeeping.
 
 Reasoning models send their reasoning apart from the answer (``message.reasoning_content``: older vLLM,
 DeepSeek, SGLang; ``message.reasoning``: newer vLLM, OpenRouter and others) or inside the text as

@@ -1,4 +1,4 @@
-"""Tasks: prompt building, answer extraction and checking (DESIGN.md section 3, "tasks").
+"""Tasks: prompt building, answer extraction and checking.
 
 ``build_task(cfg)`` turns the ``task`` section of the config into a task object with ``messages``,
 ``extract``, ``check`` and ``normalize_gold``; ``extract_answer(task, text, record, finish_reason)`` is

@@ -36,282 +36,30 @@ counts ("-3"), a minus between two numbers does not ("5-3" is not -3). Fractions
 ``\\frac{1}{2}`` are accepted and kept exact: a terminating one is written as a decimal ("0.5"), any
 other as "p/q" ("1/3"), so "1/2" == "0.5" but "0.33" != "1/3". An expression after a marker ("The
 answer is 3 + 5 = 8") gives the value after its last "=".
+
+Where: ``spans.py`` finds and cleans the statements and applies rules 1-5, ``numbers.py`` reads
+numbers, and this module reads letters, yes/no and exact text; all their names import from here.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from decimal import Decimal, localcontext
-from fractions import Fraction
-from typing import Callable, Sequence, TypeVar
+from typing import Sequence
+
+from .numbers import (  # noqa: F401  (importable from here, as before the split)
+    _NUM_RE,
+    _last_number,
+    _number_in_span,
+    _strip_money,
+    extract_number,
+    format_number,
+    open_calculator_note,
+    parse_number,
+)
+from .spans import _SPAN_MAX, Span, _extract, answer_spans, clean_span, first_sentence, is_cut  # noqa: F401
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 DEFAULT_LETTERS = "ABCD"
-
-T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Span:
-    """The text a final-answer marker introduces, and where in the output it starts."""
-
-    pos: int
-    text: str
-
-
-# ---------------------------------------------------------------------------------------------
-# finding final-answer statements
-
-_MARKER_RE = re.compile(
-    r"""
-    \banswer\s+to\s+(?:the|this)\s+(?:question|problem)\s+is\b
-    | \banswer(?:\*\*|__)?\s*(?:is\b|:|=|(?:would|should|will|must)\s+be\b)
-    | \b(?:correct|right|best)\s+(?:option|choice|letter)\s*(?:is\b|:|=)
-    | \bi\s*(?:would\s+|will\s+|'d\s+|'ll\s+)?(?:choose|pick|select|go\s+with)\b
-    | \#\#\#\#
-    """,
-    re.IGNORECASE | re.VERBOSE,
-)
-_BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
-_BLANKISH_RE = re.compile(r"^[\s*_:`]*$")
-_SPAN_MAX = 300
-
-
-def _braced(text: str, start: int) -> tuple[str, int] | None:
-    """Content of the ``{...}`` whose opening brace is just before ``start``, braces balanced."""
-    depth = 1
-    for i in range(start, min(len(text), start + 2000)):
-        c = text[i]
-        if c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start:i], i + 1
-    return None
-
-
-def answer_spans(text: str) -> list[Span]:
-    """Every final-answer statement in ``text``, in order of position.
-
-    A marker's span runs to the end of its line; when the rest of the line is blank ("Answer:" then the
-    answer on the next line) the next non-empty line is taken instead. A ``\\boxed{}`` span is its
-    content.
-    """
-    spans: list[Span] = []
-    for m in _MARKER_RE.finditer(text):
-        end = text.find("\n", m.end())
-        rest = text[m.end() : end if end >= 0 else len(text)]
-        if _BLANKISH_RE.match(rest) and end >= 0:
-            for line in text[end + 1 : end + 1 + _SPAN_MAX * 2].split("\n"):
-                if not _BLANKISH_RE.match(line):
-                    rest = line
-                    break
-        spans.append(Span(m.start(), rest[:_SPAN_MAX]))
-    for m in _BOXED_RE.finditer(text):
-        got = _braced(text, m.end())
-        if got is not None:
-            spans.append(Span(m.start(), got[0]))
-    spans.sort(key=lambda s: s.pos)
-    return spans
-
-
-def _parts(text: str) -> list[str]:
-    """The answer part of a reasoning model's output first, then the whole text."""
-    if "</think>" in text:
-        after = text.rsplit("</think>", 1)[1]
-        if after.strip():
-            return [after, text]
-    return [text]
-
-
-def is_cut(finish_reason: str | None) -> bool:
-    """Whether a generator's finish reason says the text stopped at the token limit."""
-    return finish_reason == "length"
-
-
-def _extract(
-    text: str,
-    parse_span: Callable[[str], T | None],
-    fallback: Callable[[str], T | None],
-    extra: Callable[[str], list[tuple[int, T]]] | None = None,
-    cut: bool = False,
-) -> T | None:
-    """Rule 1-5 of the module docstring, with the kind's own span parser and fallback; ``cut``: the
-    text stopped at the token limit, so only final-answer statements count (rule 5)."""
-    if not isinstance(text, str) or not text.strip():
-        return None
-    for part in _parts(text):
-        found: list[tuple[int, T]] = []
-        for span in answer_spans(part):
-            value = parse_span(span.text)
-            if value is not None:
-                found.append((span.pos, value))
-        if extra is not None:
-            found.extend(extra(part))
-        if found:
-            return max(found, key=lambda pv: pv[0])[1]
-        if cut:
-            continue
-        value = fallback(part)
-        if value is not None:
-            return value
-    return None
-
-
-# ---------------------------------------------------------------------------------------------
-# cleaning a span
-
-_LATEX_WRAP_RE = re.compile(r"\\(?:boxed|fbox|text|textbf|textrm|mathrm|mathbf|mbox)\s*\{([^{}]*)\}")
-_FRAC_RE = re.compile(r"\\[dt]?frac\s*\{\s*([^{}]*?)\s*\}\s*\{\s*([^{}]*?)\s*\}")
-_FILLER_RE = re.compile(
-    r"^(?:therefore|thus|then|so|hence|clearly|probably|likely|definitely|simply|just|indeed|actually|"
-    r"obviously|most\s+likely)\b[,:]?\s*",
-    re.IGNORECASE,
-)
-_OPTION_WORD_RE = re.compile(r"^(?:the\s+)?(?:option|choice|letter)\b\s*:?\s*", re.IGNORECASE)
-# A sentence ends at . ! ? or ; followed by a space or the end, unless the dot follows a capital
-# letter ("B. 12", "D.C.") or sits between digits ("1.5").
-_SENTENCE_END_RE = re.compile(r"(?<![A-Z\s])[.!?;](?=\s|$)")
-
-
-def clean_span(span: str) -> str:
-    """Drop markdown and LaTeX wrapping and leading filler: "**Therefore, \\boxed{B}**" -> "B"."""
-    s = span
-    for _ in range(3):
-        s = _LATEX_WRAP_RE.sub(r"\1", s)
-    s = _FRAC_RE.sub(r"\1/\2", s)
-    s = s.replace("\\(", " ").replace("\\)", " ").replace("\\[", " ").replace("\\]", " ")
-    s = s.replace("\\!", "").replace("\\,", "").replace("{,}", ",").replace("\\%", "%").replace("\\$", "$")
-    s = s.replace("**", "").replace("__", "")
-    s = s.strip().lstrip(":*`>#=-–— \t").strip() if not re.match(r"^\s*[-−]\s*\d", s) else s.strip()
-    for _ in range(3):
-        s2 = _FILLER_RE.sub("", s)
-        if s2 == s:
-            break
-        s = s2
-    return s
-
-
-def first_sentence(s: str) -> str:
-    m = _SENTENCE_END_RE.search(s)
-    return s[: m.start()] if m else s
-
-
-# ---------------------------------------------------------------------------------------------
-# numbers
-
-_SIGN = r"(?:(?<![\w)\].])[-−])?"
-_DIGITS = r"(?:\d{1,3}(?:,\d{3})+(?!\d|,\d)|\d+)(?:\.\d+)?(?:/\d+(?![\d/]))?"
-_NUM = _SIGN + r"(?<![\w.])" + _DIGITS
-_NUM_RE = re.compile(_NUM)
-# one more link of an expression after a number: "+ 5", "x 3", "= 8"
-_CHAIN_RE = re.compile(r"\s*(?:[-+*/×÷]|\sx\s|(=))\s*(" + _SIGN + _DIGITS + ")")
-
-
-def parse_number(s: str) -> Fraction | None:
-    """One number token ("1,234.5", "-3", "1/2", "−7") as an exact fraction; ``None`` if it is not one."""
-    s = s.strip().replace("−", "-").replace(",", "")
-    try:
-        if "/" in s:
-            num, den = s.split("/", 1)
-            d = Fraction(den)
-            return None if d == 0 else Fraction(Decimal(num)) / d
-        return Fraction(Decimal(s))
-    except (ValueError, ArithmeticError):
-        return None
-
-
-def format_number(x: Fraction) -> str:
-    """Canonical text: "18", "-3", "0.5", "1/3"."""
-    if x.denominator == 1:
-        return str(x.numerator)
-    d = x.denominator
-    while d % 2 == 0:
-        d //= 2
-    while d % 5 == 0:
-        d //= 5
-    if d != 1:
-        return f"{x.numerator}/{x.denominator}"
-    with localcontext() as ctx:
-        ctx.prec = 200
-        text = format(Decimal(x.numerator) / Decimal(x.denominator), "f")
-    return text.rstrip("0").rstrip(".") if "." in text else text
-
-
-def _strip_money(s: str) -> str:
-    return s.replace("$", " ").replace("€", " ").replace("£", " ")
-
-
-def _number_in_span(span: str) -> str | None:
-    """The first number of the span's first sentence, or the value after "=" when it opens an expression."""
-    s = first_sentence(_strip_money(clean_span(span)))
-    if re.match(r"^not\b", s, re.IGNORECASE):
-        return None
-    m = _NUM_RE.search(s)
-    if m is None:
-        return None
-    value, pos, after_eq = m.group(0), m.end(), None
-    while True:
-        c = _CHAIN_RE.match(s, pos)
-        if c is None:
-            break
-        if c.group(1):
-            after_eq = c.group(2)
-        pos = c.end()
-    x = parse_number(after_eq if after_eq is not None else value)
-    return format_number(x) if x is not None else None
-
-
-def _last_number(text: str) -> str | None:
-    s = _strip_money(text.replace("**", "").replace("{,}", ","))
-    s = _FRAC_RE.sub(r"\1/\2", s)
-    for m in reversed(list(_NUM_RE.finditer(s))):
-        x = parse_number(m.group(0))
-        if x is not None:
-            return format_number(x)
-    return None
-
-
-# "A:" opening a line (after markdown) or following a sentence, then the number right after it
-_NUMERIC_A_RE = re.compile(r"(?:^[ \t>#*]*|(?<=[.?!])[ \t]+)A[ \t*]*:[ \t*]*(?=[$€£]?[ \t]*[-−]?\d)", re.MULTILINE)
-# the number (or its start) a cut text ends on: "= 79", "#### 1,2", "is 1."
-_TRAILING_NUMBER_RE = re.compile(r"[-−]?[\d,./]*\d[.,/]?\Z")
-
-
-def _a_statements(part: str) -> list[tuple[int, str]]:
-    """Numeric ``A:`` statements: (position, number) for each one followed right away by a number."""
-    out = []
-    for m in _NUMERIC_A_RE.finditer(part):
-        end = part.find("\n", m.end())
-        value = _number_in_span(part[m.end() : end if end >= 0 else len(part)][:_SPAN_MAX])
-        if value is not None:
-            out.append((m.start(), value))
-    return out
-
-
-# the text ends inside a GSM8K calculator note: "<<" and then only what such a note holds ("16-3-4=9")
-_OPEN_NOTE_RE = re.compile(r"<<[\d.,+\-*/=()]*\Z")
-
-
-def open_calculator_note(text: str) -> bool:
-    """The text ends inside a GSM8K calculator note (``<<16-3=13>>``) never closed: it was cut off there.
-    Only the note's own characters may follow the ``<<``, so "1 << 3 = 8" (a shift) is no such note."""
-    return _OPEN_NOTE_RE.search(text) is not None
-
-
-def extract_number(text: str, finish_reason: str | None = None) -> str | None:
-    """The final numeric answer, canonical ("18.00" -> "18", "#### 1,234" -> "1234"), or ``None``.
-
-    ``finish_reason`` is the generator's ("length": cut off at the token limit; rule 5).
-    """
-    if not isinstance(text, str):
-        return None
-    cut = is_cut(finish_reason) or open_calculator_note(text)
-    if cut:
-        text = _TRAILING_NUMBER_RE.sub("", text)
-    return _extract(text, _number_in_span, _last_number, extra=_a_statements, cut=cut)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,6 +86,7 @@ def _choice_in_span(s: str, letters: str, choices: Sequence[str]) -> str | None:
     return best[1] if best else None
 
 
+_OPTION_WORD_RE = re.compile(r"^(?:the\s+)?(?:option|choice|letter)\b\s*:?\s*", re.IGNORECASE)
 _LEAD_LETTER_RE = re.compile(r"^[\(\[]?([A-Za-z])(?:([\)\]])|(?=[\s.,:;!?*'\"]|$))")
 _PAREN_LETTER_RE = re.compile(r"\(([A-Za-z])\)")
 

@@ -1,0 +1,139 @@
+"""The comparison table from the run folders on disk: ``comparison.json`` and ``comparison.md``.
+
+Reads every finished run of a plan (its final evaluation, metrics and ``pairs`` events), lists the
+missing ones, and leaves the statistics to :mod:`.statistics`. See docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from ..layout import CompareLayout, RunLayout, eval_key_epoch
+from ..metrics import read_metrics
+from ..report import comparison_blocks, render_markdown
+from ..store import atomic_write_json, atomic_write_text, read_jsonl
+from .plan import Plan, is_finished
+from .statistics import Correct, paired_rows, summarise
+from .variants import comparison_pairs, variant_config, variant_overrides
+
+
+def _eval_rows(layout: RunLayout, split: str, epoch: int) -> list[dict[str, Any]] | None:
+    path = layout.eval_rows(split, epoch)
+    return list(read_jsonl(path)) if path.is_file() else None
+
+
+def _last_per(rows: Iterable[dict[str, Any]], key: str) -> dict[Any, dict[str, Any]]:
+    """The last row per ``key`` value: a resumed run logs again what the killed one had logged."""
+    out: dict[Any, dict[str, Any]] = {}
+    for r in rows:
+        out[r[key]] = r
+    return out
+
+
+def run_timing(directory: Path) -> dict[str, float]:
+    """Seconds of training (``epoch`` events) and of the refresh sampling (``sampling`` events)."""
+    events = read_metrics(RunLayout(directory).metrics)
+    epochs = _last_per((e for e in events if e.get("event") == "epoch"), "epoch")
+    train = sum(float(e.get("seconds", 0.0)) for e in epochs.values())
+    sampling = sum(float(e.get("seconds", 0.0)) for e in events if e.get("event") == "sampling")
+    return {"train_seconds": train, "sampling_seconds": sampling}
+
+
+def training_data(directory: Path) -> dict[str, float]:
+    """What a run trained on, per epoch (mean over its epochs), from its ``pairs`` events: rows,
+    distinct positives on the chosen (or SFT target) side and their tokens, questions covered, and the
+    questions left out for want of a negative or paired through the teacher fallback."""
+    events = _last_per((e for e in read_metrics(RunLayout(directory).metrics) if e.get("event") == "pairs"),
+                       "epoch")
+    keys = ("rows", "questions", "positives", "positive_tokens", "dropped_no_negative", "teacher_fallback")
+    if not events:
+        return {}
+    return {k: float(np.mean([float(e.get(k, 0) or 0) for e in events.values()])) for k in keys}
+
+
+def _config_line(plan: Plan) -> dict[str, Any]:
+    b = plan.base
+    teacher = b.teacher.model or b.teacher.path
+    return {
+        "student": b.student.model,
+        "teacher": b.teacher.kind + (f":{teacher}" if teacher else ""),
+        "dataset": b.dataset.kind,
+        "train_size": b.dataset.train_size,
+        "eval_size": b.dataset.eval_size,
+        "phi": b.train.phi,
+    }
+
+
+def aggregate(plan: Plan) -> dict[str, Any]:
+    """The comparison table from what is on disk: every finished run of the plan; missing ones listed."""
+    layout = plan.layout
+    split, epochs = plan.base.eval.split, plan.base.train.epochs
+    base_rows: dict[int, list[dict[str, Any]]] = {}
+    for s in plan.seeds:
+        rows = _eval_rows(layout.shared(s), split, 0)
+        if rows is not None:
+            base_rows[s] = rows
+    result: dict[str, Any] = {
+        "dir": str(plan.dir),
+        "split": split,
+        "epochs": epochs,
+        "seeds": plan.seeds,
+        "variants": {},
+        "missing": [],
+        "runs": {},
+        "shared": {str(s): str(layout.shared(s).root.relative_to(plan.dir)) for s in plan.seeds},
+        "config": _config_line(plan),
+    }
+    correct_by_variant: dict[str, Correct] = {}
+    if base_rows:
+        summary, correct = summarise(base_rows)
+        result["base"] = summary
+        correct_by_variant["base"] = correct
+    for variant in plan.variants:
+        finished: dict[int, list[dict[str, Any]]] = {}
+        timings, per_epoch_rows = [], {}
+        result["runs"][variant] = {}
+        for s in plan.seeds:
+            run = layout.run(variant, s)
+            done = is_finished(run.root, variant_config(plan.base, plan.dir, variant, s))
+            rows = _eval_rows(run, split, epochs) if done else None
+            if rows is None:
+                result["missing"].append(run.root.relative_to(plan.dir).as_posix())
+                continue
+            result["runs"][variant][str(s)] = str(run.root.relative_to(plan.dir))
+            finished[s] = rows
+            timings.append(run_timing(run.root))
+            for key in run.eval_summaries():
+                e = eval_key_epoch(key, split)
+                if e is not None:
+                    ev = _eval_rows(run, split, e)
+                    if ev is not None:
+                        per_epoch_rows.setdefault(e, {})[s] = ev
+        if not finished:
+            continue
+        summary, correct = summarise(finished)
+        data = [training_data(layout.run(variant, s).root) for s in finished]
+        data = [x for x in data if x]
+        if data:  # per epoch, mean over the seeds: shows that arms are matched on their positives
+            summary["trained_on"] = {k: float(np.mean([x[k] for x in data])) for k in data[0]}
+        summary["train_minutes"] = float(np.mean([t["train_seconds"] for t in timings])) / 60
+        summary["refresh_sampling_minutes"] = float(np.mean([t["sampling_seconds"] for t in timings])) / 60
+        summary["overrides"] = variant_overrides(variant)
+        summary["per_epoch"] = {}
+        for e in sorted(per_epoch_rows):
+            es, _ = summarise(per_epoch_rows[e])
+            summary["per_epoch"][str(e)] = {"accuracy": es["accuracy"], "ci95": es["ci95"], "seeds": es["seeds"]}
+        result["variants"][variant] = summary
+        correct_by_variant[variant] = correct
+    result["paired"] = paired_rows(comparison_pairs(plan.variants), correct_by_variant)
+    return result
+
+
+def write_comparison(compare_dir: Path, result: dict[str, Any]) -> None:
+    """comparison.json (``result``) and comparison.md (its tables) in ``compare_dir``."""
+    layout = CompareLayout(compare_dir)
+    atomic_write_json(layout.comparison_json, result)
+    atomic_write_text(layout.comparison_md, render_markdown([*comparison_blocks(result)], layout.root))

@@ -1,0 +1,158 @@
+"""Running a comparison: the shared run of each seed, then each variant's run on its copied files.
+
+Why share: the variants differ only in how they train, so giving them the same teacher traces, the
+same initial student negatives and the same base evaluation both saves the generation time and makes
+their comparison paired (the same data, only the method changes). The shared files are copied into
+each run folder before its stages start; the trace stores then find them complete and generate
+nothing. The stores check the settings hash (generator, sampling settings, task), and the variants
+only touch training fields, so a copied file is accepted exactly when it is what the run would have
+generated itself.
+
+Every run is resumable like ``orpo-distill run``: rerunning ``compare`` skips finished runs (a run is
+finished when its final evaluation is on disk) and continues a killed one from its last checkpoint.
+See docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..config import RunConfig
+from ..errors import UserError
+from ..layout import RunLayout, eval_key
+from ..provenance import uses_student_negatives
+from ..report import write_report
+from ..store import atomic_write_json
+from .aggregate import aggregate, write_comparison
+from .plan import Plan, is_finished, open_plan
+from .variants import parse_variants, shared_config, variant_config
+
+
+def copy_atomic(src: Path, dst: Path) -> None:
+    """Copy through a temp file and a rename: a kill mid-copy leaves no half file for a store to trust."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def seed_from_shared(shared: RunLayout, target: RunLayout, files: Sequence[Path], key: str | None) -> None:
+    """Put the shared files into a run folder (where it has none yet) and the base evaluation's
+    summary entry ``key`` into its ``eval/summary.json``. ``files``: paths in ``target``, each copied
+    from the same place in ``shared``."""
+    for dst in files:
+        src = shared.root / dst.relative_to(target.root)
+        if src.is_file() and not dst.exists():
+            copy_atomic(src, dst)
+    if key is not None:
+        entry = shared.eval_summaries().get(key)
+        mine = target.eval_summaries()
+        if entry is not None and key not in mine:
+            atomic_write_json(target.eval_summary, {**mine, key: entry})
+
+
+def _check_same_settings(shared_run: Any, run: Any, variant: str) -> None:
+    """The variants must not change what the shared traces were generated with."""
+    layout = RunLayout(run.cfg.run_dir)
+    pairs = [(layout.teacher_traces, shared_run.teacher_store(), run.teacher_store())]
+    if uses_student_negatives(run.cfg):
+        pairs.append((layout.student_samples(1), shared_run.student_store(1), run.student_store(1)))
+    for path, a, b in pairs:
+        if a.settings != b.settings:
+            rel = path.relative_to(layout.root).as_posix()
+            raise UserError(f"variant {variant} would sample {rel} with other settings than the shared run "
+                            f"({b.settings} vs {a.settings}); variants may only change training fields")
+
+
+def _require_complete(summary: Any, k: int, what: str, where: Path) -> None:
+    """Shared samples must be complete: a variant that found a gap would fill it with its own draw, and
+    the variants would no longer train on the same data."""
+    if summary.samples < summary.questions * k:
+        raise UserError(f"{where}: {summary.questions * k - summary.samples} {what} are missing "
+                        f"({summary.failed_requests} failed requests); rerun the same command to retry them")
+
+
+def prepare_shared(plan: Plan, seed: int, variants: Sequence[str], progress: bool, overwrite: bool) -> Any:
+    """The shared run of ``seed``: teacher traces (copied from the first seed's), the initial
+    student's samples (when one of ``variants`` uses them), and the base model's evaluation (copied
+    from the first seed's when greedy)."""
+    from ..pipeline import Run
+
+    cfg = shared_config(plan.base, plan.dir, seed)
+    first = plan.layout.shared(plan.seeds[0])
+    here = plan.layout.shared(seed)
+    key = eval_key(cfg.eval.split, 0)
+    if here != first:
+        if not first.teacher_traces.is_file():  # the teacher traces come from the first seed
+            prepare_shared(plan, plan.seeds[0], [], progress, overwrite)
+        files = [here.teacher_traces]
+        greedy_only = cfg.eval.self_consistency == 0  # greedy decoding of the base does not depend on the seed
+        if greedy_only:
+            files.append(here.eval_rows(cfg.eval.split, 0))
+        seed_from_shared(first, here, files, key if greedy_only else None)
+    run = Run(cfg, overwrite=overwrite, progress=progress)
+    _require_complete(run.teacher(), cfg.teacher.sampling.samples, "teacher traces", here.root)
+    if any(uses_student_negatives(variant_config(plan.base, plan.dir, v, seed)) for v in variants):
+        _require_complete(run.student(epoch=1), cfg.student.sampling.samples, "initial student samples", here.root)
+    run.evaluate(0)
+    return run
+
+
+def run_variant(plan: Plan, variant: str, seed: int, shared_run: Any, progress: bool, overwrite: bool,
+                keep_checkpoints: bool) -> bool:
+    """One variant and seed, resumed where it stopped. Returns False when it was already finished."""
+    from ..pipeline import Run
+
+    cfg = variant_config(plan.base, plan.dir, variant, seed)
+    target = RunLayout(cfg.run_dir)
+    if is_finished(target.root, cfg):
+        if not keep_checkpoints:  # a kill may have come in the middle of the removal
+            shutil.rmtree(target.checkpoints, ignore_errors=True)
+        return False
+    files = [target.teacher_traces, target.eval_rows(cfg.eval.split, 0)]
+    if uses_student_negatives(cfg):
+        files.append(target.student_samples(1))
+    seed_from_shared(RunLayout(shared_run.dir), target, files, eval_key(cfg.eval.split, 0))
+    run = Run(cfg, overwrite=overwrite, progress=progress)
+    _check_same_settings(shared_run, run, variant)
+    run.run_all()
+    del run
+    gc.collect()
+    # 1.6 GB per epoch for a 135M model (weights and Adam state): the exported model/ is what stays
+    if not keep_checkpoints and is_finished(target.root, cfg):
+        shutil.rmtree(target.checkpoints, ignore_errors=True)
+    return True
+
+
+def run_comparison(base: RunConfig, variants: Sequence[str], seeds: Sequence[int], compare_dir: Path | None = None,
+                   progress: bool = True, overwrite: bool = False, keep_checkpoints: bool = False,
+                   log: Any = print) -> dict[str, Any]:
+    """Run every requested variant and seed not yet finished, then write comparison.json/.md and the
+    report, which cover everything the folder's plan holds (earlier invocations included)."""
+    compare_dir = Path(compare_dir or base.run_dir)
+    variants, seeds = parse_variants(variants), list(seeds)
+    plan = open_plan(compare_dir, base, variants, seeds)
+    total, i = len(variants) * len(seeds), 0
+    for seed in seeds:
+        shared_run = prepare_shared(plan, seed, variants, progress, overwrite)
+        for variant in variants:
+            i += 1
+            log(f"[compare] ({i}/{total}) {variant}, seed {seed}")
+            if not run_variant(plan, variant, seed, shared_run, progress, overwrite, keep_checkpoints):
+                log(f"[compare] ({i}/{total}) {variant}, seed {seed}: finished earlier, skipped")
+        del shared_run
+        gc.collect()
+    result = aggregate(plan)
+    write_comparison(plan.dir, result)
+    write_report(plan.dir)
+    return result

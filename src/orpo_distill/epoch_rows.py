@@ -1,0 +1,116 @@
+"""The pairs stage: what one epoch trains on, as rows in TRL's conversational format.
+
+Pure: it takes the training records, the task's prompt builder, the verified teacher traces and the
+student negatives of the epoch, and returns the rows of ``pairs/epoch_E.jsonl`` with what was left out.
+The training stage writes them and tokenizes them; ``orpo-distill pairs`` writes epoch 1's alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+from .config import PairsConfig, TrainConfig
+from .pairs import Negative, Trace, make_pairs, pairs_for_every_positive, positives, sft_targets, teacher_negatives
+from .records import Record
+
+Messages = Callable[[Record], list[dict[str, str]]]  # the task's prompt, as chat messages
+
+
+@dataclass
+class EpochData:
+    rows: list[dict[str, Any]]  # what pairs/epoch_E.jsonl holds
+    dropped_no_positive: int
+    dropped_no_negative: int
+    teacher_fallback: int = 0  # questions with no negative of the run's kind, paired with teacher negatives
+
+
+def group_traces(rows: Sequence[Trace]) -> dict[str, list[Trace]]:
+    """A store's rows by question id, each question's in sample order."""
+    out: dict[str, list[Trace]] = {}
+    for r in rows:
+        out.setdefault(r["id"], []).append(r)
+    for v in out.values():
+        v.sort(key=lambda r: r["sample"])
+    return out
+
+
+def epoch_rows(records: Sequence[Record], messages: Messages, teacher: Mapping[str, Sequence[Trace]],
+               student_negatives: Mapping[str, Sequence[Negative]], train: TrainConfig, pairs: PairsConfig,
+               seed: int, epoch: int) -> EpochData:
+    """The pairs (ORPO) or targets (SFT) of epoch ``epoch``.
+
+    ``teacher``: each question's teacher traces; ``student_negatives``: each question's negatives from the
+    negative buffer (used when ``pairs.negatives`` is student or both). ``seed`` is the run's seed; the
+    pairing adds ``pairs.seed`` to it, so arms with the same seeds pick the same positives."""
+    seed = pairs.seed + seed
+    rows, no_pos, no_neg, fallback = [], 0, 0, 0
+    for r in records:
+        traces = teacher.get(r.id, [])
+        pos = positives(traces)
+        if not pos:
+            no_pos += 1
+            continue
+        prompt = messages(r)
+        if train.method == "sft":
+            for text in sft_targets(r.id, pos, train.traces, seed):
+                rows.append({"id": r.id, "prompt": prompt, "completion": [{"role": "assistant", "content": text}]})
+            continue
+        teacher_negs = teacher_negatives(traces)
+        negs: list[Negative] = []
+        if pairs.negatives in ("teacher", "both"):
+            negs += teacher_negs
+        if pairs.negatives in ("student", "both"):
+            negs += student_negatives.get(r.id, [])
+        if not negs and pairs.no_negative == "teacher" and teacher_negs:
+            negs = list(teacher_negs)
+            fallback += 1
+        if pairs.pairing == "every_positive":
+            chosen_rejected = pairs_for_every_positive(r.id, pos, negs, seed, epoch)
+        else:
+            chosen_rejected = make_pairs(r.id, pos, negs, pairs.pairs_per_question, seed, epoch)
+        if not chosen_rejected:
+            no_neg += 1
+        for chosen, neg in chosen_rejected:
+            rows.append({
+                "id": r.id,
+                "prompt": prompt,
+                "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": neg.text}],
+                "rejected_source": neg.source,
+                "rejected_epoch": neg.epoch,
+            })
+    return EpochData(rows, no_pos, no_neg, fallback)
+
+
+def chosen_texts(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[str]]:
+    """The positives an epoch's rows train on, per question: the distinct chosen (ORPO) or target (SFT)
+    texts. What ``comparison.md`` counts to show that arms saw the same positives."""
+    out: dict[str, list[str]] = {}
+    for row in rows:
+        text = (row.get("chosen") or row.get("completion"))[0]["content"]
+        texts = out.setdefault(row["id"], [])
+        if text not in texts:
+            texts.append(text)
+    return out
+
+
+def examples_upper_bound(teacher: Mapping[str, Sequence[Trace]], qids: Sequence[str], train: TrainConfig,
+                         pairs: PairsConfig) -> int:
+    """An upper bound on an epoch's examples (rows), for a learning-rate schedule that never runs past its
+    end: the refresh changes the negatives, never the positives."""
+    if train.method == "sft" and train.traces == "single":
+        return len(qids)
+    if train.method == "sft" or pairs.pairing == "every_positive":
+        return sum(len(positives(teacher[q])) for q in qids)
+    return len(qids) * pairs.pairs_per_question
+
+
+def largest_group(teacher: Mapping[str, Sequence[Trace]], qids: Sequence[str], train: TrainConfig,
+                  pairs: PairsConfig) -> int:
+    """The most pairs one question can bring to a micro-batch (a question's pairs stay together)."""
+    if train.method != "orpo":
+        return 1
+    if pairs.pairing == "every_positive":
+        return max((len(positives(teacher[q])) for q in qids), default=1)
+    return pairs.pairs_per_question

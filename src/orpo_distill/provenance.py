@@ -1,0 +1,204 @@
+"""What a run folder's checkpoints, model and evaluations were made with, and the check that sets aside
+what a changed config would make otherwise.
+
+The trace stores carry the hash of their sampling settings (``store.py``); this module does the same for
+what sits on top of them. :func:`training_settings` is the one definition of what determines the trained
+weights: each checkpoint's ``state.json`` (and ``model/training_settings.json``) records it and its hash.
+:func:`eval_settings` does the same for an entry of ``eval/summary.json``. A rerun whose training settings
+differ from the newest checkpoint's sets the trained outputs aside (``checkpoints.old``, ...; never
+deleted), says which fields changed, and trains again; ``--reuse`` keeps them on purpose.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from .checkpoints import latest_checkpoint
+from .config import RunConfig
+from .layout import STATE, RunLayout
+from .sampling import sampling_settings
+from .store import _free_name, settings_hash
+
+
+def task_fingerprint(cfg: RunConfig) -> dict[str, Any]:
+    """What about the prompt and the answer check a stored trace depends on."""
+    t = cfg.task
+    return {"kind": t.kind, "custom": t.custom, "system": t.system_prompt, "instruction": t.instruction}
+
+
+def teacher_store_settings(cfg: RunConfig) -> dict[str, Any]:
+    t = cfg.teacher
+    settings = sampling_settings(f"{t.kind}:{t.model or t.path or 'scripted'}", t.sampling, task_fingerprint(cfg))
+    if t.kind == "scripted":
+        settings["error_rate"] = t.error_rate
+    return settings
+
+
+def student_store_settings(cfg: RunConfig, generator_name: str | None = None) -> dict[str, Any]:
+    s = cfg.student
+    return sampling_settings(generator_name or f"{s.kind}:{s.model}", s.sampling, task_fingerprint(cfg))
+
+
+def uses_student_negatives(cfg: RunConfig) -> bool:
+    """Whether the run trains on the student's own samples as negatives (so it samples the initial student)."""
+    return cfg.train.method == "orpo" and cfg.pairs.negatives in ("student", "both")
+
+
+def training_settings(cfg: RunConfig) -> dict[str, Any]:
+    """Everything that determines the trained weights (``train.log_every`` aside, which only logs)."""
+    train = cfg.train.model_dump(mode="json", by_alias=True)
+    train.pop("log_every", None)
+    return {
+        "train": train,
+        "pairs": cfg.pairs.model_dump(mode="json"),
+        "student": {"model": cfg.student.model},
+        "seed": cfg.seed,
+        "dataset": cfg.dataset.model_dump(mode="json"),
+        "teacher_traces": settings_hash(teacher_store_settings(cfg)),
+        # the initial student's samples are the negatives only when the run uses student negatives
+        "student_traces": settings_hash(student_store_settings(cfg)) if uses_student_negatives(cfg) else None,
+    }
+
+
+def eval_settings(cfg: RunConfig, epoch: int, weights: str | None = None) -> dict[str, Any]:
+    """What an evaluation after ``epoch`` depends on: the eval settings, the questions and prompts, and the
+    model: the student model before training, else ``weights`` (the training-settings hash recorded with
+    the weights evaluated; None: this config's)."""
+    e = cfg.eval
+    if epoch >= 1:
+        model = weights or settings_hash(training_settings(cfg))
+    else:
+        model = cfg.student.model
+    return {
+        "eval": {"split": e.split, "max_tokens": e.max_tokens, "self_consistency": e.self_consistency,
+                 "temperature": e.temperature},
+        "seed": cfg.seed if e.self_consistency else None,  # greedy decoding does not depend on it
+        "task": task_fingerprint(cfg),
+        "dataset": cfg.dataset.model_dump(mode="json"),
+        "dtype": cfg.student.dtype,
+        "model": model,
+    }
+
+
+def diff_settings(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """``["train.lr: 0.0001 -> 0.005", ...]``: the dotted keys whose values differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for k in sorted(set(old) | set(new), key=str):
+            key = f"{prefix}.{k}" if prefix else str(k)
+            if k not in old:
+                out.append(f"{key}: (absent) -> {json.dumps(new[k])}")
+            elif k not in new:
+                out.append(f"{key}: {json.dumps(old[k])} -> (absent)")
+            else:
+                out += diff_settings(old[k], new[k], key)
+        return out
+    return [] if old == new else [f"{prefix or '(settings)'}: {json.dumps(old)} -> {json.dumps(new)}"]
+
+
+def recorded_settings(layout: RunLayout) -> tuple[Path, dict[str, Any]] | None:
+    """The training settings the run folder's weights were made with: the newest complete checkpoint's
+    ``state.json``, else the exported ``model/``'s. None when there are no weights (a record without a
+    hash, written before hashes existed, is returned as such)."""
+    ckpt = latest_checkpoint(layout.root)
+    if ckpt is not None:
+        return ckpt, json.loads((ckpt / STATE).read_text(encoding="utf-8"))
+    if layout.model_settings.is_file():
+        return layout.model, json.loads(layout.model_settings.read_text(encoding="utf-8"))
+    return None
+
+
+def weights_hash(layout: RunLayout, epoch: int, epochs: int) -> str | None:
+    """The training-settings hash recorded with the weights after ``epoch``: its checkpoint's, or, for the
+    last epoch, the exported model's. None before training or for weights that record none."""
+    if epoch < 1:
+        return None
+    state = layout.checkpoint(epoch) / STATE
+    if state.is_file():
+        return json.loads(state.read_text(encoding="utf-8")).get("settings_hash")
+    if epoch == epochs and layout.model_settings.is_file():
+        return json.loads(layout.model_settings.read_text(encoding="utf-8")).get("settings_hash")
+    return None
+
+
+def changes(record: dict[str, Any], cfg: RunConfig) -> list[str]:
+    """The training settings that differ between ``record`` (a state.json) and ``cfg`` ([]: none, or a
+    record written before hashes existed)."""
+    if "settings_hash" not in record:
+        return []
+    now = training_settings(cfg)
+    if record["settings_hash"] == settings_hash(now):
+        return []
+    return diff_settings(record.get("settings", {}), now) or [
+        f"(settings hash {record['settings_hash']} -> {settings_hash(now)})"]
+
+
+def conflict(where: Path, record: dict[str, Any], cfg: RunConfig) -> str | None:
+    """The refusal text when ``record`` (a state.json) was trained with other settings than ``cfg``'s:
+    what a stage that is handed such weights directly says (a run sets them aside first)."""
+    changed = changes(record, cfg)
+    if not changed:
+        return None
+    return (f"{where} was trained with other settings than this config: " + "; ".join(changed)
+            + ". Rerun with `orpo-distill run` (it sets the old outputs aside and trains again), use a new "
+            "run_dir, or pass --reuse to use these weights on purpose.")
+
+
+def check_trained_outputs(layout: RunLayout, cfg: RunConfig, reuse: bool, writer: bool) -> list[str]:
+    """Before a run starts: when the folder's weights were trained with other settings than ``cfg``'s, set
+    them and everything they made aside (``NAME.old``) and say so, or with ``reuse`` keep them and warn.
+    Returns the changed settings when they were set aside ([] otherwise). Weights recording no settings
+    (written by an older version) are kept, with a warning."""
+    found = recorded_settings(layout)
+    if found is None:
+        return []
+    where, record = found
+    if "settings_hash" not in record:
+        if writer:
+            print(f"orpo-distill: warning: {where} records no training settings (written by an older version); "
+                  "resuming from it as it is", file=sys.stderr)
+        return []
+    changed = changes(record, cfg)
+    if not changed:
+        return []
+    if reuse:
+        if writer:
+            print(f"orpo-distill: warning: --reuse: keeping {where}, trained with other settings ("
+                  + "; ".join(changed) + ")", file=sys.stderr)
+        return []
+    if writer:
+        moved = set_aside_trained_outputs(layout)
+        print(f"orpo-distill: the training settings changed since {where} was written (" + "; ".join(changed)
+              + "): set aside " + ", ".join(p.name for p in moved) + "; training again (--reuse keeps them)",
+              file=sys.stderr)
+    return changed
+
+
+def set_aside_trained_outputs(layout: RunLayout) -> list[Path]:
+    """Rename checkpoints/, model/, pairs/, eval/ to ``NAME.old`` (``.old.1``, ...), and the refresh samples
+    ``student/epoch_E.jsonl`` (E >= 2, drawn from the old weights) to ``epoch_E.jsonl.old``."""
+    moved = []
+    for path in layout.trained_outputs():
+        if path.exists():
+            dest = _free_name(path.with_name(path.name + ".old"))
+            os.replace(path, dest)
+            moved.append(dest)
+    return moved
+
+
+def stored_hash(path: Path) -> str | None:
+    """The settings hash on the first line of a trace store (None: no store, or an empty one)."""
+    if not Path(path).is_file():
+        return None
+    with Path(path).open("rb") as f:
+        for raw in f:
+            if raw.strip():
+                try:
+                    return json.loads(raw).get("settings")
+                except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+                    return None
+    return None

@@ -1,0 +1,161 @@
+"""The report's tables: the comparison (accuracy per variant, what each arm trained on, paired
+differences), and a run's evaluations, predicted answers, refreshes and teacher-trace diversity."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from .blocks import Block, Heading, Image, Para, Table, _ci, _count, _num, _pct, _pp
+
+
+def verdict(ci: Sequence[float]) -> str:
+    lo, hi = ci
+    if lo > 0:
+        return "better"
+    if hi < 0:
+        return "worse"
+    return "no clear difference"
+
+
+def comparison_blocks(result: Mapping[str, Any]) -> list[Block]:
+    """comparison.md: the accuracy table and the paired differences (also the core of report.md)."""
+    cfg = result.get("config", {})
+    blocks: list[Block] = [
+        Heading("Comparison", 1),
+        Para(f"Student `{cfg.get('student')}`, teacher `{cfg.get('teacher')}`, dataset `{cfg.get('dataset')}` "
+             f"({cfg.get('train_size') or 'all'} training, {cfg.get('eval_size') or 'all'} held-out questions), "
+             f"{result['epochs']} epochs, seeds {', '.join(map(str, result['seeds']))}. Accuracy on the "
+             f"`{result['split']}` split after the last epoch; the 95% interval is a bootstrap over questions "
+             "and seeds."),
+        Heading("Accuracy per variant"),
+    ]
+    header = ["variant", "seeds", "accuracy", "std over seeds", "95% interval", "parse failures",
+              "mean length (tokens)", "training (min)", "refresh sampling (min)"]
+    rows = []
+    base = result.get("base")
+    if base:
+        same = len(set(base["accuracy_per_seed"])) <= 1  # greedy decoding: one evaluation serves every seed
+        rows.append(["base model (epoch 0)", "-" if same else str(len(base["seeds"])), _pct(base["accuracy"]),
+                     "-" if same or base["std"] is None else _pp(base["std"]).lstrip("+"), _ci(base["ci95"]),
+                     _pct(base["parse_failure_rate"]), _num(base["mean_length"]), "-", "-"])
+    for name, v in result["variants"].items():
+        rows.append([name, str(len(v["seeds"])), _pct(v["accuracy"]),
+                     "n/a (1 seed)" if v["std"] is None else _pp(v["std"]).lstrip("+"), _ci(v["ci95"]),
+                     _pct(v["parse_failure_rate"]), _num(v["mean_length"]), _num(v["train_minutes"], 2),
+                     _num(v["refresh_sampling_minutes"], 2)])
+    blocks.append(Table(header, rows))
+    data_rows = [[name, _count(t["questions"]), _count(t["positives"]), _num(t["positive_tokens"], 0),
+                  _count(t["rows"]), _count(t["teacher_fallback"]), _count(t["dropped_no_negative"])]
+                 for name, v in result["variants"].items() if (t := v.get("trained_on"))]
+    if data_rows:
+        blocks += [
+            Heading("What each arm trained on"),
+            Para("Per epoch, mean over epochs and seeds, from each run's `pairs` events: the questions and the "
+                 "distinct positives (correct teacher traces) on the chosen side (SFT: the targets) with their "
+                 "student tokens, the rows trained on (pairs or SFT examples), questions paired through the "
+                 "teacher fallback and questions left out for want of a negative. Arms whose positives match "
+                 "differ only in what the odds-ratio term adds."),
+            Table(["variant", "questions", "positives", "positive tokens", "rows", "teacher fallback",
+                   "dropped (no negative)"], data_rows),
+        ]
+    if result.get("paired"):
+        blocks += [
+            Heading("Paired differences"),
+            Para("Accuracy of the variant minus the reference on the same held-out questions and seeds, with a 95% "
+                 "bootstrap interval; \"better\" or \"worse\" only where the interval excludes zero."),
+            Table(["variant", "reference", "difference", "95% interval", "seeds x questions", "reading"],
+                  [[p["variant"], "base model" if p["reference"] == "base" else p["reference"], _pp(p["diff"]),
+                    f"{_pp(p['ci95'][0])} to {_pp(p['ci95'][1])}", f"{p['seeds']} x {p['questions']}",
+                    verdict(p["ci95"])] for p in result["paired"]]),
+        ]
+    if result.get("missing"):
+        blocks.append(Para("Not finished yet (rerun `orpo-distill compare` to complete): "
+                           + ", ".join(f"`{m}`" for m in result["missing"])))
+    return blocks
+
+
+def _diversity_blocks(div: Mapping[str, Any], image: Path) -> list[Block]:
+    return [
+        Heading("Teacher traces"),
+        Table(["questions", "traces per question", "correct share", "questions with no positive", "distinct-1",
+               "distinct-2", "distinct-3", "mean pairwise similarity"],
+              [[str(div["questions"]), str(div["k"]), _pct(div["correct_share"]), str(div["correct_histogram"][0]),
+                *(_num(div["distinct"][str(n)]["mean"], 3) for n in (1, 2, 3)), _num(div["mean_similarity"], 3)]]),
+        Para("Distinct-n: unique n-grams over all n-grams of a question's traces taken together (higher: more "
+             "varied wording). Similarity: difflib's ratio on words, averaged over the pairs of traces "
+             "(1: identical)."),
+        Image(image, "Teacher trace diversity and correctness"),
+    ]
+
+
+def _refresh_table(refresh: Mapping[str, Mapping[int, Mapping[str, float]]]) -> Table:
+    rows = [[name, str(e), _num(r["phi"], 2), _count(r["selected"]), _count(r["refreshed"]), _count(r["all_correct"]),
+             _count(r["fell_back_to_teacher"])]
+            for name, per in refresh.items() for e, r in per.items()]
+    return Table(["variant", "before epoch", "phi", "selected", "refreshed", "all correct (kept old)",
+                  "fell back to teacher"], rows)
+
+
+def _eval_table(evals: Mapping[int, Mapping[str, Any]]) -> Table:
+    """One row per evaluated epoch; mcq's text-match figures (evaluation.option_text_agreement) beside
+    the accuracy, so a letter accuracy at chance is read next to how often the working was right."""
+    header = ["epoch", "questions", "accuracy", "95% interval (Wilson)", "parse failures", "mean length (tokens)"]
+    rows = [[str(e), str(v["n"]), _pct(v["accuracy"]), _ci(v["ci95"]), _pct(v["parse_failure_rate"]),
+             _num(v["mean_length"])] for e, v in sorted(evals.items())]
+    if any(v.get("option_text_match") is not None for v in evals.values()):
+        header += ["computes the gold option", "letter = its own working"]
+        for row, (_, v) in zip(rows, sorted(evals.items())):
+            row += [_pct(v.get("option_text_match")), _pct(v.get("letter_text_agreement"))]
+    return Table(header, rows)
+
+
+_BUCKETS = ("other", "unparsed")
+
+
+def _answer_blocks(evals: Mapping[int, Mapping[str, Any]]) -> list[Block]:
+    """Predicted answers per evaluated epoch against the gold (evaluation.answer_distribution).
+
+    Rows are the last evaluation's answers; when its answers are complete (no "other" bucket, as for
+    mcq) the answers only earlier evaluations gave are added too. A "-" is an answer that evaluation
+    did not keep among its top ones (it is inside that evaluation's "other").
+    """
+    dist = {e: v for e, v in sorted(evals.items()) if v.get("predicted_answers")}
+    if not dist:
+        return []
+    last = dist[max(dist)]
+    complete = "other" not in last["predicted_answers"]
+    keys = [k for k in last["predicted_answers"] if k not in _BUCKETS]
+    if complete:
+        keys += [k for v in dist.values() for k in v["predicted_answers"] if k not in _BUCKETS]
+    keys = list(dict.fromkeys(keys)) + [b for b in _BUCKETS if any(b in v["predicted_answers"] for v in dist.values())]
+
+    def cell(counts: Mapping[str, int], k: str, n: int, whole: bool) -> str:
+        c = counts.get(k, 0 if whole or k in _BUCKETS else None)  # a bucket is never folded away
+        return "-" if c is None else f"{c} ({_pct(c / n if n else math.nan, 0)})"
+
+    gold = last.get("gold_answers") or {}
+    rows = [[k, "-" if k == "unparsed" else cell(gold, k, last["n"], complete),
+             *(cell(v["predicted_answers"], k, v["n"], "other" not in v["predicted_answers"]) for v in dist.values())]
+            for k in keys]
+    dash = " \"-\": not among that evaluation's most frequent answers (in its \"other\")." if any(
+        "-" in r[2:] for r in rows) else ""
+    return [Heading("Predicted answers"),
+            Table(["answer", "gold", *(f"epoch {e}" for e in dist)], rows),
+            Para("Questions per answer: the gold, and the student's predictions after each evaluated epoch. "
+                 "One answer far above its gold share means the accuracy partly measures that share." + dash)]
+
+
+def _cost_blocks(cost: Mapping[str, Mapping[str, float]]) -> list[Block]:
+    """What generation cost, per sampling stage: the teacher's token totals are what a hosted API bills."""
+    if not cost:
+        return []
+    rows = [[stage, _count(c["requests"]), _count(c["new_samples"]), _count(c["failed_requests"]),
+             _count(c["prompt_tokens"]), _count(c["completion_tokens"]), _count(c["reasoning_tokens"]),
+             _num(c["seconds"], 0)] for stage, c in cost.items()]
+    return [Heading("Generation cost"),
+            Table(["stage", "requests", "new samples", "failed requests", "prompt tokens", "completion tokens",
+                   "of which reasoning", "seconds"], rows),
+            Para("Token counts as the generator reported them (a server's `usage`; local generators count "
+                 "completion tokens only, prompt tokens 0), summed over every invocation of the stage.")]
