@@ -72,10 +72,9 @@ from orpo_distill.batching import (
     collate_packed,
     collate_plain,
     group_pairs,
-    pair_logps,
-    pair_logps_packed,
     tokenize_pair,
 )
+from orpo_distill.forward import pair_logps, pair_logps_packed
 from orpo_distill.config import RunConfig, load_config
 from orpo_distill.datasets import load_splits
 from orpo_distill.errors import UserError
@@ -235,9 +234,9 @@ def trl_trainer(tokenizer: Any, beta: float, max_length: int) -> Any:
     return trainer
 
 
-def trl_arm(model: Any, tokenizer: Any, batches: list[list[PairText]], lam: float, max_length: int, amp: Amp) -> Arm:
+def trl_arm(model: Any, tokenizer: Any, batches: list[list[PairText]], lambda_or: float, max_length: int, amp: Amp) -> Arm:
     _, collator_class = import_trl()
-    trainer = trl_trainer(tokenizer, lam, max_length)
+    trainer = trl_trainer(tokenizer, lambda_or, max_length)
     collator = collator_class(pad_token_id=tokenizer.pad_token_id, is_encoder_decoder=False)
     features = [[trainer.tokenize_row(p._asdict()) for p in batch] for batch in batches]
 
@@ -265,16 +264,16 @@ def tokenized_batches(tokenizer: Any, batches: list[list[PairText]], max_length:
     return [[tokenize_pair(tokenizer, p.prompt, p.chosen, p.rejected, max_length) for p in b] for b in batches]
 
 
-def _orpo(sums: dict[str, torch.Tensor], lam: float) -> Any:
+def _orpo(sums: dict[str, torch.Tensor], lambda_or: float) -> Any:
     return orpo_loss(sums["chosen_logp_sum"], sums["chosen_tokens"], sums["rejected_logp_sum"],
-                     sums["rejected_tokens"], sums["nll_sum"], sums["nll_count"], lam)
+                     sums["rejected_tokens"], sums["nll_sum"], sums["nll_count"], lambda_or)
 
 
 def plain_arm(
-    model: Any, pairs: list[list[TokenizedPair]], pad_id: int, lam: float, nll_on_prompt: bool, amp: Amp
+    model: Any, pairs: list[list[TokenizedPair]], pad_id: int, lambda_or: float, nll_on_prompt: bool, amp: Amp
 ) -> Arm:
     def forward(i: int, nll: bool) -> Any:
-        out = _orpo(pair_logps(model, collate_plain(pairs[i], pad_id=pad_id, nll_on_prompt=nll)), lam)
+        out = _orpo(pair_logps(model, collate_plain(pairs[i], pad_id=pad_id, nll_on_prompt=nll)), lambda_or)
         out.metrics()  # what the training loop logs (one sync), as TRL's .item() calls
         return out
 
@@ -296,11 +295,11 @@ def plain_arm(
     return Arm(ARM_NAMES[1], step, loss, tokens, padded, seqs)
 
 
-def packed_arm(model: Any, pairs: list[list[TokenizedPair]], pad_id: int, lam: float, nll_on_prompt: bool, amp: Amp,
+def packed_arm(model: Any, pairs: list[list[TokenizedPair]], pad_id: int, lambda_or: float, nll_on_prompt: bool, amp: Amp,
                k: int = PAIRS_PER_QUESTION) -> Arm:
     def forward(i: int, nll: bool) -> Any:
         groups = group_pairs(pairs[i], max_pairs=k)
-        out = _orpo(pair_logps_packed(model, collate_packed(groups, pad_id=pad_id, nll_on_prompt=nll)), lam)
+        out = _orpo(pair_logps_packed(model, collate_packed(groups, pad_id=pad_id, nll_on_prompt=nll)), lambda_or)
         out.metrics()
         return out
 
@@ -540,7 +539,7 @@ def loss_check(arms: Sequence[Arm], label: str, precision: Amp, tol: float) -> t
 
 def header_lines(
     argv: Sequence[str], args: argparse.Namespace, arms: Sequence[Arm], pairs: list[list[TokenizedPair]],
-    n_params: int, grad_mb: float, lam: float, rss_source: str,
+    n_params: int, grad_mb: float, lambda_or: float, rss_source: str,
 ) -> list[str]:
     """What was measured, on what, and how: the lines above the table."""
     prompt_len = statistics.mean(len(p.prompt_ids) for b in pairs for p in b)
@@ -558,7 +557,7 @@ def header_lines(
         f"{resp_len:.0f} tokens; TRL's tokenize_row and our tokenize_pair give identical ids for {same_ids} of "
         f"{len(arms[1].sequences)} pairs",
         f"step: {args.batch_size} pairs ({plural(args.batch_size // PAIRS_PER_QUESTION, 'question')}): collate, "
-        f"forward + loss (bf16 autocast, loss fp32), backward, zero_grad; no optimizer; lambda {lam}; NLL over {nll}",
+        f"forward + loss (bf16 autocast, loss fp32), backward, zero_grad; no optimizer; lambda {lambda_or}; NLL over {nll}",
         f"timing: median of {plural(args.repeats, 'round')} of {plural(args.steps, 'step')} after "
         f"{plural(args.warmup, 'warm-up pass', 'warm-up passes')}, arms alternating a, b, c in each round",
         f"peak memory: RSS increase over the step ({rss_source} sampled every {SAMPLE_INTERVAL_S * 1e3:.0f} ms by a "
@@ -628,7 +627,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = demo_config()
-    lam, max_length = cfg.train.lambda_or, cfg.train.max_length
+    lambda_or, max_length = cfg.train.lambda_or, cfg.train.max_length
     nll_on_prompt = not args.response_only_nll
     try:
         tokenizer = load_tokenizer(args.model)
@@ -640,9 +639,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         fp32: Amp = lambda: autocast(device, enabled=False)  # noqa: E731
         pairs = tokenized_batches(tokenizer, batches, max_length)
         arms = [
-            trl_arm(model, tokenizer, batches, lam, max_length, amp),
-            plain_arm(model, pairs, tokenizer.pad_token_id, lam, nll_on_prompt, amp),
-            packed_arm(model, pairs, tokenizer.pad_token_id, lam, nll_on_prompt, amp),
+            trl_arm(model, tokenizer, batches, lambda_or, max_length, amp),
+            plain_arm(model, pairs, tokenizer.pad_token_id, lambda_or, nll_on_prompt, amp),
+            packed_arm(model, pairs, tokenizer.pad_token_id, lambda_or, nll_on_prompt, amp),
         ]
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -660,7 +659,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = summarise(arms, m, args.batch_size)
     n_params = sum(p.numel() for p in model.parameters())
     grad_mb = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) / 2**20
-    header = header_lines(argv, args, arms, pairs, n_params, grad_mb, lam, rss_source)
+    header = header_lines(argv, args, arms, pairs, n_params, grad_mb, lambda_or, rss_source)
     footer = [line for _, line in checks] + footer_lines(rows, n_params, statistics.median(m.matmul), args.matmul_size)
     print(render(rows, header, footer, args.markdown))
     return 0 if all(ok for ok, _ in checks) else 1

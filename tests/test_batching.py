@@ -19,13 +19,10 @@ from orpo_distill.batching import (
     collate_plain,
     collate_sft,
     group_pairs,
-    model_forward,
-    pair_logps,
-    pair_logps_packed,
-    sft_logps,
     tokenize_pair,
     truncate_pair,
 )
+from orpo_distill.forward import model_forward, pair_logps, pair_logps_packed, sft_logps
 from orpo_distill.errors import UserError
 from orpo_distill.logprobs import token_logprobs_from_logits
 from orpo_distill.losses import orpo_loss, sft_loss
@@ -70,7 +67,7 @@ def flatten(groups: list[PairGroup]) -> list[TokenizedPair]:
     return [TokenizedPair(g.prompt_ids, c, r) for g in groups for c, r in g.pairs]
 
 
-def _loss(sums: dict[str, torch.Tensor], lam: float = 0.3):
+def _loss(sums: dict[str, torch.Tensor], lambda_or: float = 0.3):
     return orpo_loss(
         sums["chosen_logp_sum"],
         sums["chosen_tokens"],
@@ -78,7 +75,7 @@ def _loss(sums: dict[str, torch.Tensor], lam: float = 0.3):
         sums["rejected_tokens"],
         sums["nll_sum"],
         sums["nll_count"],
-        lam=lam,
+        lambda_or=lambda_or,
     )
 
 
@@ -305,16 +302,16 @@ def _trl_features(p: TokenizedPair) -> dict[str, list[int]]:
 
 def test_matches_trl_orpo_trainer() -> None:
     """TRL counts the prompt in the NLL: our nll_on_prompt=True. TRL's beta is our lambda."""
-    lam = 0.25
+    lambda_or = 0.25
     model = tiny_model()
     pairs = flatten(random_groups(7, [1, 3, 2]))
-    trainer, collator = _trl_trainer(lam)
+    trainer, collator = _trl_trainer(lambda_or)
     trl_batch = collator([_trl_features(p) for p in pairs])
 
     trl_chosen, trl_rejected, _, _, trl_nll = trainer.concatenated_forward(model, trl_batch)
     trl_loss, metrics = trainer.get_batch_loss_metrics(model, trl_batch)
 
-    ours = _loss(pair_logps(model, collate_plain(pairs, PAD, nll_on_prompt=True), chunk_size=7), lam=lam)
+    ours = _loss(pair_logps(model, collate_plain(pairs, PAD, nll_on_prompt=True), chunk_size=7), lambda_or=lambda_or)
     torch.testing.assert_close(ours.logps_chosen, trl_chosen, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ours.logps_rejected, trl_rejected, rtol=1e-5, atol=1e-5)
     assert ours.nll.item() == pytest.approx(trl_nll.item(), abs=1e-5)
@@ -409,7 +406,7 @@ def test_a_sharded_output_head_falls_back_to_the_models_own_logits(tiny_model_di
     """Under DeepSpeed ZeRO-3 a rank's head weight is an empty placeholder marked with ds_id (FSDP2: a
     DTensor): applying it outside the model's forward would fail, so the full logits path is taken,
     and gives the same log-probs."""
-    from orpo_distill.batching import model_forward
+    from orpo_distill.forward import model_forward
     from orpo_distill.models import load_model
 
     model = load_model(str(tiny_model_dir), dtype="float32", device="cpu")

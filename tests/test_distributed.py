@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from orpo_distill import cli
-from orpo_distill.distributed import ShardedGenerator, step_members, step_plan
+from orpo_distill.distributed import RankSplitGenerator, step_members, step_plan
 from orpo_distill.generators.base import GenerationStats, Request, Sample
 from orpo_distill.metrics import read_metrics
 from orpo_distill.pairs import choose_refresh
@@ -77,7 +77,7 @@ def test_sharded_generator_splits_requests_and_returns_all_in_order() -> None:
     local = [inner[r].generate([requests[i] for i in range(r, 7, 3)]) for r in range(3)]
     for r in range(3):
         inner[r].seen.clear()
-    gens = [ShardedGenerator(inner[r], rank_=r, world=3, gather=lambda mine, r=r: local) for r in range(3)]
+    gens = [RankSplitGenerator(inner[r], rank_=r, world=3, gather=lambda mine, r=r: local) for r in range(3)]
     outs = [g.generate(requests) for g in gens]
     expected = [[f"{q.key}#{i}" for i in range(q.n)] for q in requests]
     for out in outs:

@@ -78,11 +78,11 @@ def test_orpo_two_token_example_by_hand() -> None:
     L_OR = -log sigmoid(log 3) = -log(3 / (1 + 3)) = log(4/3) = 0.2876821
     NLL over the 2 chosen tokens: (log 2 + log 2) / 2 = log 2 = 0.6931472
     L = log 2 + 0.1 * log(4/3) = 0.7219154
-    dL/d(chosen_logp_sum) = lam * dL_OR/dratio * dlogodds/dl * dl/dsum
+    dL/d(chosen_logp_sum) = lambda_or * dL_OR/dratio * dlogodds/dl * dl/dsum
                           = 0.1 * -(1 - 3/4) * 1/(1 - 0.5) * 1/2 = -0.025
     """
     c_sum = torch.tensor([2 * LN(0.5)], requires_grad=True)
-    out = orpo_loss(c_sum, _t(2), _t(2 * LN(0.25)), _t(2), _t(2 * LN(2)), _t(2), lam=0.1)
+    out = orpo_loss(c_sum, _t(2), _t(2 * LN(0.25)), _t(2), _t(2 * LN(2)), _t(2), lambda_or=0.1)
     assert isinstance(out, OrpoOutput)
     assert out.logps_chosen.item() == pytest.approx(LN(0.5), rel=1e-6)
     assert out.logps_rejected.item() == pytest.approx(LN(0.25), rel=1e-6)
@@ -110,7 +110,7 @@ def test_orpo_batch_means_nll_over_tokens_and_or_over_pairs() -> None:
         _t(2, 1),
         _t(2 * LN(2), -LN(0.8)),
         _t(2, 1),
-        lam=0.5,
+        lambda_or=0.5,
     )
     assert out.log_odds_ratio.tolist() == pytest.approx([LN(3), LN(4)], rel=1e-6)
     assert out.or_loss.item() == pytest.approx(LN(5 / 3) / 2, rel=1e-6)
@@ -120,7 +120,7 @@ def test_orpo_batch_means_nll_over_tokens_and_or_over_pairs() -> None:
 
 
 def test_orpo_reward_accuracy_counts_pairs_with_higher_chosen_odds() -> None:
-    out = orpo_loss(_t(-1.0, -3.0), _t(1, 1), _t(-2.0, -2.0), _t(1, 1), _t(1.0, 3.0), _t(1, 1), lam=1.0)
+    out = orpo_loss(_t(-1.0, -3.0), _t(1, 1), _t(-2.0, -2.0), _t(1, 1), _t(1.0, 3.0), _t(1, 1), lambda_or=1.0)
     assert out.reward_accuracy.item() == 0.5
     m = out.metrics()
     assert set(m) == {
@@ -131,29 +131,29 @@ def test_orpo_reward_accuracy_counts_pairs_with_higher_chosen_odds() -> None:
 
 
 def test_orpo_lambda_zero_is_plain_nll() -> None:
-    out = orpo_loss(_t(-3.0), _t(3), _t(-1.0), _t(2), _t(5.0), _t(4), lam=0.0)
+    out = orpo_loss(_t(-3.0), _t(3), _t(-1.0), _t(2), _t(5.0), _t(4), lambda_or=0.0)
     assert out.loss.item() == pytest.approx(5.0 / 4)
 
 
 def test_orpo_computes_in_fp32() -> None:
     bf = lambda *x: torch.tensor(x, dtype=torch.bfloat16)  # noqa: E731
-    out = orpo_loss(bf(-2.0), bf(2), bf(-4.0), bf(2), bf(2.0), bf(2), lam=0.1)
+    out = orpo_loss(bf(-2.0), bf(2), bf(-4.0), bf(2), bf(2.0), bf(2), lambda_or=0.1)
     assert out.loss.dtype == torch.float32 and out.log_odds_ratio.dtype == torch.float32
 
 
 def test_orpo_rejects_empty_responses_and_bad_shapes() -> None:
     with pytest.raises(ValueError, match="chosen_tokens"):
-        orpo_loss(_t(-1.0), _t(0), _t(-1.0), _t(1), _t(1.0), _t(1), lam=0.1)
+        orpo_loss(_t(-1.0), _t(0), _t(-1.0), _t(1), _t(1.0), _t(1), lambda_or=0.1)
     with pytest.raises(ValueError, match="rejected_logp_sum"):
-        orpo_loss(_t(-1.0, -1.0), _t(1, 1), _t(-1.0), _t(1), _t(1.0, 1.0), _t(1, 1), lam=0.1)
+        orpo_loss(_t(-1.0, -1.0), _t(1, 1), _t(-1.0), _t(1), _t(1.0, 1.0), _t(1, 1), lambda_or=0.1)
     with pytest.raises(ValueError, match="1-D"):
-        orpo_loss(torch.tensor(-1.0), _t(1), _t(-1.0), _t(1), _t(1.0), _t(1), lam=0.1)
+        orpo_loss(torch.tensor(-1.0), _t(1), _t(-1.0), _t(1), _t(1.0), _t(1), lambda_or=0.1)
 
 
 def test_orpo_does_not_clamp_a_certain_chosen_response() -> None:
     # l_w = 0 means p = 1: infinite log odds. Nothing is clamped; the training loop's non-finite check
     # must see it (here the loss itself stays finite, the log odds ratio does not).
-    out = orpo_loss(_t(0.0), _t(1), _t(-1.0), _t(1), _t(0.0), _t(1), lam=0.1)
+    out = orpo_loss(_t(0.0), _t(1), _t(-1.0), _t(1), _t(0.0), _t(1), lambda_or=0.1)
     assert math.isinf(out.log_odds_ratio.item())
 
 
@@ -194,10 +194,25 @@ def test_odds_ratio_term_matches_trl() -> None:
     ones = torch.ones(64)
     beta = 0.25
     trl_losses, _, _, trl_mean_logsig, trl_mean_log_odds = _trl_odds_ratio_loss(beta, chosen, rejected)
-    ours = orpo_loss(chosen, ones, rejected, ones, ones, ones, lam=beta)
+    ours = orpo_loss(chosen, ones, rejected, ones, ones, ones, lambda_or=beta)
     # TRL: per-pair losses = beta * logsigmoid(ratio), total = nll - losses.mean(); its metric
     # "log_odds_ratio" is mean(logsigmoid(ratio)) and "log_odds_chosen" is mean(ratio).
     assert ours.or_loss.item() == pytest.approx(-trl_mean_logsig.item(), abs=1e-5)
     assert (beta * ours.or_loss).item() == pytest.approx(-trl_losses.mean().item(), abs=1e-5)
     assert ours.log_odds_ratio.mean().item() == pytest.approx(trl_mean_log_odds.item(), abs=1e-5)
     assert ours.loss.item() == pytest.approx(1.0 - trl_losses.mean().item(), abs=1e-5)
+
+
+def test_lambda_is_applied_in_one_place_the_same_way_for_the_loss_the_step_and_the_log() -> None:
+    """orpo_objective is what orpo_loss returns, what a one-micro-batch step backpropagates and what it
+    logs: a change of the weighting in one of them would show here."""
+    from orpo_distill.losses import orpo_objective
+    from orpo_distill.training import MicroBatchOut, Share, step_loss, step_metrics
+
+    out = orpo_loss(_t(-1.0, -3.0), _t(1, 1), _t(-2.0, -2.0), _t(1, 1), _t(1.0, 3.0), _t(1, 1), lambda_or=0.7)
+    assert float(out.loss) == pytest.approx(float(out.nll) + 0.7 * float(out.or_loss))
+    assert float(orpo_objective(out.nll, out.or_loss, 0.7)) == pytest.approx(float(out.loss))
+    mb = MicroBatchOut(out.nll, out.or_loss, out.metrics(), 4)
+    whole = Share(nll=1.0, pairs=1.0)
+    assert float(step_loss(mb, whole, 0.7)) == pytest.approx(float(out.loss))
+    assert step_metrics([(mb, whole)], "orpo", 0.7)["loss"] == pytest.approx(float(out.loss))

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from orpo_distill import batching, training
+from orpo_distill import forward, training
 from orpo_distill.batching import PairGroup
 from orpo_distill.config import TrainConfig
 from orpo_distill.errors import NonFiniteLossError
@@ -160,8 +160,8 @@ def _state(model: Any) -> dict[str, torch.Tensor]:
 def test_nan_loss_raises_before_the_step_and_leaves_weights_unchanged(
     tiny_epoch: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # NaN weights fail batching's head check, which warns once per process: keep that state to this test
-    monkeypatch.setattr(batching, "_warned", set())
+    # NaN weights fail the forward pass's head check, which warns once per process: keep that state to this test
+    monkeypatch.setattr(forward, "_warned", set())
     model = tiny_epoch["model"]
     with torch.no_grad():
         model.model.norm.weight[0] = float("nan")  # every hidden state, hence the loss, becomes NaN

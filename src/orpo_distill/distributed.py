@@ -2,7 +2,7 @@
 
 Every process runs the same command. The rules that keep them consistent:
 
-* Work that produces samples is split: a :class:`ShardedGenerator` gives each rank a strided share of
+* Work that produces samples is split: a :class:`RankSplitGenerator` gives each rank a strided share of
   the requests and gathers every rank's samples back, in request order, on every rank. The teacher,
   the initial student, the mixed-policy refresh and evaluation all go through it, so the negative
   buffer a refresh builds is identical on every rank.
@@ -94,7 +94,7 @@ def shard_indices(n: int, rank_: int, world: int) -> list[int]:
     return list(range(rank_, n, world))
 
 
-class ShardedGenerator:
+class RankSplitGenerator:
     """Each rank generates a strided share of the requests; every rank gets all the samples back.
 
     Per-request seeds travel with the requests, so a seeded generator (openai, scripted, replay)
@@ -123,9 +123,9 @@ class ShardedGenerator:
         return out
 
 
-def sharded(gen: Generator) -> Generator:
-    """``gen`` wrapped in a :class:`ShardedGenerator` when several processes run, else ``gen``."""
-    return ShardedGenerator(gen) if world_size() > 1 else gen
+def split_across_ranks(gen: Generator) -> Generator:
+    """``gen`` wrapped in a :class:`RankSplitGenerator` when several processes run, else ``gen``."""
+    return RankSplitGenerator(gen) if world_size() > 1 else gen
 
 
 def step_members(num_micro_batches: int, grad_accum: int, world: int) -> list[list[int]]:

@@ -20,7 +20,7 @@ Models whose causal-LM forward transforms the logits after ``lm_head`` need that
 or the full-logits path: Gemma 2/3 (``final_logit_softcapping``: ``cap * tanh(logits / cap)``),
 Cohere (``logit_scale``: multiply), Granite (``logits_scaling``: divide). Llama, SmolLM2, Qwen2/3 and
 Mistral apply nothing and have a bias-free ``lm_head``; a bias is supported through ``bias``.
-``batching.pair_logps`` detects such models at run time and falls back to full logits.
+``forward.pair_logps`` detects such models at run time and falls back to full logits.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """The training objectives as pure functions of per-pair sums: ORPO and SFT.
 
-Nothing here touches a model. The forward pass (``batching.pair_logps``) reduces each pair to a few
+Nothing here touches a model. The forward pass (``forward.pair_logps``) reduces each pair to a few
 sums and counts, and these functions turn them into the loss. Keeping the sums separate from the
 means lets the training loop decide the normaliser (for example over accumulation steps or ranks)
 and lets ``nll_on_prompt`` change which tokens the NLL counts without touching the OR term.
 
-Definitions (Hong, Lee, Thorne 2024, "ORPO"; DESIGN.md section 1.4). For a response ``y`` to a
+Definitions (Hong, Lee, Thorne 2024, "ORPO"). For a response ``y`` to a
 prompt ``x`` with ``|y|`` tokens:
 
 * ``l(y) = (1/|y|) * sum_t log p(y_t | x, y_<t)``: the mean log-probability over the response
@@ -16,7 +16,8 @@ prompt ``x`` with ``|y|`` tokens:
   token mean over the whole batch, not a mean of per-pair means. The NLL tokens are the chosen
   response's tokens, plus the prompt's tokens (all but the first, which nothing predicts) when
   ``nll_on_prompt`` is set, as TRL's ORPOTrainer and the original ORPO code do;
-* ``L = L_NLL + lam * L_OR``. ``lam`` is TRL's ``beta`` (TRL writes ``nll - beta * logsigmoid(.)``).
+* ``L = L_NLL + lambda_or * L_OR`` (:func:`orpo_objective`, the one place the weight is applied).
+  ``lambda_or`` is ``train.lambda`` in the config and TRL's ``beta`` (TRL writes ``nll - beta * logsigmoid(.)``).
 
 Everything is computed in fp32, whatever the dtype of the inputs. Nothing is clamped: a mean
 log-probability of exactly 0 (every token predicted with probability 1 in fp32) gives an infinite
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -77,11 +79,12 @@ class OrpoOutput:
     """The ORPO loss and what the training loop logs.
 
     Scalars (0-d tensors) are means over the pairs of the batch; per-pair tensors have shape ``[B]``.
-    Only ``loss`` carries the gradient the optimizer should follow; the others are for logging
-    (``.detach()`` them before storing).
+    ``nll`` and ``or_loss`` keep their graphs: training weighs each by its micro-batch's share of the
+    optimizer step (``training.step_loss``) and backpropagates that. ``loss`` is this batch's objective
+    on its own, for tests and the logs; the others are for logging (``.detach()`` them before storing).
     """
 
-    loss: Tensor  # scalar: nll + lam * or_loss
+    loss: Tensor  # scalar: orpo_objective(nll, or_loss, lambda_or)
     nll: Tensor  # scalar: token-mean NLL of the chosen rows
     or_loss: Tensor  # scalar: mean over pairs of -logsigmoid(log_odds_ratio)
     log_odds_ratio: Tensor  # [B]: log odds(chosen) - log odds(rejected)
@@ -91,7 +94,7 @@ class OrpoOutput:
     margin: Tensor  # scalar: mean over pairs of l(y_w) - l(y_l)
 
     def metrics(self) -> dict[str, float]:
-        """Plain floats under the names DESIGN.md section 1.4 logs (one device sync)."""
+        """Plain floats under the names ``metrics.jsonl`` logs them (one device sync)."""
         values = torch.stack(
             [
                 self.loss.detach(),
@@ -124,6 +127,12 @@ def _check_positive(**counts: Tensor) -> None:
                 raise ValueError(f"{name} must be positive for every pair, got {c.tolist()}")
 
 
+def orpo_objective(nll: Any, or_loss: Any, lambda_or: float) -> Any:
+    """``L = L_NLL + lambda_or * L_OR``: the one place the odds-ratio term's weight is applied (tensors
+    for the loss, floats for the logged value)."""
+    return nll + float(lambda_or) * or_loss
+
+
 def orpo_loss(
     chosen_logp_sum: Tensor,
     chosen_tokens: Tensor,
@@ -131,9 +140,9 @@ def orpo_loss(
     rejected_tokens: Tensor,
     nll_tokens_sum: Tensor,
     nll_token_count: Tensor,
-    lam: float,
+    lambda_or: float,
 ) -> OrpoOutput:
-    """The ORPO objective from per-pair sums; every argument but ``lam`` has shape ``[B]``.
+    """The ORPO objective from per-pair sums; every argument but ``lambda_or`` has shape ``[B]``.
 
     Args:
         chosen_logp_sum: sum of ``log p`` over each chosen response's tokens (negative).
@@ -142,7 +151,7 @@ def orpo_loss(
         nll_tokens_sum: sum of ``-log p`` (a positive NLL) over each pair's NLL tokens: the chosen
             response, plus the prompt when ``nll_on_prompt``.
         nll_token_count: number of those NLL tokens per pair.
-        lam: weight of the odds-ratio term (TRL's ``beta``; ``train.lambda`` in the config).
+        lambda_or: weight of the odds-ratio term (TRL's ``beta``; ``train.lambda`` in the config).
 
     ``L_NLL`` is ``nll_tokens_sum.sum() / nll_token_count.sum()`` (a token mean over the batch).
     """
@@ -162,9 +171,8 @@ def orpo_loss(
     ratio = log_odds(logps_chosen) - log_odds(logps_rejected)
     or_loss = -F.logsigmoid(ratio).mean()
     nll = nll_sum.sum() / nll_n.sum()
-    loss = nll + float(lam) * or_loss
     return OrpoOutput(
-        loss=loss,
+        loss=orpo_objective(nll, or_loss, lambda_or),
         nll=nll,
         or_loss=or_loss,
         log_odds_ratio=ratio,

@@ -154,7 +154,7 @@ class Run:
         store = self.teacher_store()
         k = self.cfg.teacher.sampling.samples
         if generator is None and any(store.count(r.id) < k for r in self.train_records):
-            generator = distributed.sharded(build_generator(self.cfg.teacher, self.train_records, self.cfg.task.kind,
+            generator = distributed.split_across_ranks(build_generator(self.cfg.teacher, self.train_records, self.cfg.task.kind,
                                                             self.cfg.teacher.sampling.seed, progress=self.progress,
                                                             role="teacher"))
         with _config_section("teacher"):
@@ -176,7 +176,7 @@ class Run:
         store = self.student_store(epoch, None if generator is None or epoch == 1 else generator.name)
         k = self.cfg.student.sampling.samples
         if generator is None and any(store.count(r.id) < k for r in records):
-            generator = distributed.sharded(
+            generator = distributed.split_across_ranks(
                 build_generator(self.cfg.student, records, self.cfg.task.kind, self.cfg.seed, progress=self.progress,
                                 role="student"))
         self.write_prompts()
@@ -221,7 +221,7 @@ class Run:
                              note="cached evaluation was made with other settings or another model: recomputed")
         if model is None:
             model, tokenizer = self.load_student_for_eval(epoch)
-        gen = distributed.sharded(HFGenerator.from_model(model, tokenizer, name=student_generator_name(epoch),
+        gen = distributed.split_across_ranks(HFGenerator.from_model(model, tokenizer, name=student_generator_name(epoch),
                                                          batch_size=self.cfg.eval.batch_size, progress=self.progress))
         ecfg = self.cfg.eval
         rows, summary = evaluate(self.eval_records, self.task, gen, ecfg.max_tokens, ecfg.self_consistency,

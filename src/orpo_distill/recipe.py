@@ -148,7 +148,7 @@ class Distiller:
         if chosen:
             # each rank samples its share of the chosen questions; every rank gets all the samples back,
             # so the buffer below is the same on every rank
-            gen = distributed.sharded(self.refresh_generator(epoch, model))
+            gen = distributed.split_across_ranks(self.refresh_generator(epoch, model))
             new = self.inputs.sample(epoch, gen, [self.records[q] for q in chosen])
         else:
             new = {}

@@ -26,14 +26,12 @@ from .batching import (
     collate_packed,
     collate_plain,
     collate_sft,
-    pair_logps,
-    pair_logps_packed,
-    sft_logps,
 )
+from .forward import pair_logps, pair_logps_packed, sft_logps
 from .config import LoraConfig, TrainConfig
 from .distributed import step_members, step_plan
 from .errors import NonFiniteLossError
-from .losses import ORPO_METRICS, orpo_loss, sft_loss
+from .losses import ORPO_METRICS, orpo_loss, orpo_objective, sft_loss
 from .models import autocast, cpu_supports_bf16
 
 
@@ -174,17 +172,16 @@ class Share:
     pairs: float
 
 
-def step_loss(out: MicroBatchOut, share: Share, lam: float) -> torch.Tensor:
+def step_loss(out: MicroBatchOut, share: Share, lambda_or: float) -> torch.Tensor:
     """This micro-batch's part of the step's loss. Summed over the step's micro-batches (every rank) it
     is exactly the loss of the whole step as one batch: the NLL a token mean over all its NLL tokens,
     the odds-ratio term a mean over all its pairs. So neither accumulation nor world size changes it."""
-    loss = out.nll * share.nll
-    if out.or_loss is not None:
-        loss = loss + lam * out.or_loss * share.pairs
-    return loss
+    if out.or_loss is None:
+        return out.nll * share.nll
+    return orpo_objective(out.nll * share.nll, out.or_loss * share.pairs, lambda_or)
 
 
-def step_metrics(parts: list[tuple[MicroBatchOut, Share]], method: str, lam: float) -> dict[str, float]:
+def step_metrics(parts: list[tuple[MicroBatchOut, Share]], method: str, lambda_or: float) -> dict[str, float]:
     """The logged metrics of this rank's part of a step, weighted as :func:`step_loss` weighs the loss;
     their sums over the ranks are the step's values. Every rank returns the same keys (a rank with no
     micro-batch in a step returns zeros), as the all-reduce needs."""
@@ -193,7 +190,7 @@ def step_metrics(parts: list[tuple[MicroBatchOut, Share]], method: str, lam: flo
     for out, share in parts:
         for k in keys:
             row[k] += out.metrics[k] * (share.nll if k == "nll" else share.pairs)
-    row["loss"] = row["nll"] + (lam * row["or_loss"] if method == "orpo" else 0.0)
+    row["loss"] = orpo_objective(row["nll"], row["or_loss"], lambda_or) if method == "orpo" else row["nll"]
     return row
 
 
