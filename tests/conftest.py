@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import pytest
 
-from orpo_distill.config import RunConfig, build_config
+from orpo_distill.config import RunConfig, build_config, set_dotted  # noqa: F401 (tests import it from here)
 
 BUILTIN_STUDENT = "builtin:smollm2-135m-instruct"
 
@@ -68,14 +68,6 @@ FAST_TRAIN: dict[str, Any] = {
     "eval.before_training": False,
 }
 
-
-def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
-    """``set_dotted(d, "train.phi", 0.0)`` sets ``d["train"]["phi"]``, creating sections as needed."""
-    *parents, last = dotted.split(".")
-    node = data
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[last] = value
 
 
 def tiny_config_dict(run_dir: Path, model_dir: Path) -> dict[str, Any]:

@@ -307,12 +307,16 @@ def _config_section(role: str) -> Iterator[None]:
 
 
 def _save_config(cfg: RunConfig, path: Path) -> None:
-    """The resolved config, written only when it changed (an unchanged rerun leaves the file alone)."""
+    """The resolved config, written only when it changed (an unchanged rerun leaves the file alone, but
+    opens it for appending so that a run folder that cannot be written fails here, naming this file)."""
     import yaml
 
     text = yaml.safe_dump(resolved_dict(cfg), sort_keys=False)
     if not path.is_file() or path.read_text(encoding="utf-8") != text:
         atomic_write_text(path, text)
+    else:
+        with path.open("ab"):  # nothing written: the mtime stays
+            pass
 
 
 def _make_run_dir(path: Path) -> None:

@@ -143,7 +143,9 @@ def test_nan_loss_in_a_real_training_process_is_refused_and_the_checkpoint_kept(
                      r"were changed\. Lower train\.lr", message), message
     ckpts = run_dir / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["epoch_1"], "a checkpoint of the NaN epoch was written"
-    assert json.loads((ckpts / "epoch_1" / "state.json").read_text()) == {"global_step": 2, "world_size": 1, "epoch": 1}
+    state = json.loads((ckpts / "epoch_1" / "state.json").read_text())
+    assert {k: state.pop(k) for k in ("global_step", "world_size", "epoch")} == {"global_step": 2, "world_size": 1, "epoch": 1}
+    assert sorted(state) == ["settings", "settings_hash"], state  # and the settings that trained it
     assert not (run_dir / "model").exists()
 
     rerun = run_cli(["train", str(config), "--no-progress"], tmp_path / "rerun.log")

@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from ..config import RunConfig, build_config, resolved_dict
+from ..config import RunConfig, build_config, resolved_dict, set_dotted
 from ..errors import UserError
 from ..layout import CompareLayout
 
@@ -116,14 +116,6 @@ def comparison_pairs(variants: Sequence[str]) -> list[tuple[str, str]]:
 # ---- the configuration of each run -------------------------------------------------------------------
 
 
-def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
-    *parents, last = dotted.split(".")
-    node = data
-    for p in parents:
-        node = node.setdefault(p, {})
-    node[last] = value
-
-
 def _derive(base: RunConfig, run_dir: Path, seed: int, overrides: dict[str, Any], source: str) -> RunConfig:
     data = resolved_dict(base)
     offset = seed - base.seed
@@ -131,7 +123,7 @@ def _derive(base: RunConfig, run_dir: Path, seed: int, overrides: dict[str, Any]
     data["seed"] = seed
     data["student"]["sampling"]["seed"] = base.student.sampling.seed + offset
     for key, value in overrides.items():
-        _set(data, key, value)
+        set_dotted(data, key, value)
     return build_config(data, source)
 
 

@@ -1,0 +1,36 @@
+"""The run configuration: pydantic models of every section (``schema``), YAML and ``--set a.b=c``
+overrides in (``loading``), the README's config reference out (``reference``). See docs/architecture.md."""
+
+from .loading import (
+    DuplicateKeyError,
+    apply_overrides,
+    build_config,
+    load_config,
+    parse_override,
+    read_yaml,
+    resolved_dict,
+    save_resolved,
+    set_dotted,
+    yaml_load,
+)
+from .reference import config_reference, update_readme
+from .schema import (
+    DatasetConfig,
+    EvalConfig,
+    GeneratorConfig,
+    LoraConfig,
+    PairsConfig,
+    RunConfig,
+    SamplingConfig,
+    Strict,
+    SyntheticConfig,
+    TaskConfig,
+    TrainConfig,
+)
+
+__all__ = [
+    "DatasetConfig", "DuplicateKeyError", "EvalConfig", "GeneratorConfig", "LoraConfig", "PairsConfig", "RunConfig",
+    "SamplingConfig", "Strict", "SyntheticConfig", "TaskConfig", "TrainConfig", "apply_overrides", "build_config",
+    "config_reference", "load_config", "parse_override", "read_yaml", "resolved_dict", "save_resolved", "set_dotted",
+    "update_readme", "yaml_load",
+]

@@ -1,0 +1,336 @@
+"""The pydantic models of a run's configuration, one per section; every field's help text is its
+``Field(description=...)`` (the README's config reference is generated from them, ``reference.py``).
+
+Unknown keys are errors (a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+
+class Strict(BaseModel):
+    # coerce_numbers_to_str: `run_dir: 2024` or `--set student.model=1234` name a string, not a number
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
+
+
+class SyntheticConfig(Strict):
+    """The built-in word-problem task (see ``datasets/synthetic.py``)."""
+
+    steps: int = Field(2, ge=1, le=8, description="arithmetic operations per problem")
+    max_value: int = Field(20, ge=2, description="largest starting quantity")
+    num_choices: int = Field(4, ge=2, le=8, description="options per question")
+
+
+class DatasetConfig(Strict):
+    kind: Literal["synthetic", "gsm8k", "jsonl", "hf"] = Field(
+        "synthetic",
+        description="synthetic (built in), gsm8k (local files), jsonl (field map), hf (Hub id or saved folder)",
+    )
+    path: str | None = Field(None, description="jsonl/gsm8k: a file; hf: a Hub id or a local dataset folder")
+    train_path: str | None = Field(None, description="optional separate file or split for training")
+    eval_path: str | None = Field(None, description="optional separate file or split for evaluation")
+    hf_config: str | None = Field(None, description="hf: dataset configuration name")
+    train_split: str = Field("train", description="hf/gsm8k: name of the training split")
+    eval_split: str = Field("test", description="hf/gsm8k: name of the held-out split")
+    fields: dict[str, str] = Field(
+        default_factory=dict,
+        description="map from our names (id, question, answer, choices) to the source's field names",
+    )
+    train_size: int | None = Field(None, ge=1, description="cap on training questions (None: all)")
+    eval_size: int | None = Field(None, ge=1, description="cap on held-out questions (None: all)")
+    eval_fraction: float = Field(0.2, gt=0, lt=1, description="held-out share when the source has one split")
+    synthetic: SyntheticConfig = SyntheticConfig()
+    seed: int = Field(0, description="seed of the synthetic task and of the train/eval split")
+
+
+class TaskConfig(Strict):
+    kind: Literal["mcq", "numeric", "yesno", "exact", "custom"] = Field(
+        "mcq",
+        description="how answers are extracted and checked",
+    )
+    custom: str | None = Field(None, description="custom task as 'module:function' (needs allow_custom_code)")
+    allow_custom_code: bool = Field(False, description="must be true for task.custom to import user code")
+    system_prompt: str | None = Field(None, description="optional system message before every question")
+    instruction: str | None = Field(None, description="override the task's answer-format instruction")
+
+    @model_validator(mode="after")
+    def _custom_needs_name(self) -> "TaskConfig":
+        if self.kind == "custom" and not self.custom:
+            raise ValueError("task.kind 'custom' needs task.custom: 'module:function'")
+        return self
+
+
+class SamplingConfig(Strict):
+    samples: int = Field(4, ge=1, description="samples per question (K)")
+    temperature: float = Field(0.8, ge=0, description="sampling temperature (0: greedy)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling threshold")
+    max_tokens: int = Field(256, ge=1, description="longest response in tokens")
+    batch_size: int = Field(16, ge=1, description="local generators: sequences per forward pass")
+    seed: int = Field(0, description="base of the per-request seeds")
+    reasoning: Literal["think", "plain", "drop"] = Field(
+        "think",
+        description="what the student trains on when the teacher's server sends its reasoning apart (`reasoning_content`,"
+                    " `reasoning`, or `<think>...</think>` in the text): think (default): the reasoning and the answer as"
+                    " `<think>\\n...\\n</think>\\n\\nANSWER`, because the reasoning is what distillation transfers and the "
+                    "tags keep it apart from the answer; plain: the reasoning, a blank line, the answer; drop: the answer"
+                    " only. The answer is always extracted from the answer part (from the reasoning when the answer is "
+                    "empty); a changed choice is a changed store (refused, or --overwrite)",
+    )
+
+
+class GeneratorConfig(Strict):
+    """Where text comes from. Which fields matter depends on ``kind``."""
+
+    kind: Literal["hf", "openai", "vllm", "replay", "scripted"] = Field(
+        "hf",
+        description="hf (local transformers), openai (any compatible server), vllm (in-process vLLM engine, optional "
+                    "extra), replay (recorded file), scripted (synthetic teacher)",
+    )
+    model: str | None = Field(None, description="Hub id, local folder, or builtin:smollm2-135m-instruct")
+    # openai
+    base_url: str | list[str] | None = Field(
+        None,
+        description="openai: server base URL(s) ending in /v1; a list spreads requests over servers",
+    )
+    api_key_env: str | None = Field(None, description="name of the environment variable holding the API key")
+    endpoint: Literal["chat", "completions"] = Field(
+        "chat",
+        description="openai: chat/completions (messages) or completions (plain prompt)",
+    )
+    max_concurrency: int = Field(8, ge=1, description="openai: requests in flight at once")
+    timeout: float = Field(
+        120.0, gt=0,
+        description="openai: seconds before a request counts as timed out (then retried)",
+    )
+    max_retries: int = Field(6, ge=0, description="openai: retries per request on 429, 5xx, timeouts, resets, bad JSON")
+    backoff_base: float = Field(
+        1.0, ge=0,
+        description="openai: first backoff in seconds (doubles each retry, with jitter)",
+    )
+    backoff_max: float = Field(60.0, ge=0, description="openai: longest single wait, Retry-After included")
+    stop: list[str] | None = Field(None, description="openai, vllm: stop sequences")
+    token_param: Literal["max_tokens", "max_completion_tokens"] = Field(
+        "max_tokens",
+        description="openai: the request field that carries sampling.max_tokens; newer OpenAI models want "
+                    "max_completion_tokens. A 400 saying the one sent is unsupported switches to the other for the rest "
+                    "of the run (logged once)",
+    )
+    max_failed_share: float = Field(
+        0.0, ge=0, le=1,
+        description="teacher: share of the stage's requests that may fail for good (after their retries) before the stage"
+                    " exits with an error; the traces that arrived are kept either way, and rerunning the same command "
+                    "asks only for the missing ones",
+    )
+    # replay
+    path: str | None = Field(None, description="replay: JSONL of recorded traces ({id, text} per line)")
+    on_missing: Literal["warn", "error"] = Field(
+        "warn", description="replay: a question with fewer recorded traces than sampling.samples: warn (store what "
+        "there is; the summary counts the missing samples) or error (refuse before storing anything)")
+    # scripted
+    error_rate: float = Field(
+        0.25, ge=0, le=1,
+        description="scripted: share of traces with a deliberate mistake (teacher negatives)",
+    )
+    # hf / vllm
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="hf, vllm: weight dtype (hf auto: bf16 on GPU, fp32 on CPU with bf16 autocast; hf float32: plain "
+                    "fp32, no autocast, samples bit-identical at any batch size; vllm auto: vLLM's choice from the "
+                    "checkpoint)",
+    )
+    device: str = Field("auto", description="hf: auto, cpu, cuda, cuda:1, ...")
+    trust_remote_code: bool = Field(
+        False,
+        description="hf, vllm: allow model code from the Hub (off unless you set it)",
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per engine")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1,
+        description="vllm: share of GPU memory the engine reserves (lower it when training shares the GPU)",
+    )
+    max_model_len: int | None = Field(
+        None, ge=1, description="vllm: longest prompt plus completion in tokens (None: the model's own limit)"
+    )
+    sampling: SamplingConfig = SamplingConfig()
+
+    @model_validator(mode="after")
+    def _required_fields(self) -> "GeneratorConfig":
+        if self.kind in ("hf", "vllm") and not self.model:
+            raise ValueError(f"generator kind '{self.kind}' needs 'model' (Hub id or local folder)")
+        if self.kind == "openai" and (not self.base_url or not self.model):
+            raise ValueError("generator kind 'openai' needs 'base_url' and 'model'")
+        if self.kind == "replay" and not self.path:
+            raise ValueError("generator kind 'replay' needs 'path' (a JSONL file of recorded traces)")
+        return self
+
+
+class PairsConfig(Strict):
+    negatives: Literal["student", "teacher", "both"] = Field(
+        "student",
+        description="where rejected responses come from: student, teacher or both",
+    )
+    filter: Literal["incorrect", "any"] = Field(
+        "incorrect",
+        description="student negatives: incorrect samples only, or any sample",
+    )
+    pairing: Literal["capped", "every_positive"] = Field(
+        "capped",
+        description="capped: up to pairs_per_question pairs a question; every_positive: one pair per correct teacher "
+                    "trace (negatives reused when fewer), so the chosen side is exactly what sft-diverse trains on",
+    )
+    pairs_per_question: int = Field(
+        2, ge=1,
+        description="capped pairing: pairs per question per epoch (positives cycle, negatives drawn without replacement)",
+    )
+    no_negative: Literal["drop", "teacher"] = Field(
+        "drop",
+        description="a question whose negative pool is empty: drop it from the epoch (counted), or pair it with the "
+                    "teacher's wrong traces (still dropped, and counted, when the teacher has none)",
+    )
+    seed: int = Field(0, description="seed of the pairing")
+
+
+class LoraConfig(Strict):
+    enabled: bool = Field(False, description="train a LoRA adapter (PEFT) instead of all weights")
+    r: int = Field(16, ge=1, description="LoRA rank")
+    alpha: int = Field(32, ge=1, description="LoRA alpha")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
+    target_modules: list[str] | str = Field("all-linear", description="modules to adapt (PEFT names, or all-linear)")
+    load_in_4bit: bool = Field(
+        False,
+        description="QLoRA: load the frozen base in 4-bit NF4 (bitsandbytes, double quantization, bf16 compute); "
+        "needs lora.enabled, a CUDA GPU and `pip install 'orpo-distill[qlora]'`",
+    )
+
+    @model_validator(mode="after")
+    def _four_bit_needs_lora(self) -> "LoraConfig":
+        if self.load_in_4bit and not self.enabled:
+            raise ValueError("train.lora.load_in_4bit needs train.lora.enabled: true (QLoRA trains a LoRA adapter "
+                             "on the 4-bit base; the base itself cannot be trained in 4-bit)")
+        return self
+
+
+PhiSchedule = Literal["constant", "linear"]
+
+
+class TrainConfig(Strict):
+    method: Literal["orpo", "sft"] = Field("orpo", description="orpo (preference) or sft (teacher positives only)")
+    traces: Literal["single", "all"] = Field("all", description="sft: one teacher trace per question, or all positives")
+    policy: Literal["off", "on", "mixed"] = Field(
+        "mixed",
+        description="off (phi 0), on (phi 1) or mixed (phi as given)",
+    )
+    phi: float | list[float] = Field(0.5, description="mixed: refreshed share; a list gives one value per epoch")
+    phi_schedule: PhiSchedule = Field("constant", description="constant, or linear ramp from phi_start to phi")
+    phi_start: float = Field(
+        0.0, ge=0, le=1,
+        description="linear schedule: phi before epoch 2 (ramps to phi before the last epoch)",
+    )
+    when_all_correct: Literal["keep", "teacher"] = Field(
+        "keep", description="refreshed question with no wrong student sample: keep old negatives or use teacher's"
+    )
+    epochs: int = Field(2, ge=1, description="training epochs; the refresh runs before each epoch after the first")
+    lr: float = Field(5e-5, gt=0, description="peak learning rate (AdamW)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    lambda_or: float = Field(0.1, ge=0, alias="lambda", description="weight of the odds-ratio term")
+    nll_on_prompt: bool = Field(False, description="also count prompt tokens in the NLL term (what TRL does)")
+    batch_size: int = Field(8, ge=1, description="pairs per micro-batch")
+    token_budget: int | None = Field(
+        None, ge=16, description="also cap a micro-batch at this many packed tokens (None: pairs only)"
+    )
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="share of steps spent warming up the learning rate")
+    scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="learning-rate decay after warmup")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto",
+        description="auto: bf16 autocast where the GPU or CPU has bf16 units; loss in fp32 always",
+    )
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
+    layout: Literal["packed", "plain"] = Field(
+        "packed", description="packed: one row per question, prompt shared by its pairs; plain: TRL's layout"
+    )
+    max_length: int = Field(1024, ge=8, description="prompt + response tokens; longer pairs are truncated")
+    lora: LoraConfig = LoraConfig()
+    log_every: int = Field(1, ge=1, description="log a metrics line every N optimizer steps")
+    seed: int = Field(0, description="seed of the data order")
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    @field_validator("policy", mode="before")
+    @classmethod
+    def _policy_from_yaml_bool(cls, v: Any) -> Any:
+        """YAML 1.1 (PyYAML) reads an unquoted ``policy: off`` as false and ``on`` as true: take them as meant."""
+        if v is False:
+            return "off"
+        if v is True:
+            return "on"
+        return v
+
+    @field_validator("phi")
+    @classmethod
+    def _phi_range(cls, v: float | list[float]) -> float | list[float]:
+        for x in v if isinstance(v, list) else [v]:
+            if not 0.0 <= x <= 1.0:
+                raise ValueError(f"phi must be between 0 and 1, got {x}")
+        return v
+
+
+class EvalConfig(Strict):
+    split: Literal["eval", "train"] = Field(
+        "eval",
+        description="evaluate on the held-out split (eval) or on the training questions",
+    )
+    max_tokens: int = Field(256, ge=1, description="longest response in tokens")
+    batch_size: int = Field(32, ge=1, description="sequences per generation batch")
+    every_epoch: bool = Field(True, description="evaluate after every epoch, not only the last")
+    before_training: bool = Field(True, description="evaluate the initial student (epoch 0) in `run`")
+    self_consistency: int = Field(0, ge=0, description="k samples for self-consistency@k (0: off)")
+    temperature: float = Field(0.7, ge=0, description="sampling temperature for self-consistency")
+
+
+class RunConfig(Strict):
+    run_dir: str = Field("runs/default", description="the run directory: every stage reads and writes here")
+    seed: int = Field(0, description="seed for data order, refresh choice, pairing and sampling")
+    dataset: DatasetConfig = DatasetConfig()
+    task: TaskConfig = TaskConfig()
+    teacher: GeneratorConfig = GeneratorConfig(kind="scripted")
+    student: GeneratorConfig = GeneratorConfig(kind="hf", model="builtin:smollm2-135m-instruct")
+    pairs: PairsConfig = PairsConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _partial_generator_sections(cls, data: Any) -> Any:
+        """A teacher or student section naming neither ``kind`` nor ``model`` refines the default
+        generator (scripted teacher, builtin student) instead of starting from a bare ``hf`` one with no
+        model, so ``--set teacher.sampling.samples=8`` alone works."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for name in ("teacher", "student"):
+            section = data.get(name)
+            if isinstance(section, dict) and "kind" not in section and "model" not in section:
+                default = cls.model_fields[name].default
+                base = {"kind": default.kind, **({"model": default.model} if default.model else {})}
+                data[name] = {**base, **section}
+        return data
+
+    @model_validator(mode="after")
+    def _four_bit_student_weights(self) -> "RunConfig":
+        refresh = self.train.method == "orpo" and self.pairs.negatives != "teacher" and self.train.policy != "off"
+        if self.train.lora.load_in_4bit and self.student.kind == "vllm" and refresh:
+            raise ValueError(
+                "train.lora.load_in_4bit with student.kind 'vllm': the refresh copies the student's weights into "
+                "the vLLM engine, which cannot take 4-bit weights; use student.kind: hf or train.policy: off")
+        return self
+
+    @property
+    def path(self) -> Path:
+        return Path(self.run_dir)
