@@ -57,7 +57,6 @@ FAST_TRAIN: dict[str, Any] = {
     "student.sampling.samples": 2,
     "pairs.negatives": "student",
     "pairs.pairs_per_question": 1,
-    "train.policy": "mixed",
     "train.phi": 0.5,
     "train.epochs": 2,
     "train.batch_size": 2,

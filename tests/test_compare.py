@@ -107,7 +107,7 @@ def test_variant_lists_parse_in_order_without_repeats() -> None:
     assert parse_variants(["orpo-off, sft-single", "orpo-off", "orpo-mixed@0.25"]) == \
         ["orpo-off", "sft-single", "orpo-mixed@0.25"]
     assert parse_variants([]) == compare.DEFAULT_VARIANTS
-    assert variant_overrides("orpo-mixed@0.25")["train.phi_schedule"] == "constant"
+    assert variant_overrides("orpo-mixed@0.25")["train.phi"] == 0.25
 
 
 def test_lambda_and_lr_modifiers_change_one_knob_and_pair_with_their_arm(tiny_config: Any, tmp_path: Path) -> None:
@@ -390,3 +390,14 @@ def test_quick_size_caps_the_config_and_uses_its_own_folder(tiny_config: Any) ->
     assert q.run_dir == big.run_dir + "-quick"
     small = tiny_config(**FAST)
     assert compare.quick_config(small).dataset.train_size == 4  # never grows a config
+
+
+def test_orpo_mixed_keeps_the_configs_phi_and_refuses_one_that_is_not_mixed(tmp_path: Path) -> None:
+    ramp = RunConfig.model_validate({"train": {"phi": {"linear": [0.1, 0.5]}}})
+    assert variant_config(ramp, tmp_path, "orpo-mixed", 0).train.phi == ramp.train.phi
+    assert variant_config(ramp, tmp_path, "orpo-off", 0).train.phi == 0.0
+    assert variant_config(ramp, tmp_path, "orpo-on", 0).train.phi == 1.0
+    off = RunConfig.model_validate({"train": {"phi": 0}})
+    assert variant_config(off, tmp_path, "orpo-mixed@0.25", 0).train.phi == 0.25
+    with pytest.raises(UserError, match=r"orpo-mixed\+lambda=0 keeps the config's train.phi, which is 0.0"):
+        variant_config(off, tmp_path, "orpo-mixed+lambda=0", 0)

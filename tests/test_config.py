@@ -145,6 +145,33 @@ def test_policy_other_values_are_still_refused():
     assert "train.policy" in error_of({"train": {"policy": 1}})
 
 
+@pytest.mark.parametrize("phi, policy", [(0, "off"), (1, "on"), (0.3, "mixed"), ([0.2, 0.6], "mixed"),
+                                         ([0, 0], "off"), ({"linear": [0.1, 0.5]}, "mixed")])
+def test_phi_is_the_one_setting_of_the_refresh(phi, policy):
+    """train.phi alone says off (0), on (1) or mixed (between; a list; a ramp)."""
+    cfg = build_config({"train": {"phi": phi}}, "test")
+    assert cfg.train.policy == policy
+    assert not {"policy", "phi_schedule", "phi_start"} & set(resolved_dict(cfg)["train"])
+
+
+@pytest.mark.parametrize("phi", [1.5, -0.1, [], [0.2, 1.2], {"linear": [0.0, 2.0]}, {"linear": [0.5]}, {"ramp": [0, 1]}])
+def test_phi_out_of_range_or_malformed_is_refused(phi):
+    assert "train.phi" in error_of({"train": {"phi": phi}})
+
+
+@pytest.mark.parametrize("legacy, phi", [
+    ({"policy": "off", "phi": 0.7}, 0.0),
+    ({"policy": "on", "phi": 0.2}, 1.0),
+    ({"policy": "mixed", "phi": 0.3}, 0.3),
+    ({"policy": "mixed", "phi": 0.9, "phi_schedule": "linear", "phi_start": 0.3}, {"linear": [0.3, 0.9]}),
+    ({"phi_schedule": "constant", "phi_start": 0.0, "phi": [0.1, 0.4]}, [0.1, 0.4]),
+])
+def test_the_settings_phi_replaced_still_load_as_the_phi_they_meant(legacy, phi):
+    """Older configs and comparison plans (policy, phi_schedule, phi_start) load as the same phi."""
+    old = resolved_dict(build_config({"train": legacy}, "old"))
+    assert old == resolved_dict(build_config({"train": {"phi": phi}}, "new"))
+
+
 @pytest.mark.parametrize(
     "text, path, value",
     [

@@ -95,7 +95,7 @@ DIST = {
     "student.device": "cpu",
     "student.sampling.max_tokens": 6,
     "pairs.pairs_per_question": 2,
-    "train.policy": "off",
+    "train.phi": 0.0,
 }
 
 
@@ -213,9 +213,9 @@ def test_refresh_under_two_ranks_regenerates_the_questions_one_process_would(tin
     ("DEEPSPEED", 3, {}, True),
     ("DEEPSPEED", 2, {}, False),  # ZeRO-2 keeps whole weights on every rank
     ("MULTI_GPU", None, {}, False),
-    ("FSDP", None, {"train.policy": "off", "eval.every_epoch": False}, False),
+    ("FSDP", None, {"train.phi": 0.0, "eval.every_epoch": False}, False),
     ("FSDP", None, {"pairs.negatives": "teacher", "eval.every_epoch": False}, False),
-    ("FSDP", None, {"train.policy": "off", "eval.every_epoch": True}, True),
+    ("FSDP", None, {"train.phi": 0.0, "eval.every_epoch": True}, True),
 ])
 def test_sharded_weights_are_refused_where_training_samples_from_the_model(tiny_config: Any, kind: str, stage: Any,
                                                                           over: dict[str, Any], refused: bool) -> None:

@@ -136,22 +136,22 @@ def test_sft_targets_single_and_all() -> None:
 
 def test_phi_off_on_and_constant() -> None:
     for e in (2, 3, 4):
-        assert phi_for_epoch(e, 4, "off", 0.7) == 0.0
-        assert phi_for_epoch(e, 4, "on", 0.2) == 1.0
-        assert phi_for_epoch(e, 4, "mixed", 0.3) == 0.3
-    assert phi_for_epoch(1, 4, "on", 1.0) == 0.0  # epoch 1 trains on the initial student's negatives
+        assert phi_for_epoch(e, 4, 0.0) == 0.0
+        assert phi_for_epoch(e, 4, 1.0) == 1.0
+        assert phi_for_epoch(e, 4, 0.3) == 0.3
+    assert phi_for_epoch(1, 4, 1.0) == 0.0  # epoch 1 trains on the initial student's negatives
 
 
 def test_phi_list_gives_one_value_per_refresh() -> None:
-    assert [phi_for_epoch(e, 4, "mixed", [0.1, 0.5, 0.9]) for e in (2, 3, 4)] == [0.1, 0.5, 0.9]
+    assert [phi_for_epoch(e, 4, [0.1, 0.5, 0.9]) for e in (2, 3, 4)] == [0.1, 0.5, 0.9]
     with pytest.raises((ValueError, UserError), match="phi"):
-        phi_for_epoch(4, 4, "mixed", [0.1, 0.5])
+        phi_for_epoch(4, 4, [0.1, 0.5])
 
 
 def test_phi_linear_ramps_from_start_to_phi() -> None:
-    got = [phi_for_epoch(e, 5, "mixed", 0.9, "linear", phi_start=0.3) for e in (2, 3, 4, 5)]
+    got = [phi_for_epoch(e, 5, (0.3, 0.9), linear=True) for e in (2, 3, 4, 5)]
     assert got == pytest.approx([0.3, 0.5, 0.7, 0.9])
-    assert phi_for_epoch(2, 2, "mixed", 0.8, "linear", phi_start=0.0) == pytest.approx(0.8)
+    assert phi_for_epoch(2, 2, (0.0, 0.8), linear=True) == pytest.approx(0.8)
 
 
 @pytest.mark.parametrize("phi, expected", [(0.0, 0), (0.25, 2), (0.5, 4), (1.0, 8)])

@@ -90,7 +90,11 @@ def test_a_remote_student_gets_the_messages_as_sent(tiny_config: Any, tmp_path: 
         ({"train.policy": "on"}, "ORPO result: orpo-on"),
         ({"train.policy": "mixed", "train.phi": 0.25}, "ORPO result: orpo-mixed, phi 0.25"),
         ({"train.policy": "mixed", "train.phi": 0.5, "train.phi_schedule": "linear", "train.phi_start": 0.1},
-         "ORPO result: orpo-mixed, phi 0.5 (linear from 0.1)"),
+         "ORPO result: orpo-mixed, phi linear 0.1 to 0.5"),
+        ({"train.phi": 0.0}, "ORPO result: orpo-off"),
+        ({"train.phi": 1.0}, "ORPO result: orpo-on"),
+        ({"train.phi": [0.2, 0.6]}, "ORPO result: orpo-mixed, phi 0.2, 0.6"),
+        ({"train.phi": {"linear": [0.1, 0.5]}}, "ORPO result: orpo-mixed, phi linear 0.1 to 0.5"),
         ({"train.policy": "on", "pairs.negatives": "both"}, "ORPO result: orpo-on, student and teacher negatives"),
     ],
 )

@@ -188,3 +188,19 @@ def test_what_enters_the_hashes(tiny_config: Any) -> None:
     assert eval_settings(ev, 2) != eval_settings(base, 2)
     lr = tiny_config(**{**FAST_TRAIN, "train.lr": 5e-3})
     assert eval_settings(lr, 0) == eval_settings(base, 0) and eval_settings(lr, 2) != eval_settings(base, 2)
+
+
+def test_weights_recorded_with_the_settings_phi_replaced_are_not_retrained(tiny_model_dir: Path) -> None:
+    """A checkpoint written before train.phi replaced policy/phi_schedule/phi_start records its training
+    settings in the old form: the same settings in the new form are not a change (nothing set aside);
+    a different phi still is."""
+    from orpo_distill.provenance import changes
+
+    cfg = build_config(tiny_config_dict("run", tiny_model_dir), "test")
+    old = training_settings(cfg)
+    old["train"] = {k: v for k, v in old["train"].items() if k != "phi"}
+    old["train"].update(policy="mixed", phi=cfg.train.phi, phi_schedule="constant", phi_start=0.0)
+    assert settings_hash(old) != settings_hash(training_settings(cfg))  # the hash alone would say "changed"
+    assert changes({"settings_hash": settings_hash(old), "settings": old}, cfg) == []
+    old["train"]["policy"] = "off"
+    assert changes({"settings_hash": settings_hash(old), "settings": old}, cfg) == [f"train.phi: 0.0 -> {cfg.train.phi}"]

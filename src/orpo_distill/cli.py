@@ -188,10 +188,11 @@ def result_title(cfg: Any) -> str:
         return f"SFT result: sft-{'single' if t.traces == 'single' else 'diverse'}"
     if cfg.pairs.negatives == "teacher":
         return "ORPO result: orpo-teacher-neg"
+    from .config import phi_text
+
     name = f"orpo-{t.policy}"
     if t.policy == "mixed":
-        phi = ", ".join(f"{x:g}" for x in t.phi) if isinstance(t.phi, list) else f"{t.phi:g}"
-        name += f", phi {phi}" + (f" (linear from {t.phi_start:g})" if t.phi_schedule == "linear" else "")
+        name += f", phi {phi_text(t.phi)}"
     if cfg.pairs.negatives == "both":
         name += ", student and teacher negatives"
     return f"ORPO result: {name}"

@@ -102,29 +102,27 @@ def sft_targets(qid: str, pos: Sequence[str], traces: Literal["single", "all"], 
 # ---- the mixed-policy negative buffer --------------------------------------------------------------
 
 
-def phi_for_epoch(epoch: int, epochs: int, policy: str, phi: float | list[float], schedule: str = "constant",
-                  phi_start: float = 0.0) -> float:
-    """The share of questions whose student negatives are regenerated before ``epoch`` (>= 2).
+def phi_for_epoch(epoch: int, epochs: int, phi: float | Sequence[float], linear: bool = False) -> float:
+    """The share of questions whose student negatives are regenerated before ``epoch`` (>= 2; epoch 1
+    trains on the initial student's negatives, so it is 0 there).
 
-    ``off`` is 0 and ``on`` is 1 whatever ``phi`` says. For ``mixed``: a list gives one value per
-    refresh (index 0 is the refresh before epoch 2); ``linear`` ramps from ``phi_start`` before epoch 2
-    to ``phi`` before the last epoch; ``constant`` is ``phi``.
+    ``phi`` a number: that share at every refresh (0 off-policy, 1 on-policy, between mixed). A
+    sequence: one value per refresh (index 0 is the refresh before epoch 2). ``linear``: ``phi`` is
+    (start, end), ramped from start before epoch 2 to end before the last epoch.
     """
     if epoch < 2:
         return 0.0
-    if policy == "off":
-        return 0.0
-    if policy == "on":
-        return 1.0
-    if isinstance(phi, list):
-        if epoch - 2 >= len(phi):
-            raise UserError(f"train.phi lists {len(phi)} values, but epoch {epoch} needs value {epoch - 1} "
-                            f"(one per refresh, epochs 2..{epochs})")
-        return float(phi[epoch - 2])
-    if schedule == "linear" and epochs > 2:
-        t = (epoch - 2) / (epochs - 2)
-        return phi_start + t * (phi - phi_start)
-    return float(phi)
+    if linear:
+        start, end = phi  # type: ignore[misc]
+        if epochs <= 2:
+            return float(end)
+        return start + (epoch - 2) / (epochs - 2) * (end - start)
+    if isinstance(phi, (int, float)):
+        return float(phi)
+    if epoch - 2 >= len(phi):
+        raise UserError(f"train.phi lists {len(phi)} values, but epoch {epoch} needs value {epoch - 1} "
+                        f"(one per refresh, epochs 2..{epochs})")
+    return float(phi[epoch - 2])
 
 
 def choose_refresh(qids: Sequence[str], phi: float, seed: int, epoch: int) -> list[str]:

@@ -17,8 +17,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from .checkpoints import latest_checkpoint
-from .config import RunConfig
+from .config import RunConfig, TrainConfig
 from .layout import STATE, RunLayout
 from .sampling import sampling_settings
 from .store import _free_name, settings_hash
@@ -62,6 +64,20 @@ def training_settings(cfg: RunConfig) -> dict[str, Any]:
         # the initial student's samples are the negatives only when the run uses student negatives
         "student_traces": settings_hash(student_store_settings(cfg)) if uses_student_negatives(cfg) else None,
     }
+
+
+def _upgraded(settings: dict[str, Any]) -> dict[str, Any]:
+    """Recorded training settings as this version writes them: a ``train`` section with settings since
+    replaced (``policy``, ``phi_schedule``, ``phi_start``: now ``phi``) read through the current schema.
+    Left as recorded when it does not validate (the difference then shows)."""
+    if not isinstance(settings.get("train"), dict):
+        return settings
+    try:
+        train = TrainConfig.model_validate(settings["train"]).model_dump(mode="json", by_alias=True)
+    except ValidationError:
+        return settings
+    train.pop("log_every", None)
+    return {**settings, "train": train}
 
 
 def eval_settings(cfg: RunConfig, epoch: int, weights: str | None = None) -> dict[str, Any]:
@@ -133,7 +149,10 @@ def changes(record: dict[str, Any], cfg: RunConfig) -> list[str]:
     now = training_settings(cfg)
     if record["settings_hash"] == settings_hash(now):
         return []
-    return diff_settings(record.get("settings", {}), now) or [
+    recorded = _upgraded(record.get("settings", {}))
+    if settings_hash(recorded) == settings_hash(now):  # the same settings, as an older version wrote them
+        return []
+    return diff_settings(recorded, now) or [
         f"(settings hash {record['settings_hash']} -> {settings_hash(now)})"]
 
 

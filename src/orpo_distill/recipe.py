@@ -26,7 +26,7 @@ import torch
 from . import distributed
 from .batching import group_pairs, tokenize_pair
 from .checkpoints import latest_checkpoint, load_training_state, save_checkpoint
-from .config import RunConfig
+from .config import PhiRamp, RunConfig
 from .epoch_rows import EpochData, Messages, chosen_texts, epoch_rows, examples_upper_bound, group_traces, largest_group
 from .errors import UserError
 from .generators.base import Generator
@@ -139,8 +139,10 @@ class Distiller:
 
     def phi(self, epoch: int) -> float:
         """The share of questions whose negatives are regenerated before ``epoch``."""
-        t = self.tcfg
-        return phi_for_epoch(epoch, t.epochs, t.policy, t.phi, t.phi_schedule, t.phi_start)
+        phi = self.tcfg.phi
+        if isinstance(phi, PhiRamp):
+            return phi_for_epoch(epoch, self.tcfg.epochs, phi.linear, linear=True)
+        return phi_for_epoch(epoch, self.tcfg.epochs, phi)
 
     def refresh(self, epoch: int, model: Any) -> None:
         phi = self.phi(epoch)
@@ -269,4 +271,4 @@ class Distiller:
                 "FSDP and DeepSpeed ZeRO-3 shard the weights over the ranks, but the mixed-policy refresh and "
                 "per-epoch evaluation sample from the whole model during training, which is not supported yet. "
                 "Use DDP or ZeRO-2 (configs/accelerate/ddp.yaml, deepspeed-zero2.yaml), or set "
-                "eval.every_epoch=false with train.policy=off or pairs.negatives=teacher.")
+                "eval.every_epoch=false with train.phi=0 or pairs.negatives=teacher.")

@@ -17,15 +17,15 @@ from ..config import RunConfig, build_config, resolved_dict, set_dotted
 from ..errors import UserError
 from ..layout import CompareLayout
 
-# The paper's variants as config overrides (dotted keys). ``orpo-mixed`` keeps the config's phi (and
-# its schedule); ``orpo-mixed@X`` sets a constant phi = X.
+# The paper's variants as config overrides (dotted keys). ``orpo-mixed`` keeps the config's phi (a
+# number between 0 and 1, a list or a ramp); ``orpo-mixed@X`` sets a constant phi = X.
 VARIANTS: dict[str, dict[str, Any]] = {
     "sft-single": {"train.method": "sft", "train.traces": "single"},
     "sft-diverse": {"train.method": "sft", "train.traces": "all"},
     "orpo-teacher-neg": {"train.method": "orpo", "pairs.negatives": "teacher"},
-    "orpo-off": {"train.method": "orpo", "pairs.negatives": "student", "train.policy": "off"},
-    "orpo-on": {"train.method": "orpo", "pairs.negatives": "student", "train.policy": "on"},
-    "orpo-mixed": {"train.method": "orpo", "pairs.negatives": "student", "train.policy": "mixed"},
+    "orpo-off": {"train.method": "orpo", "pairs.negatives": "student", "train.phi": 0.0},
+    "orpo-on": {"train.method": "orpo", "pairs.negatives": "student", "train.phi": 1.0},
+    "orpo-mixed": {"train.method": "orpo", "pairs.negatives": "student"},
 }
 DEFAULT_VARIANTS = list(VARIANTS)
 BASELINE = "sft-single"
@@ -74,7 +74,7 @@ def _base_overrides(head: str, name: str) -> dict[str, Any]:
             phi = math.nan
         if not 0.0 <= phi <= 1.0:
             raise UserError(f"variant {name!r}: phi after '@' must be a number between 0 and 1")
-        return {**VARIANTS["orpo-mixed"], "train.phi": phi, "train.phi_schedule": "constant"}
+        return {**VARIANTS["orpo-mixed"], "train.phi": phi}
     raise UserError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}, or orpo-mixed@PHI (e.g. orpo-mixed@0.25), "
                     f"each optionally followed by +lambda=X or +lr=X")
 
@@ -145,6 +145,9 @@ def shared_config(base: RunConfig, compare_dir: Path, seed: int) -> RunConfig:
 
 
 def variant_config(base: RunConfig, compare_dir: Path, variant: str, seed: int) -> RunConfig:
+    if variant.split("+")[0] == "orpo-mixed" and base.train.policy != "mixed":
+        raise UserError(f"variant {variant} keeps the config's train.phi, which is {base.train.phi} ({base.train.policy}-"
+                        "policy); set train.phi between 0 and 1 in the config, or name orpo-mixed@PHI")
     return _derive(base, run_dir(compare_dir, variant, seed), seed, variant_overrides(variant),
                    f"variant {variant}, seed {seed}")
 

@@ -20,17 +20,20 @@ from .schema import (
     GeneratorConfig,
     LoraConfig,
     PairsConfig,
+    PhiRamp,
     RunConfig,
     SamplingConfig,
     Strict,
     SyntheticConfig,
     TaskConfig,
     TrainConfig,
+    phi_policy,
+    phi_text,
 )
 
 __all__ = [
-    "DatasetConfig", "DuplicateKeyError", "EvalConfig", "GeneratorConfig", "LoraConfig", "PairsConfig", "RunConfig",
+    "DatasetConfig", "DuplicateKeyError", "EvalConfig", "GeneratorConfig", "LoraConfig", "PairsConfig", "PhiRamp", "RunConfig",
     "SamplingConfig", "Strict", "SyntheticConfig", "TaskConfig", "TrainConfig", "apply_overrides", "build_config",
-    "config_reference", "load_config", "parse_override", "read_yaml", "resolved_dict", "save_resolved", "set_dotted",
+    "config_reference", "load_config", "parse_override", "phi_policy", "phi_text", "read_yaml", "resolved_dict", "save_resolved", "set_dotted",
     "update_readme", "yaml_load",
 ]

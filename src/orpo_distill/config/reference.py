@@ -16,6 +16,7 @@ from .schema import RunConfig
 
 def _type_name(annotation: Any) -> str:
     text = str(annotation).replace("typing.", "")
+    text = re.sub(r"[\w.]*\.PhiRamp", "{linear: [float, float]}", text)
     return text.replace("<class '", "").replace("'>", "")
 
 

@@ -215,21 +215,53 @@ class LoraConfig(Strict):
         return self
 
 
-PhiSchedule = Literal["constant", "linear"]
+class PhiRamp(Strict):
+    """``phi: {linear: [START, END]}``: START at the refresh before epoch 2, END at the one before the last."""
+
+    linear: tuple[float, float] = Field(description="phi before epoch 2 and before the last epoch")
+
+    @field_validator("linear")
+    @classmethod
+    def _in_unit_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        for x in v:
+            if not 0.0 <= x <= 1.0:
+                raise ValueError(f"phi must be between 0 and 1, got {x}")
+        return v
+
+
+Phi = float | list[float] | PhiRamp
+
+
+def _phi_values(phi: Any) -> list[float]:
+    """The phi values of a setting or of its YAML form ({linear: [a, b]} as a dict)."""
+    if isinstance(phi, PhiRamp):
+        return list(phi.linear)
+    if isinstance(phi, dict):
+        return [float(x) for x in phi.get("linear", [])]
+    return [float(x) for x in phi] if isinstance(phi, (list, tuple)) else [float(phi)]
+
+
+def phi_policy(phi: Any) -> Literal["off", "on", "mixed"]:
+    """What a phi setting amounts to: off (never resampled), on (all resampled every time) or mixed."""
+    values = set(_phi_values(phi))
+    return "off" if values == {0.0} else "on" if values == {1.0} else "mixed"
+
+
+def phi_text(phi: Any) -> str:
+    """``0.5``, ``0.1, 0.5`` (one per refresh) or ``linear 0.1 to 0.5``."""
+    values = ", ".join(f"{x:g}" for x in _phi_values(phi))
+    ramp = isinstance(phi, PhiRamp) or isinstance(phi, dict)
+    return f"linear {values.replace(', ', ' to ')}" if ramp else values
 
 
 class TrainConfig(Strict):
     method: Literal["orpo", "sft"] = Field("orpo", description="orpo (preference) or sft (teacher positives only)")
     traces: Literal["single", "all"] = Field("all", description="sft: one teacher trace per question, or all positives")
-    policy: Literal["off", "on", "mixed"] = Field(
-        "mixed",
-        description="off (phi 0), on (phi 1) or mixed (phi as given)",
-    )
-    phi: float | list[float] = Field(0.5, description="mixed: refreshed share; a list gives one value per epoch")
-    phi_schedule: PhiSchedule = Field("constant", description="constant, or linear ramp from phi_start to phi")
-    phi_start: float = Field(
-        0.0, ge=0, le=1,
-        description="linear schedule: phi before epoch 2 (ramps to phi before the last epoch)",
+    phi: Phi = Field(
+        0.5,
+        description="share of questions whose student negatives are resampled before each epoch after the "
+                    "first: 0 off-policy, 1 on-policy, between mixed; a list gives one value per refresh; "
+                    "{linear: [start, end]} ramps",
     )
     when_all_correct: Literal["keep", "teacher"] = Field(
         "keep", description="refreshed question with no wrong student sample: keep old negatives or use teacher's"
@@ -262,23 +294,43 @@ class TrainConfig(Strict):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
-    @field_validator("policy", mode="before")
+    @model_validator(mode="before")
     @classmethod
-    def _policy_from_yaml_bool(cls, v: Any) -> Any:
-        """YAML 1.1 (PyYAML) reads an unquoted ``policy: off`` as false and ``on`` as true: take them as meant."""
-        if v is False:
-            return "off"
-        if v is True:
-            return "on"
-        return v
+    def _legacy_phi_settings(cls, data: Any) -> Any:
+        """The settings phi replaced, still read so that older configs and comparison plans load:
+        ``policy`` (off: phi 0, on: phi 1, mixed: phi as given; YAML 1.1's unquoted off/on arrive as
+        false/true) and ``phi_schedule: linear`` with ``phi_start`` (phi {linear: [phi_start, phi]})."""
+        if not isinstance(data, dict) or not {"policy", "phi_schedule", "phi_start"} & data.keys():
+            return data
+        data = dict(data)
+        policy = data.pop("policy", "mixed")
+        policy = {False: "off", True: "on"}.get(policy, policy) if isinstance(policy, bool) else policy
+        schedule = data.pop("phi_schedule", "constant")
+        start = data.pop("phi_start", 0.0)
+        if policy not in ("off", "on", "mixed"):
+            raise ValueError(f"train.policy (replaced by train.phi) must be 'off', 'on' or 'mixed', got {policy!r}")
+        if schedule not in ("constant", "linear"):
+            raise ValueError(f"train.phi_schedule (replaced by train.phi) must be 'constant' or 'linear', got {schedule!r}")
+        if policy != "mixed":
+            data["phi"] = 0.0 if policy == "off" else 1.0
+        elif schedule == "linear" and not isinstance(data.get("phi", 0.5), (list, dict)):
+            data["phi"] = {"linear": [start, data.get("phi", 0.5)]}
+        return data
 
     @field_validator("phi")
     @classmethod
-    def _phi_range(cls, v: float | list[float]) -> float | list[float]:
-        for x in v if isinstance(v, list) else [v]:
+    def _phi_range(cls, v: Phi) -> Phi:
+        for x in v if isinstance(v, list) else [] if isinstance(v, PhiRamp) else [v]:
             if not 0.0 <= x <= 1.0:
                 raise ValueError(f"phi must be between 0 and 1, got {x}")
+        if isinstance(v, list) and not v:
+            raise ValueError("a phi list needs one value per refresh (epochs 2, 3, ...), got none")
         return v
+
+    @property
+    def policy(self) -> Literal["off", "on", "mixed"]:
+        """What phi amounts to: off (never resampled), on (all resampled every time) or mixed."""
+        return phi_policy(self.phi)
 
 
 class EvalConfig(Strict):
@@ -328,7 +380,7 @@ class RunConfig(Strict):
         if self.train.lora.load_in_4bit and self.student.kind == "vllm" and refresh:
             raise ValueError(
                 "train.lora.load_in_4bit with student.kind 'vllm': the refresh copies the student's weights into "
-                "the vLLM engine, which cannot take 4-bit weights; use student.kind: hf or train.policy: off")
+                "the vLLM engine, which cannot take 4-bit weights; use student.kind: hf or train.phi: 0")
         return self
 
     @property

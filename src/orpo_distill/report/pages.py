@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Union
 
+from ..config import phi_policy, phi_text
 from ..errors import UserError
 from ..layout import CompareLayout, RunLayout, eval_key_epoch
 from ..metrics import read_metrics
@@ -97,7 +98,7 @@ def run_report(root: Path) -> list[Block]:
     blocks: list[Block] = [
         Heading(f"ORPO-Distill run report: {name}", 1),
         Para(f"Student `{cfg.get('student', {}).get('model')}`, method `{train.get('method')}`, negatives "
-             f"`{cfg.get('pairs', {}).get('negatives')}`, policy `{train.get('policy')}` (phi {train.get('phi')}), "
+             f"`{cfg.get('pairs', {}).get('negatives')}`, phi {phi_text(train.get('phi', 0.5))} (`{phi_policy(train.get('phi', 0.5))}` policy), "
              f"{train.get('epochs')} epochs."),
     ]
     if evals:
