@@ -268,3 +268,14 @@ def test_partial_generator_sections_refine_the_defaults():
     # naming a model or a kind still means that generator, with the usual checks
     assert build_config({"teacher": {"model": "org/big"}}).teacher.kind == "hf"
     assert "needs 'model'" in error_of({"student": {"kind": "hf"}})
+
+
+def test_an_old_train_section_reads_as_the_phi_it_meant():
+    """What the report applies to a config.yaml an older version wrote."""
+    from orpo_distill.config import phi_policy, phi_text, upgrade_train_section
+
+    old = {"policy": "off", "phi": 0.5, "epochs": 2}
+    assert upgrade_train_section(old) == {"phi": 0.0, "epochs": 2} and old["policy"] == "off"  # a copy
+    ramp = upgrade_train_section({"policy": "mixed", "phi": 0.5, "phi_schedule": "linear", "phi_start": 0.1})
+    assert (phi_policy(ramp["phi"]), phi_text(ramp["phi"])) == ("mixed", "linear 0.1 to 0.5")
+    assert upgrade_train_section({"phi": [0.2, 0.4]}) == {"phi": [0.2, 0.4]}

@@ -29,11 +29,12 @@ from .schema import (
     TrainConfig,
     phi_policy,
     phi_text,
+    upgrade_train_section,
 )
 
 __all__ = [
     "DatasetConfig", "DuplicateKeyError", "EvalConfig", "GeneratorConfig", "LoraConfig", "PairsConfig", "PhiRamp", "RunConfig",
     "SamplingConfig", "Strict", "SyntheticConfig", "TaskConfig", "TrainConfig", "apply_overrides", "build_config",
     "config_reference", "load_config", "parse_override", "phi_policy", "phi_text", "read_yaml", "resolved_dict", "save_resolved", "set_dotted",
-    "update_readme", "yaml_load",
+    "update_readme", "upgrade_train_section", "yaml_load",
 ]

@@ -254,6 +254,27 @@ def phi_text(phi: Any) -> str:
     return f"linear {values.replace(', ', ' to ')}" if ramp else values
 
 
+def upgrade_train_section(data: Any) -> Any:
+    """A ``train`` section with the settings phi replaced (``policy``, ``phi_schedule``, ``phi_start``)
+    rewritten as the ``phi`` they meant; anything else is returned as it is."""
+    if not isinstance(data, dict) or not {"policy", "phi_schedule", "phi_start"} & data.keys():
+        return data
+    data = dict(data)
+    policy = data.pop("policy", "mixed")
+    policy = {False: "off", True: "on"}.get(policy, policy) if isinstance(policy, bool) else policy
+    schedule = data.pop("phi_schedule", "constant")
+    start = data.pop("phi_start", 0.0)
+    if policy not in ("off", "on", "mixed"):
+        raise ValueError(f"train.policy (replaced by train.phi) must be 'off', 'on' or 'mixed', got {policy!r}")
+    if schedule not in ("constant", "linear"):
+        raise ValueError(f"train.phi_schedule (replaced by train.phi) must be 'constant' or 'linear', got {schedule!r}")
+    if policy != "mixed":
+        data["phi"] = 0.0 if policy == "off" else 1.0
+    elif schedule == "linear" and not isinstance(data.get("phi", 0.5), (list, dict)):
+        data["phi"] = {"linear": [start, data.get("phi", 0.5)]}
+    return data
+
+
 class TrainConfig(Strict):
     method: Literal["orpo", "sft"] = Field("orpo", description="orpo (preference) or sft (teacher positives only)")
     traces: Literal["single", "all"] = Field("all", description="sft: one teacher trace per question, or all positives")
@@ -300,22 +321,7 @@ class TrainConfig(Strict):
         """The settings phi replaced, still read so that older configs and comparison plans load:
         ``policy`` (off: phi 0, on: phi 1, mixed: phi as given; YAML 1.1's unquoted off/on arrive as
         false/true) and ``phi_schedule: linear`` with ``phi_start`` (phi {linear: [phi_start, phi]})."""
-        if not isinstance(data, dict) or not {"policy", "phi_schedule", "phi_start"} & data.keys():
-            return data
-        data = dict(data)
-        policy = data.pop("policy", "mixed")
-        policy = {False: "off", True: "on"}.get(policy, policy) if isinstance(policy, bool) else policy
-        schedule = data.pop("phi_schedule", "constant")
-        start = data.pop("phi_start", 0.0)
-        if policy not in ("off", "on", "mixed"):
-            raise ValueError(f"train.policy (replaced by train.phi) must be 'off', 'on' or 'mixed', got {policy!r}")
-        if schedule not in ("constant", "linear"):
-            raise ValueError(f"train.phi_schedule (replaced by train.phi) must be 'constant' or 'linear', got {schedule!r}")
-        if policy != "mixed":
-            data["phi"] = 0.0 if policy == "off" else 1.0
-        elif schedule == "linear" and not isinstance(data.get("phi", 0.5), (list, dict)):
-            data["phi"] = {"linear": [start, data.get("phi", 0.5)]}
-        return data
+        return upgrade_train_section(data)
 
     @field_validator("phi")
     @classmethod

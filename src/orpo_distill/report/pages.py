@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Union
 
-from ..config import phi_policy, phi_text
+from ..config import phi_policy, phi_text, upgrade_train_section
 from ..errors import UserError
 from ..layout import CompareLayout, RunLayout, eval_key_epoch
 from ..metrics import read_metrics
@@ -94,7 +94,7 @@ def run_report(root: Path) -> list[Block]:
     per_epoch = {name: {e: {"accuracy": v["accuracy"], "ci95": v["ci95"]} for e, v in sorted(evals.items())}}
     per_epoch = per_epoch if evals else {}
     images = _draw_common(layout, series, refresh, div, per_epoch, name, False)
-    train = cfg.get("train", {})
+    train = upgrade_train_section(cfg.get("train", {}))  # a config.yaml an older version wrote
     blocks: list[Block] = [
         Heading(f"ORPO-Distill run report: {name}", 1),
         Para(f"Student `{cfg.get('student', {}).get('model')}`, method `{train.get('method')}`, negatives "
