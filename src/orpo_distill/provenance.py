@@ -50,12 +50,16 @@ def uses_student_negatives(cfg: RunConfig) -> bool:
     return cfg.train.method == "orpo" and cfg.pairs.negatives in ("student", "both")
 
 
+def _train_settings(train: TrainConfig) -> dict[str, Any]:
+    out = train.model_dump(mode="json", by_alias=True)
+    out.pop("log_every", None)  # only logs
+    return out
+
+
 def training_settings(cfg: RunConfig) -> dict[str, Any]:
     """Everything that determines the trained weights (``train.log_every`` aside, which only logs)."""
-    train = cfg.train.model_dump(mode="json", by_alias=True)
-    train.pop("log_every", None)
     return {
-        "train": train,
+        "train": _train_settings(cfg.train),
         "pairs": cfg.pairs.model_dump(mode="json"),
         "student": {"model": cfg.student.model},
         "seed": cfg.seed,
@@ -73,11 +77,9 @@ def _upgraded(settings: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(settings.get("train"), dict):
         return settings
     try:
-        train = TrainConfig.model_validate(settings["train"]).model_dump(mode="json", by_alias=True)
+        return {**settings, "train": _train_settings(TrainConfig.model_validate(settings["train"]))}
     except ValidationError:
         return settings
-    train.pop("log_every", None)
-    return {**settings, "train": train}
 
 
 def eval_settings(cfg: RunConfig, epoch: int, weights: str | None = None) -> dict[str, Any]:

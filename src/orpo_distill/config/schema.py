@@ -220,14 +220,6 @@ class PhiRamp(Strict):
 
     linear: tuple[float, float] = Field(description="phi before epoch 2 and before the last epoch")
 
-    @field_validator("linear")
-    @classmethod
-    def _in_unit_range(cls, v: tuple[float, float]) -> tuple[float, float]:
-        for x in v:
-            if not 0.0 <= x <= 1.0:
-                raise ValueError(f"phi must be between 0 and 1, got {x}")
-        return v
-
 
 Phi = float | list[float] | PhiRamp
 
@@ -326,7 +318,7 @@ class TrainConfig(Strict):
     @field_validator("phi")
     @classmethod
     def _phi_range(cls, v: Phi) -> Phi:
-        for x in v if isinstance(v, list) else [] if isinstance(v, PhiRamp) else [v]:
+        for x in _phi_values(v):
             if not 0.0 <= x <= 1.0:
                 raise ValueError(f"phi must be between 0 and 1, got {x}")
         if isinstance(v, list) and not v:
