@@ -116,7 +116,7 @@ verify_run "$OUT/hf" "hf:student@epoch_1" | tee "$LOGS/verify-hf.log"
 
 step "run with the vllm student: samples and refresh from an in-process engine ($OUT/vllm)"
 "$VENV/bin/orpo-distill" run "$CONFIG" --no-progress --set "run_dir=$OUT/vllm" --set student.kind=vllm \
-    2>&1 | tee "$LOGS/run-vllm.log"
+    --set student.gpu_memory_utilization=0.25 --set student.max_model_len=1024 2>&1 | tee "$LOGS/run-vllm.log"
 verify_run "$OUT/vllm" "vllm:student@epoch_1" | tee "$LOGS/verify-vllm.log"
 
 step "generation tokens/s: hf bf16 against vllm bf16 on the same prompts ($MODEL)"

@@ -34,7 +34,7 @@ from fake_openai_server import (
     free_port,
     refusing,
 )
-from orpo_distill.config import GeneratorConfig, build_config
+from orpo_distill.config import generator_config, build_config
 from orpo_distill.errors import UserError
 from orpo_distill.generators.base import Request
 from orpo_distill.generators.openai import (
@@ -53,7 +53,7 @@ def make_gen(base_url, sleeps: list[float] | None = None, **kw) -> OpenAIGenerat
                 backoff_base=0.001, backoff_max=0.01)
     opts.update(kw)
     extra = {"sleep": sleeps.append} if sleeps is not None else {}
-    return OpenAIGenerator(GeneratorConfig(**opts), rng=random.Random(0), **extra)
+    return OpenAIGenerator(generator_config(**opts), rng=random.Random(0), **extra)
 
 
 def req(key="q1", n=1, content="What is 2+2?", **kw) -> Request:

@@ -193,3 +193,33 @@ def test_options_quick_defaults_and_bad_values() -> None:
     for bad in (["--batch-size", "6"], ["--repeats", "0"], ["--steps", "x"]):
         with pytest.raises(SystemExit):
             bench.parse_args(bad)
+
+
+def test_profile_step_groups_the_whole_step_and_times_both_heads(tiny_model_dir: Path) -> None:
+    """bench/profile_step.py: every group's row, shares that add up to the whole step, and the fused and
+    checkpointed log-prob heads timed side by side."""
+    bench = load_bench("profile_step")
+    cmd = [sys.executable, str(ROOT / "bench" / "profile_step.py"), "--quick", "--markdown", "--model",
+           str(tiny_model_dir)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in proc.stdout.splitlines()
+            if line.startswith("| ") and "---" not in line]
+    groups = {r[0]: float(r[1].rstrip("%")) for r in rows if r[0] in bench.GROUPS}
+    assert set(groups) == set(bench.GROUPS)
+    assert abs(sum(groups.values()) - 100) < 0.5 and groups["matmul, body"] > 0
+    heads = {r[0]: r for r in rows if r[0] in ("fused head (default)", "checkpointed head")}
+    assert len(heads) == 2 and heads["checkpointed head"][4] == "1.00x"
+    assert all(float(r[3]) > 0 for r in heads.values())
+
+
+def test_profile_groups_follow_names_and_shapes() -> None:
+    bench = load_bench("profile_step")
+    v = 49152
+    assert bench.group_of("aten::mm", [[815, 576], [576, v]], v) == "matmul, LM head"
+    assert bench.group_of("aten::mm", [[926, 576], [576, 1536]], v) == "matmul, body"
+    assert bench.group_of("aten::_scaled_dot_product_flash_attention_for_cpu_backward", [], v) == "attention"
+    assert bench.group_of("aten::logsumexp", [], v) == "log-probs"
+    assert bench.group_of("aten::copy_", [], v) == "dtype casts"
+    assert bench.group_of("aten::mul", [], v) == "elementwise & norms"
+    assert bench.group_of("aten::empty_strided", [], v) == "other"

@@ -121,6 +121,7 @@ def test_lambda_and_lr_modifiers_change_one_knob_and_pair_with_their_arm(tiny_co
     assert ("orpo-mixed", "orpo-mixed+lambda=0") in pairs
     assert ("orpo-mixed", "sft-diverse") in pairs and ("orpo-off", "sft-diverse") in pairs
     assert ("orpo-mixed+lambda=0", "orpo-off") not in pairs  # the ablation is not another policy arm
+    assert ("orpo-mixed@0.25", "orpo-mixed") in compare.comparison_pairs(["orpo-mixed", "orpo-mixed@0.25"])
 
 
 def test_a_folder_refuses_another_configuration_but_grows_with_new_variants(tiny_config: Any, tmp_path: Path) -> None:
@@ -141,14 +142,14 @@ def test_a_plan_written_before_a_config_field_existed_is_still_this_configuratio
     open_plan(tmp_path / "c", base, ["sft-single"], [0])
     path = tmp_path / "c" / "plan.json"
     plan = json.loads(path.read_text())
-    del plan["base_config"]["student"]["max_model_len"]  # as written by a version without the field
+    del plan["base_config"]["student"]["trust_remote_code"]  # as written by a version without the field
     path.write_text(json.dumps(plan))
     assert open_plan(tmp_path / "c", base, ["sft-single"], [1]).seeds == [0, 1]
     plan = json.loads(path.read_text())
-    plan["base_config"]["student"]["max_model_len"] = 512  # a real difference is still one
+    plan["base_config"]["student"]["trust_remote_code"] = True  # a real difference is still one
     plan["base_config"]["student"]["no_such_field"] = 1  # and a field this version does not know
     path.write_text(json.dumps(plan))
-    with pytest.raises(UserError, match="student.max_model_len|student.no_such_field"):
+    with pytest.raises(UserError, match="student.trust_remote_code|student.no_such_field"):
         open_plan(tmp_path / "c", base, ["sft-single"], [0])
 
 
@@ -357,6 +358,11 @@ def test_compare_killed_after_the_first_run_resumes_without_retraining_it(tiny_c
     files = [first / "metrics.jsonl", first / "eval" / "summary.json", first / "config.yaml",
              first / "model" / "model.safetensors"]
     kept = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in files}
+
+    assert cli.main([*args, "--table-only"]) == 0  # the table of what finished, nothing run
+    partial = json.loads((out / "comparison.json").read_text())
+    assert partial["missing"] == ["orpo-off/seed_0"] and list(partial["variants"]) == ["sft-single"]
+    assert not is_finished(run_dir(out, "orpo-off", 0), variant_config(cfg, out, "orpo-off", 0))
 
     assert cli.main(args) == 0  # the same command again
 

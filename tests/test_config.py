@@ -66,8 +66,51 @@ def test_non_positive_k_is_refused(section, k):
 
 
 def test_generator_kind_needs_its_fields():
-    assert "needs 'base_url' and 'model'" in error_of({"teacher": {"kind": "openai", "model": "m"}})
-    assert "needs 'path'" in error_of({"teacher": {"kind": "replay"}})
+    assert "teacher.base_url: generator kind 'openai' needs 'base_url'" in error_of(
+        {"teacher": {"kind": "openai", "model": "m"}})
+    both = error_of({"teacher": {"kind": "openai"}})
+    assert "teacher.model: generator kind 'openai' needs 'model'" in both and "needs 'base_url'" in both
+    assert "teacher.path: generator kind 'replay' needs 'path'" in error_of({"teacher": {"kind": "replay"}})
+
+
+def test_each_generator_kind_takes_only_its_own_fields():
+    """The union on ``kind``: a field of another kind is refused, naming the kind it belongs to."""
+    msg = error_of({"student": {"kind": "hf", "model": "m", "base_url": "http://127.0.0.1:9/v1"}})
+    assert "student.base_url: not a field of generator kind 'hf' (it belongs to kind openai)" in msg
+    msg = error_of({"teacher": {"kind": "openai", "model": "m", "base_url": "http://x/v1", "device": "cpu"}})
+    assert "teacher.device: not a field of generator kind 'openai' (it belongs to kind hf or vllm)" in msg
+    assert "teacher.error_rate" in error_of({"teacher": {"kind": "replay", "path": "t.jsonl", "error_rate": 0.5}})
+    assert "teacher.endpont: unknown field" in error_of(
+        {"teacher": {"kind": "openai", "model": "m", "base_url": "http://x/v1", "endpont": "chat"}})
+    cfg = build_config({"teacher": {"kind": "openai", "model": "m", "base_url": "http://x/v1"},
+                        "student": {"model": "m2"}})  # no kind: hf
+    assert (type(cfg.teacher).__name__, type(cfg.student).__name__) == ("OpenAIGeneratorConfig", "HFGeneratorConfig")
+    assert "device" not in resolved_dict(cfg)["teacher"] and "base_url" not in resolved_dict(cfg)["student"]
+
+
+def test_a_flat_generator_section_from_an_older_config_yaml_loads():
+    """Before the union every section held every kind's fields at their defaults (what an older run
+    folder's config.yaml says): those are dropped; one set away from its default is still refused."""
+    flat = {"model": None, "base_url": None, "api_key_env": None, "endpoint": "chat", "max_concurrency": 8,
+            "timeout": 120.0, "max_retries": 6, "backoff_base": 1.0, "backoff_max": 60.0, "stop": None,
+            "token_param": "max_tokens", "max_failed_share": 0.0, "path": None, "on_missing": "warn",
+            "error_rate": 0.25, "dtype": "auto", "device": "auto", "trust_remote_code": False,
+            "tensor_parallel_size": 1, "gpu_memory_utilization": 0.9, "max_model_len": None}
+    old = {"teacher": {**flat, "kind": "scripted", "error_rate": 0.1},
+           "student": {**flat, "kind": "hf", "model": "builtin:smollm2-135m-instruct", "device": "cpu"}}
+    cfg = build_config(old)
+    assert cfg.teacher.error_rate == 0.1 and cfg.student.device == "cpu"
+    assert resolved_dict(cfg) == resolved_dict(build_config(
+        {"teacher": {"kind": "scripted", "error_rate": 0.1}, "student": {"device": "cpu"}}))
+    assert "teacher.endpoint: not a field of generator kind 'scripted'" in error_of(
+        {"teacher": {**flat, "kind": "scripted", "endpoint": "completions"}})
+
+
+def test_a_student_that_only_samples_cannot_train():
+    cfg = build_config({"student": {"kind": "replay", "path": "s.jsonl"}})
+    with pytest.raises(UserError, match=r"student.kind is 'replay'.*need student.kind hf or vllm"):
+        cfg.local_student
+    assert build_config({}).local_student.model == "builtin:smollm2-135m-instruct"
 
 
 def test_malformed_yaml_names_the_line(tmp_path):

@@ -7,7 +7,7 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from orpo_distill.config import GeneratorConfig
+from orpo_distill.config import generator_config
 from orpo_distill.generators import build_generator
 from orpo_distill.generators import hf as hf_module
 from orpo_distill.generators.base import Generator, Request
@@ -59,7 +59,7 @@ def gen(model, tokenizer, batch_size: int) -> HFGenerator:
 
 
 def test_from_config_builds_a_generator(tiny_model_dir):
-    g = build_generator(GeneratorConfig(kind="hf", model=str(tiny_model_dir), device="cpu"))
+    g = build_generator(generator_config(kind="hf", model=str(tiny_model_dir), device="cpu"))
     assert isinstance(g, HFGenerator) and isinstance(g, Generator)
     assert g.name == f"hf:{tiny_model_dir}" and g.batch_size == 16
 

@@ -38,7 +38,7 @@ import yaml
 
 from fake_openai_server import free_port
 from orpo_distill import cli
-from orpo_distill.config import GeneratorConfig, load_config
+from orpo_distill.config import generator_config, load_config
 from orpo_distill.generators.base import Request
 from orpo_distill.generators.openai import OpenAIGenerator
 from orpo_distill.tasks.base import extract_answer
@@ -246,7 +246,7 @@ def generator(server: LlamaServer, **kw: Any) -> OpenAIGenerator:
     opts = dict(kind="openai", model=ALIAS, base_url=server.base_url, max_concurrency=1, timeout=60.0,
                 max_retries=2, backoff_base=0.05, backoff_max=0.5)
     opts.update(kw)
-    return OpenAIGenerator(GeneratorConfig(**opts))
+    return OpenAIGenerator(generator_config(**opts))
 
 
 def test_n_is_topped_up_with_distinct_seeds(server: LlamaServer) -> None:

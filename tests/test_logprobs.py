@@ -103,3 +103,59 @@ def test_bf16_autocast_still_returns_fp32() -> None:
         got = token_logprobs(hidden, weight, labels)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, ref, rtol=0.05, atol=0.1)
+
+
+# ---- the fused head (logprobs._FusedHeadLogprobs): the default with gradients for a weight head ----
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 1000])
+def test_fused_head_equals_the_checkpointed_path_and_the_full_logits(chunk_size: int) -> None:
+    hidden, weight, _, labels = _inputs(seed=2)
+    ref = token_logprobs_from_logits(hidden @ weight.T, labels)
+    fused = token_logprobs(hidden, weight, labels, chunk_size=chunk_size)
+    plain = token_logprobs(hidden, weight, labels, chunk_size=chunk_size, fused=False)
+    torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)
+    w = torch.randn(B, T, generator=torch.Generator().manual_seed(3))
+    g_ref = _grads((ref * w).sum(), hidden, weight)
+    for got in (fused, plain):
+        for g, r in zip(_grads((got * w).sum(), hidden, weight), g_ref):
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_head_passes_gradcheck_in_float64() -> None:
+    from orpo_distill.logprobs import _FusedHeadLogprobs
+
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(5, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    weight = torch.randn(9, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    targets = torch.tensor([0, 8, 3, 3, 5])
+    assert torch.autograd.gradcheck(lambda h, w: _FusedHeadLogprobs.apply(h, w, targets, torch.float64).double(),
+                                    (hidden, weight))
+
+
+def test_fused_head_keeps_no_vocabulary_sized_tensor_for_the_backward() -> None:
+    hidden, weight, _, labels = _inputs()
+    n = int((labels[:, 1:] != -100).sum())
+    saved: list[tuple[int, ...]] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        token_logprobs(hidden, weight, labels)
+    assert saved and (n, V) not in saved and all(s[-1] != V for s in saved)
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        token_logprobs_from_logits(hidden @ weight.T, labels)
+    assert any(s[-1] == V for s in saved)  # the check can see one: the full-logits path keeps them
+
+
+def test_fused_head_under_bf16_autocast_matches_the_checkpointed_path() -> None:
+    """Both project in bf16 (autocast's dtype) and take the softmax in fp32: same values, and gradients
+    to bf16 rounding, returned in the parameters' fp32."""
+    hidden, weight, _, labels = _inputs(seed=5)
+    w = torch.randn(B, T, generator=torch.Generator().manual_seed(6))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = token_logprobs(hidden, weight, labels)
+        plain = token_logprobs(hidden, weight, labels, fused=False)
+    torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)
+    gf, gp = _grads((fused * w).sum(), hidden, weight), _grads((plain * w).sum(), hidden, weight)
+    for a, b in zip(gf, gp):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)

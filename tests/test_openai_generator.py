@@ -8,7 +8,7 @@ import random
 import pytest
 
 from fake_openai_server import Drop, EmptyChoices, FakeOpenAIServer, Good, Malformed, Received, Slow, Status, free_port
-from orpo_distill.config import GeneratorConfig
+from orpo_distill.config import OpenAIGeneratorConfig, generator_config
 from orpo_distill.errors import UserError
 from orpo_distill.generators.base import Generator, Request, render_plain
 from orpo_distill.generators.openai import (
@@ -33,13 +33,13 @@ def api_key(monkeypatch):
     monkeypatch.setenv("FAKE_TEACHER_KEY", KEY)
 
 
-def make_cfg(base_url, **kw) -> GeneratorConfig:
+def make_cfg(base_url, **kw) -> OpenAIGeneratorConfig:
     opts = dict(
         kind="openai", model="teacher-x", base_url=base_url, api_key_env="FAKE_TEACHER_KEY",
         max_concurrency=1, timeout=2.0, max_retries=3, backoff_base=0.001, backoff_max=0.01,
     )
     opts.update(kw)
-    return GeneratorConfig(**opts)
+    return generator_config(**opts)
 
 
 def make_gen(base_url, sleeps: list[float] | None = None, **kw) -> OpenAIGenerator:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from fake_openai_server import FakeOpenAIServer, Good, Received
-from orpo_distill.config import GeneratorConfig, SamplingConfig, build_config
+from orpo_distill.config import generator_config, SamplingConfig, build_config
 from orpo_distill.errors import UserError
 from orpo_distill.generators.base import Request
 from orpo_distill.generators.openai import OpenAIGenerator, parse_choices, split_think
@@ -33,7 +33,7 @@ def make_gen(base_url, **kw) -> OpenAIGenerator:
     opts = dict(kind="openai", model="r1", base_url=base_url, max_concurrency=1, timeout=2.0, max_retries=1,
                 backoff_base=0.001, backoff_max=0.01)
     opts.update(kw)
-    return OpenAIGenerator(GeneratorConfig(**opts))
+    return OpenAIGenerator(generator_config(**opts))
 
 
 def req(n=1) -> Request:

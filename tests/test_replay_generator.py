@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from orpo_distill.config import GeneratorConfig
+from orpo_distill.config import generator_config
 from orpo_distill.errors import UserError
 from orpo_distill.generators.base import Generator, Request
 from orpo_distill.generators.replay import ReplayGenerator
@@ -20,7 +20,7 @@ def write_lines(path: Path, lines: list[str | dict]) -> Path:
 
 
 def make(path: Path) -> ReplayGenerator:
-    return ReplayGenerator(GeneratorConfig(kind="replay", path=str(path)))
+    return ReplayGenerator(generator_config(kind="replay", path=str(path)))
 
 
 def req(key: str, n: int) -> Request:
@@ -166,7 +166,7 @@ def short_file(tmp_path: Path) -> Path:
 
 def test_fewer_traces_than_samples_warns_and_counts_the_missing(tmp_path, caplog):
     """The issue's case: 4 traces per question, samples 8: 16 of 32 missing, said before anything is stored."""
-    gen = ReplayGenerator(GeneratorConfig(kind="replay", path=str(short_file(tmp_path)), sampling={"samples": 8}))
+    gen = ReplayGenerator(generator_config(kind="replay", path=str(short_file(tmp_path)), sampling={"samples": 8}))
     with caplog.at_level("WARNING", logger="orpo_distill.generators.replay"):
         gen.check_ids(_records("q0", "q1", "q2", "q3"))
     assert gen.shortfall == {"q0": 4, "q1": 4, "q2": 4, "q3": 4}
@@ -178,7 +178,7 @@ def test_fewer_traces_than_samples_warns_and_counts_the_missing(tmp_path, caplog
 
 
 def test_fewer_traces_than_samples_is_refused_with_on_missing_error(tmp_path):
-    cfg = GeneratorConfig(kind="replay", path=str(short_file(tmp_path)), sampling={"samples": 8}, on_missing="error")
+    cfg = generator_config(kind="replay", path=str(short_file(tmp_path)), sampling={"samples": 8}, on_missing="error")
     with pytest.raises(UserError) as e:
         ReplayGenerator(cfg).check_ids(_records("q0", "q1", "q2", "q3", "q9"))
     msg = str(e.value)
@@ -187,7 +187,7 @@ def test_fewer_traces_than_samples_is_refused_with_on_missing_error(tmp_path):
 
 
 def test_enough_traces_say_nothing(tmp_path, caplog):
-    cfg = GeneratorConfig(kind="replay", path=str(short_file(tmp_path)), sampling={"samples": 4}, on_missing="error")
+    cfg = generator_config(kind="replay", path=str(short_file(tmp_path)), sampling={"samples": 4}, on_missing="error")
     gen = ReplayGenerator(cfg)
     with caplog.at_level("WARNING"):
         gen.check_ids(_records("q0", "q1"))
@@ -197,7 +197,7 @@ def test_enough_traces_say_nothing(tmp_path, caplog):
 def test_the_stage_names_its_section_when_it_refuses(tmp_path):
     from orpo_distill.generators import build_generator
 
-    cfg = GeneratorConfig(kind="replay", path=str(short_file(tmp_path)), sampling={"samples": 8}, on_missing="error")
+    cfg = generator_config(kind="replay", path=str(short_file(tmp_path)), sampling={"samples": 8}, on_missing="error")
     with pytest.raises(UserError, match=r"^teacher\.on_missing is error: "):
         build_generator(cfg, _records("q0"), role="teacher")
 

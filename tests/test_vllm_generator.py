@@ -24,7 +24,7 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from orpo_distill.config import DatasetConfig, GeneratorConfig, SamplingConfig
+from orpo_distill.config import DatasetConfig, generator_config, SamplingConfig
 from orpo_distill.errors import UserError
 from orpo_distill.generators import build_generator
 from orpo_distill.generators import vllm as vllm_gen
@@ -165,8 +165,8 @@ def fake_vllm(monkeypatch) -> types.ModuleType:
     return module
 
 
-def vllm_config(**kw: Any) -> GeneratorConfig:
-    return GeneratorConfig(kind="vllm", model=kw.pop("model", "org/teacher-model"), **kw)
+def vllm_config(**kw: Any) -> Any:
+    return generator_config(kind="vllm", model=kw.pop("model", "org/teacher-model"), **kw)
 
 
 def request(key: str, content: str, **kw: Any) -> Request:
@@ -252,10 +252,10 @@ def test_package_and_other_generators_never_import_vllm(tmp_path):
         import sys
         import orpo_distill, orpo_distill.cli, orpo_distill.generators
         import orpo_distill.generators.vllm  # the backend module itself imports vllm only when used
-        from orpo_distill.config import GeneratorConfig
+        from orpo_distill.config import generator_config
         from orpo_distill.generators import build_generator
-        build_generator(GeneratorConfig(kind="scripted"), records=[], progress=False)
-        build_generator(GeneratorConfig(kind="replay", path={str(replay)!r}), progress=False)
+        build_generator(generator_config(kind="scripted"), records=[], progress=False)
+        build_generator(generator_config(kind="replay", path={str(replay)!r}), progress=False)
         from orpo_distill.generators.hf import HFGenerator
         assert "vllm" not in sys.modules, "vllm was imported"
         print("ok")
@@ -270,9 +270,9 @@ def test_hf_generator_build_does_not_import_vllm(tiny_model_dir):
     code = textwrap.dedent(
         f"""
         import sys
-        from orpo_distill.config import GeneratorConfig
+        from orpo_distill.config import generator_config
         from orpo_distill.generators import build_generator
-        g = build_generator(GeneratorConfig(kind="hf", model={str(tiny_model_dir)!r}, device="cpu"), progress=False)
+        g = build_generator(generator_config(kind="hf", model={str(tiny_model_dir)!r}, device="cpu"), progress=False)
         assert type(g).__name__ == "HFGenerator"
         assert "vllm" not in sys.modules, "vllm was imported"
         print("ok")

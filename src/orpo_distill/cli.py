@@ -38,7 +38,7 @@ def _check_training_environment(cfg: Any) -> None:
     if cfg.train.lora.load_in_4bit:
         from .models import require_4bit_support
 
-        require_4bit_support(cfg.student.device)
+        require_4bit_support(cfg.local_student.device)
 
 
 def print_table(title: str, rows: Sequence[tuple[str, str]]) -> None:
@@ -216,6 +216,9 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
                    help="the small size: at most 64 training and 100 held-out questions, 2 epochs, 1 seed")
     p.add_argument("--out", default=None,
                    help="comparison folder (default: the config's run_dir, plus -quick with --quick)")
+    p.add_argument("--table-only", action="store_true",
+                   help="run nothing: write comparison.json/.md and the report from the runs finished so far (the "
+                        "others listed as missing), e.g. while the comparison is still going in another process")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep every run's checkpoints/ (default: removed once the run is finished; model/ stays)")
 
@@ -223,7 +226,7 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_compare(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from .compare import QUICK_SEEDS, quick_config, run_comparison
+    from .compare import QUICK_SEEDS, load_plan, quick_config, run_comparison, tabulate
     from .config import load_config
 
     cfg = load_config(args.config, args.overrides)
@@ -233,8 +236,11 @@ def cmd_compare(args: argparse.Namespace) -> None:
     if n < 1:
         raise UserError(f"--seeds must be at least 1, got {n}")
     out = Path(args.out or cfg.run_dir)
-    run_comparison(cfg, args.variants, [cfg.seed + i for i in range(n)], out, progress=not args.no_progress,
-                   overwrite=args.overwrite, keep_checkpoints=args.keep_checkpoints)
+    if args.table_only:
+        tabulate(load_plan(out))
+    else:
+        run_comparison(cfg, args.variants, [cfg.seed + i for i in range(n)], out, progress=not args.no_progress,
+                       overwrite=args.overwrite, keep_checkpoints=args.keep_checkpoints)
     from .layout import CompareLayout
 
     print(CompareLayout(out).comparison_md.read_text(encoding="utf-8"))

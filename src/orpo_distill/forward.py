@@ -104,7 +104,8 @@ def model_forward(model: nn.Module, **inputs: Any) -> tuple[str, Tensor, Head | 
     return "logits", out.logits, None, None
 
 
-def pair_logps(model: nn.Module, batch: dict[str, Any], chunk_size: int = DEFAULT_CHUNK_SIZE) -> dict[str, Tensor]:
+def pair_logps(model: nn.Module, batch: dict[str, Any], chunk_size: int = DEFAULT_CHUNK_SIZE,
+               fused: bool = True) -> dict[str, Tensor]:
     """Per-pair sums for :func:`losses.orpo_loss` from a :func:`collate_plain` batch.
 
     Returns ``[B]`` tensors: ``chosen_logp_sum``, ``chosen_tokens``, ``rejected_logp_sum``,
@@ -114,7 +115,7 @@ def pair_logps(model: nn.Module, batch: dict[str, Any], chunk_size: int = DEFAUL
     kind, value, head, bias = model_forward(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     labels = batch["labels"]
     if kind == "hidden":
-        tok = token_logprobs(value, head, labels, chunk_size=chunk_size, bias=bias)
+        tok = token_logprobs(value, head, labels, chunk_size=chunk_size, bias=bias, fused=fused)
     else:
         tok = token_logprobs_from_logits(value, labels)
     b = batch["num_pairs"]
@@ -131,12 +132,12 @@ def pair_logps(model: nn.Module, batch: dict[str, Any], chunk_size: int = DEFAUL
 
 
 def sft_logps(
-    model: nn.Module, batch: dict[str, Any], chunk_size: int = DEFAULT_CHUNK_SIZE
+    model: nn.Module, batch: dict[str, Any], chunk_size: int = DEFAULT_CHUNK_SIZE, fused: bool = True
 ) -> tuple[Tensor, Tensor]:
     """``(logp_sum, token_count)``, each ``[B]``, over response tokens: the arguments of :func:`losses.sft_loss`."""
     kind, value, head, bias = model_forward(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     if kind == "hidden":
-        tok = token_logprobs(value, head, batch["labels"], chunk_size=chunk_size, bias=bias)
+        tok = token_logprobs(value, head, batch["labels"], chunk_size=chunk_size, bias=bias, fused=fused)
     else:
         tok = token_logprobs_from_logits(value, batch["labels"])
     resp = batch["response_mask"].float()
@@ -166,9 +167,10 @@ def _packed_attention_mask(inner: nn.Module, visible: Tensor) -> Tensor:
 
 
 def pair_logps_packed(
-    model: nn.Module, batch: dict[str, Any], chunk_size: int = DEFAULT_CHUNK_SIZE
+    model: nn.Module, batch: dict[str, Any], chunk_size: int = DEFAULT_CHUNK_SIZE, fused: bool = True
 ) -> dict[str, Tensor]:
-    """The same per-pair sums as :func:`pair_logps`, from a :func:`collate_packed` batch."""
+    """The same per-pair sums as :func:`pair_logps`, from a :func:`collate_packed` batch. ``fused``:
+    the fused head log-probabilities (``logprobs._FusedHeadLogprobs``) where they apply."""
     inner = _inner_model(model)
     mask = _packed_attention_mask(inner, batch["attention_mask"])
     kind, value, head, bias = model_forward(
@@ -178,7 +180,7 @@ def pair_logps_packed(
     sources = flat.index_select(0, batch["source_index"])
     targets = batch["target_ids"]
     if kind == "hidden":
-        lp = target_logprobs(sources, head, targets, chunk_size=chunk_size, bias=bias)
+        lp = target_logprobs(sources, head, targets, chunk_size=chunk_size, bias=bias, fused=fused)
     else:
         logp = torch.log_softmax(sources.float(), dim=-1)
         lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)

@@ -25,7 +25,7 @@ Mistral apply nothing and have a bias-free ``lm_head``; a bias is supported thro
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -49,12 +49,64 @@ def _chunk_logprobs(hidden: Tensor, head: Head, bias: Tensor | None, targets: Te
     return picked - torch.logsumexp(logits, dim=-1)
 
 
+class _FusedHeadLogprobs(torch.autograd.Function):
+    """``log softmax(hidden @ weight.T)[targets]`` for one chunk, ``[n, H] -> [n]``, whose backward
+    recomputes the chunk's logits and turns them into their gradient in place,
+    ``g * (onehot(targets) - softmax)``, then applies the two products. Between the passes only
+    ``hidden``, ``targets`` and the ``[n]`` log-normalisers are kept. Against the checkpointed
+    :func:`_chunk_logprobs` it saves the autograd graph over ``[n, V]`` (a gather's zero-filled scatter,
+    the exp, sub and mul of logsumexp's backward, the fp32 cast's backward: each a pass over the
+    chunk's logits, and the recomputed forward's own logsumexp).
+
+    The products run in ``compute_dtype`` (bf16 under autocast, as the model's ``lm_head``), the
+    softmax in fp32, and the gradients come back in the inputs' dtypes (fp32 for fp32 weights).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden: Tensor, weight: Tensor, targets: Tensor, compute_dtype: torch.dtype) -> Tensor:
+        with torch.autocast(hidden.device.type, enabled=False):
+            logits = (hidden.to(compute_dtype) @ weight.to(compute_dtype).T).to(_softmax_dtype(compute_dtype))
+            lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.compute_dtype = compute_dtype
+        return picked - lse
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        hidden, weight, targets, lse = ctx.saved_tensors
+        dt = ctx.compute_dtype
+        h, w = hidden.to(dt), weight.to(dt)
+        with torch.autocast(hidden.device.type, enabled=False):
+            grad = (h @ w.T).to(lse.dtype)  # the logits again, then in place their gradient
+            g = grad_out.to(lse.dtype).unsqueeze(-1)
+            grad.sub_(lse.unsqueeze(-1)).exp_().mul_(-g)
+            grad.scatter_add_(-1, targets.unsqueeze(-1), g)
+            grad = grad.to(dt)
+            grad_hidden = (grad @ w).to(hidden.dtype) if ctx.needs_input_grad[0] else None
+            grad_weight = (grad.T @ h).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return grad_hidden, grad_weight, None, None
+
+
+def _softmax_dtype(compute_dtype: torch.dtype) -> torch.dtype:
+    """fp32, or wider when the products are (float64 in tests)."""
+    return torch.promote_types(compute_dtype, torch.float32)
+
+
+def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
+    """The dtype ``F.linear(hidden, weight)`` would compute in here: autocast's, or the promoted one."""
+    if torch.is_autocast_enabled(hidden.device.type):
+        return torch.get_autocast_dtype(hidden.device.type)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
 def target_logprobs(
     hidden: Tensor,
     head: Head,
     targets: Tensor,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     bias: Tensor | None = None,
+    fused: bool = True,
 ) -> Tensor:
     """``log p(targets[i] | hidden[i])`` for already-paired rows: ``hidden [N, H]``, ``targets [N]`` -> ``[N]``.
 
@@ -62,6 +114,10 @@ def target_logprobs(
     function mapping ``[n, H]`` to logits ``[n, V]`` (for heads wrapped by PEFT, say). At most
     ``chunk_size`` rows are projected at once. This is the building block of every layout: the
     caller decides which hidden state predicts which token.
+
+    With gradients, a weight head without bias takes :class:`_FusedHeadLogprobs` (``fused``, the
+    default) and anything else, or ``fused=False``, a ``torch.utils.checkpoint`` of
+    :func:`_chunk_logprobs` per chunk; both give the same values and gradients (tests/test_logprobs.py).
     """
     if hidden.dim() != 2 or targets.dim() != 1 or hidden.shape[0] != targets.shape[0]:
         raise ValueError(
@@ -81,11 +137,15 @@ def target_logprobs(
         isinstance(head, torch.nn.Module) and any(p.requires_grad for p in head.parameters())
     )
     use_checkpoint = torch.is_grad_enabled() and (hidden.requires_grad or params_need_grad)
+    use_fused = use_checkpoint and fused and isinstance(head, Tensor) and bias is None
+    dtype = _compute_dtype(hidden, head) if use_fused else None
     pieces = []
     for start in range(0, n, chunk_size):
         h = hidden[start : start + chunk_size]
         y = targets[start : start + chunk_size]
-        if use_checkpoint:
+        if use_fused:
+            pieces.append(_FusedHeadLogprobs.apply(h, head, y, dtype))
+        elif use_checkpoint:
             pieces.append(checkpoint(_chunk_logprobs, h, head, bias, y, use_reentrant=False))
         else:
             pieces.append(_chunk_logprobs(h, head, bias, y))
@@ -98,6 +158,7 @@ def token_logprobs(
     labels: Tensor,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     bias: Tensor | None = None,
+    fused: bool = True,
 ) -> Tensor:
     """Per-token ``log p`` of ``labels`` from final hidden states, chunked: ``[B, T, H] -> [B, T]`` fp32.
 
@@ -118,7 +179,7 @@ def token_logprobs(
     shifted = labels[:, 1:]
     keep = shifted != IGNORE_INDEX
     picked = target_logprobs(
-        hidden_states[:, :-1][keep], lm_head_weight, shifted[keep], chunk_size=chunk_size, bias=bias
+        hidden_states[:, :-1][keep], lm_head_weight, shifted[keep], chunk_size=chunk_size, bias=bias, fused=fused
     )
     tail = hidden_states.new_zeros(b, t - 1, dtype=torch.float32).masked_scatter(keep, picked)
     return torch.cat([out[:, :1], tail], dim=1)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from . import distributed, provenance
-from .config import RunConfig, resolved_dict
+from .config import LocalModelConfig, RunConfig, resolved_dict
 from .errors import UserError
 from .evaluation import EvalSummary, evaluate
 from .datasets import load_splits
@@ -48,7 +48,7 @@ class Run:
         self.reuse = reuse
         # Under `accelerate launch` every process runs this; only the main one writes (distributed.py)
         if distributed.world_size() > 1:  # (one process: no device question asked here)
-            distributed.init(cpu=pick_device(cfg.student.device).type == "cpu")
+            distributed.init(cpu=pick_device(getattr(cfg.student, "device", "auto")).type == "cpu")  # a remote student: auto
         self.writer = distributed.is_main()
         self.progress = progress and self.writer
         # weights trained with other settings are set aside before anything is written, so that config.yaml
@@ -126,7 +126,8 @@ class Run:
                 atomic_write_text(path, text)
 
         scfg = self.cfg.student
-        tok = load_tokenizer(scfg.model, trust_remote_code=scfg.trust_remote_code) if scfg.kind in ("hf", "vllm") else None
+        local = isinstance(scfg, LocalModelConfig)
+        tok = load_tokenizer(scfg.model, trust_remote_code=scfg.trust_remote_code) if local else None
         train, held_out = self.splits
         student = [{"id": r.id, "split": split, **shown(scfg, tok, self.task.messages(r))}
                    for split, records in (("train", train), ("eval", held_out)) for r in records]
@@ -245,7 +246,7 @@ class Run:
         return provenance.weights_hash(self.layout, epoch, self.cfg.train.epochs)
 
     def load_student_for_eval(self, epoch: int) -> tuple[Any, Any]:
-        scfg = self.cfg.student
+        scfg = self.cfg.local_student
         tok = load_tokenizer(scfg.model, trust_remote_code=scfg.trust_remote_code)
         if epoch == 0:
             return load_model(scfg.model, dtype=scfg.dtype, trust_remote_code=scfg.trust_remote_code, device=scfg.device), tok

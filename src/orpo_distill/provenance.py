@@ -34,7 +34,7 @@ def task_fingerprint(cfg: RunConfig) -> dict[str, Any]:
 
 def teacher_store_settings(cfg: RunConfig) -> dict[str, Any]:
     t = cfg.teacher
-    settings = sampling_settings(f"{t.kind}:{t.model or t.path or 'scripted'}", t.sampling, task_fingerprint(cfg))
+    settings = sampling_settings(f"{t.kind}:{t.source}", t.sampling, task_fingerprint(cfg))
     if t.kind == "scripted":
         settings["error_rate"] = t.error_rate
     return settings
@@ -42,7 +42,7 @@ def teacher_store_settings(cfg: RunConfig) -> dict[str, Any]:
 
 def student_store_settings(cfg: RunConfig, generator_name: str | None = None) -> dict[str, Any]:
     s = cfg.student
-    return sampling_settings(generator_name or f"{s.kind}:{s.model}", s.sampling, task_fingerprint(cfg))
+    return sampling_settings(generator_name or f"{s.kind}:{s.source}", s.sampling, task_fingerprint(cfg))
 
 
 def uses_student_negatives(cfg: RunConfig) -> bool:
@@ -61,7 +61,7 @@ def training_settings(cfg: RunConfig) -> dict[str, Any]:
     return {
         "train": _train_settings(cfg.train),
         "pairs": cfg.pairs.model_dump(mode="json"),
-        "student": {"model": cfg.student.model},
+        "student": {"model": cfg.student.source},
         "seed": cfg.seed,
         "dataset": cfg.dataset.model_dump(mode="json"),
         "teacher_traces": settings_hash(teacher_store_settings(cfg)),
@@ -90,14 +90,14 @@ def eval_settings(cfg: RunConfig, epoch: int, weights: str | None = None) -> dic
     if epoch >= 1:
         model = weights or settings_hash(training_settings(cfg))
     else:
-        model = cfg.student.model
+        model = cfg.local_student.model
     return {
         "eval": {"split": e.split, "max_tokens": e.max_tokens, "self_consistency": e.self_consistency,
                  "temperature": e.temperature},
         "seed": cfg.seed if e.self_consistency else None,  # greedy decoding does not depend on it
         "task": task_fingerprint(cfg),
         "dataset": cfg.dataset.model_dump(mode="json"),
-        "dtype": cfg.student.dtype,
+        "dtype": cfg.local_student.dtype,
         "model": model,
     }
 

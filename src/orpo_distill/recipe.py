@@ -92,7 +92,7 @@ class Distiller:
         self.metrics = metrics
         self.inputs = inputs
         self.progress = progress
-        self.tokenizer = tokenizer or load_tokenizer(cfg.student.model, trust_remote_code=cfg.student.trust_remote_code)
+        self.tokenizer = tokenizer or load_tokenizer(cfg.local_student.model, trust_remote_code=cfg.local_student.trust_remote_code)
         self.records = {r.id: r for r in inputs.records}
         self.teacher = group_traces(inputs.teacher_rows)
         self.qids = [r.id for r in inputs.records if positives(self.teacher.get(r.id, []))]
@@ -193,7 +193,7 @@ class Distiller:
         if uses_student_negatives(self.cfg):  # a bad phi schedule fails now, not before epoch 3
             for e in range(2, t.epochs + 1):
                 self.phi(e)
-        acc = Accelerator(cpu=pick_device(self.cfg.student.device).type == "cpu")
+        acc = Accelerator(cpu=pick_device(self.cfg.local_student.device).type == "cpu")
         self._check_sharding(acc)
         # FSDP and DeepSpeed split weights or optimizer state over the ranks: the full weights are gathered
         # (a collective, so every rank calls get_state_dict) and the optimizer state is not saved

@@ -19,7 +19,7 @@ from .training import apply_lora
 def load_trainable_student(cfg: RunConfig, checkpoint: Path | None) -> Any:
     """The student to train, in fp32 (QLoRA: a frozen 4-bit base): the base model with a fresh adapter
     when LoRA is on, or the weights (adapter) of ``checkpoint`` to resume from."""
-    scfg, tcfg = cfg.student, cfg.train
+    scfg, tcfg = cfg.local_student, cfg.train
     if tcfg.lora.enabled:
         if tcfg.lora.load_in_4bit:  # QLoRA: a frozen 4-bit base, prepared for k-bit training
             from peft import prepare_model_for_kbit_training

@@ -241,7 +241,7 @@ CASES: list[Case] = [
     # ---- generators
     Case("openai-no-base-url", "teacher: openai without base_url", "teacher",
          _set(teacher={"kind": "openai", "model": "m"}),
-         "teacher: Value error, generator kind 'openai' needs 'base_url' and 'model'"),
+         "teacher.base_url: generator kind 'openai' needs 'base_url' (server base URL(s) ending in /v1"),
     Case("base-url-not-a-url", "teacher: a base_url that is not a URL", "teacher",
          _set(teacher={"kind": "openai", "model": "m", "base_url": "localhost:8000/v1"}),
          "teacher.base_url: 'localhost:8000/v1' is not an http:// or https:// URL", real=True),

@@ -56,10 +56,9 @@ def training_data(directory: Path) -> dict[str, float]:
 
 def _config_line(plan: Plan) -> dict[str, Any]:
     b = plan.base
-    teacher = b.teacher.model or b.teacher.path
     return {
-        "student": b.student.model,
-        "teacher": b.teacher.kind + (f":{teacher}" if teacher else ""),
+        "student": b.student.source,
+        "teacher": b.teacher.kind + ("" if b.teacher.kind == "scripted" else f":{b.teacher.source}"),
         "dataset": b.dataset.kind,
         "train_size": b.dataset.train_size,
         "eval_size": b.dataset.eval_size,

@@ -152,6 +152,12 @@ def run_comparison(base: RunConfig, variants: Sequence[str], seeds: Sequence[int
                 log(f"[compare] ({i}/{total}) {variant}, seed {seed}: finished earlier, skipped")
         del shared_run
         gc.collect()
+    return tabulate(plan)
+
+
+def tabulate(plan: Plan) -> dict[str, Any]:
+    """comparison.json/.md and the report from the runs of ``plan`` finished so far (the others listed
+    as missing); nothing is run. ``compare --table-only`` calls it while a comparison is still going."""
     result = aggregate(plan)
     write_comparison(plan.dir, result)
     write_report(plan.dir)

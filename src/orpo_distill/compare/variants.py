@@ -105,6 +105,9 @@ def comparison_pairs(variants: Sequence[str]) -> list[tuple[str, str]]:
         pairs += [(v, "sft-diverse") for v in variants if v.startswith("orpo")]
     for v in (v for v in variants if v.startswith("orpo-mixed") and "+" not in v):
         pairs += [(v, ref) for ref in ("orpo-off", "orpo-on") if ref in variants]
+    for v in (v for v in variants if v.startswith("orpo-mixed@")):  # another phi against the configured one
+        if "orpo-mixed" in variants:
+            pairs.append((v, "orpo-mixed"))
     for v in (v for v in variants if "+lambda=" in v):  # the odds-ratio term's own effect, same rows
         head = v.split("+")[0]
         if head in variants:

@@ -1,5 +1,5 @@
 """The run configuration: pydantic models of every section (``schema``), YAML and ``--set a.b=c``
-overrides in (``loading``), the README's config reference out (``reference``). See docs/architecture.md."""
+overrides in (``loading``), one model per generator kind (``generators``), the README's config reference out (``reference``). See docs/architecture.md."""
 
 from .loading import (
     DuplicateKeyError,
@@ -14,16 +14,25 @@ from .loading import (
     yaml_load,
 )
 from .reference import config_reference, update_readme
+from .base import Strict
+from .generators import (
+    GeneratorConfig,
+    HFGeneratorConfig,
+    LocalModelConfig,
+    OpenAIGeneratorConfig,
+    ReplayGeneratorConfig,
+    SamplingConfig,
+    ScriptedGeneratorConfig,
+    VLLMGeneratorConfig,
+    generator_config,
+)
 from .schema import (
     DatasetConfig,
     EvalConfig,
-    GeneratorConfig,
     LoraConfig,
     PairsConfig,
     PhiRamp,
     RunConfig,
-    SamplingConfig,
-    Strict,
     SyntheticConfig,
     TaskConfig,
     TrainConfig,
@@ -33,7 +42,9 @@ from .schema import (
 )
 
 __all__ = [
-    "DatasetConfig", "DuplicateKeyError", "EvalConfig", "GeneratorConfig", "LoraConfig", "PairsConfig", "PhiRamp", "RunConfig",
+    "DatasetConfig", "DuplicateKeyError", "EvalConfig", "GeneratorConfig", "HFGeneratorConfig", "LocalModelConfig",
+    "OpenAIGeneratorConfig", "ReplayGeneratorConfig", "ScriptedGeneratorConfig", "VLLMGeneratorConfig",
+    "generator_config", "LoraConfig", "PairsConfig", "PhiRamp", "RunConfig",
     "SamplingConfig", "Strict", "SyntheticConfig", "TaskConfig", "TrainConfig", "apply_overrides", "build_config",
     "config_reference", "load_config", "parse_override", "phi_policy", "phi_text", "read_yaml", "resolved_dict", "save_resolved", "set_dotted",
     "update_readme", "upgrade_train_section", "yaml_load",

@@ -12,19 +12,42 @@ import yaml
 from pydantic import ValidationError
 
 from ..errors import UserError
+from .generators import BY_KIND, KINDS
 from .schema import RunConfig
+
+
+def _generator_error(loc: list[str], e: dict[str, Any], msg: str) -> tuple[list[str], str]:
+    """A generator section's error in its own words: the kind's tag left out of the path, a missing field
+    said as what the kind needs, an unknown kind said as the kinds there are."""
+    if e["type"] == "generator_kind":
+        got = e["input"].get("kind") if isinstance(e["input"], dict) else e["input"]
+        return loc + ["kind"], f"must be one of {', '.join(KINDS)} (got {got!r})"
+    if len(loc) < 2 or loc[1] not in BY_KIND:
+        return loc, msg
+    kind, rest = loc[1], loc[:1] + loc[2:]
+    if e["type"] == "missing" and len(rest) == 2:
+        field = BY_KIND[kind].model_fields[rest[1]]
+        return rest, f"generator kind '{kind}' needs '{rest[1]}' ({field.description})"
+    if e["type"] == "extra_forbidden" and len(rest) == 2:
+        owners = [k for k, model in BY_KIND.items() if rest[1] in model.model_fields]
+        if owners:
+            return rest, f"not a field of generator kind '{kind}' (it belongs to kind {' or '.join(owners)})"
+    return rest, msg
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid configuration in {source}:"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
+        loc = [str(p) for p in e["loc"] if not str(p).startswith("function-")]
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown field (check the spelling; see the config reference in README.md)"
+        if loc and loc[0] in ("teacher", "student"):
+            loc, msg = _generator_error(loc, e, msg)
         inp = e.get("input")
-        got = "" if e["type"] == "extra_forbidden" or isinstance(inp, dict) else f" (got {inp!r})"
-        lines.append(f"  {loc or '<root>'}: {msg}{got}")
+        shown = e["type"] in ("extra_forbidden", "missing") or isinstance(inp, dict)
+        got = "" if shown else f" (got {inp!r})"
+        lines.append(f"  {'.'.join(loc) or '<root>'}: {msg}{got}")
     return "\n".join(lines)
 
 

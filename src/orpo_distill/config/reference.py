@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from .generators import BY_KIND, KIND_HELP, KINDS
 from .schema import RunConfig
 
 
@@ -18,6 +19,37 @@ def _type_name(annotation: Any) -> str:
     text = str(annotation).replace("typing.", "")
     text = re.sub(r"[\w.]*\.PhiRamp", "{linear: [float, float]}", text)
     return text.replace("<class '", "").replace("'>", "")
+
+
+def _row(key: str, annotation: Any, value: Any, meaning: str) -> str:
+    shown = "" if value is None else value if value == "*required*" else f"`{value}`"
+    typ = _type_name(annotation).replace("|", "\\|")
+    return f"| `{key}` | {typ} | {shown} | {meaning} |"
+
+
+def _generator_rows(section: BaseModel, prefix: str) -> list[str]:
+    """A teacher or student section: ``kind``, then every kind's fields once, each saying which kinds
+    take it (the section's default where its kind has the field, else the field's own; *required* when
+    it has none), then ``sampling``."""
+    lines = [_row(f"{prefix}kind", f"Literal{list(KINDS)}", section.kind, KIND_HELP)]
+    names = list(dict.fromkeys(n for model in BY_KIND.values() for n in model.model_fields))
+    shared = [n for n in names if all(n in model.model_fields for model in BY_KIND.values())]
+    for name in [n for n in names if n not in shared] + shared:  # each kind's own fields, then the common ones
+        if name in ("kind", "sampling"):
+            continue
+        owners = [k for k, model in BY_KIND.items() if name in model.model_fields]
+        f = BY_KIND[owners[0]].model_fields[name]
+        if name in type(section).model_fields:
+            value = getattr(section, name)
+        else:
+            value = "*required*" if f.is_required() else f.default
+        said: dict[str, list[str]] = {}  # one description, the kinds that give it
+        for k in owners:
+            said.setdefault(BY_KIND[k].model_fields[name].description or "", []).append(k)
+        meaning = "; ".join(text if len(owners) == len(KINDS) else f"{', '.join(kinds)}: {text}"
+                            for text, kinds in said.items())
+        lines.append(_row(f"{prefix}{name}", f.annotation, value, meaning))
+    return lines
 
 
 def config_reference() -> str:
@@ -28,13 +60,13 @@ def config_reference() -> str:
         for name, f in type(obj).model_fields.items():
             key = f.alias or name
             value = getattr(obj, name)
-            if isinstance(value, BaseModel):
+            if type(value) in BY_KIND.values():
+                lines.extend(_generator_rows(value, f"{prefix}{key}."))
+                walk(value.sampling, f"{prefix}{key}.sampling.")
+            elif isinstance(value, BaseModel):
                 walk(value, f"{prefix}{key}.")
-                continue
-            shown = "" if value is None else f"`{value}`"
-            typ = _type_name(f.annotation).replace("|", "\\|")
-            meaning = f.description or ""
-            lines.append(f"| `{prefix}{key}` | {typ} | {shown} | {meaning} |")
+            else:
+                lines.append(_row(f"{prefix}{key}", f.annotation, value, f.description or ""))
 
     walk(RunConfig(), "")
     return "\n".join(lines) + "\n"

@@ -9,14 +9,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
-
-
-class Strict(BaseModel):
-    # coerce_numbers_to_str: `run_dir: 2024` or `--set student.model=1234` name a string, not a number
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
-
+from ..errors import UserError
+from .base import Strict
+from .generators import (
+    GeneratorConfig,
+    HFGeneratorConfig,
+    LocalModelConfig,
+    ScriptedGeneratorConfig,
+)
 
 class SyntheticConfig(Strict):
     """The built-in word-problem task (see ``datasets/synthetic.py``)."""
@@ -62,110 +64,6 @@ class TaskConfig(Strict):
     def _custom_needs_name(self) -> "TaskConfig":
         if self.kind == "custom" and not self.custom:
             raise ValueError("task.kind 'custom' needs task.custom: 'module:function'")
-        return self
-
-
-class SamplingConfig(Strict):
-    samples: int = Field(4, ge=1, description="samples per question (K)")
-    temperature: float = Field(0.8, ge=0, description="sampling temperature (0: greedy)")
-    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling threshold")
-    max_tokens: int = Field(256, ge=1, description="longest response in tokens")
-    batch_size: int = Field(16, ge=1, description="local generators: sequences per forward pass")
-    seed: int = Field(0, description="base of the per-request seeds")
-    reasoning: Literal["think", "plain", "drop"] = Field(
-        "think",
-        description="what the student trains on when the teacher's server sends its reasoning apart (`reasoning_content`,"
-                    " `reasoning`, or `<think>...</think>` in the text): think (default): the reasoning and the answer as"
-                    " `<think>\\n...\\n</think>\\n\\nANSWER`, because the reasoning is what distillation transfers and the "
-                    "tags keep it apart from the answer; plain: the reasoning, a blank line, the answer; drop: the answer"
-                    " only. The answer is always extracted from the answer part (from the reasoning when the answer is "
-                    "empty); a changed choice is a changed store (refused, or --overwrite)",
-    )
-
-
-class GeneratorConfig(Strict):
-    """Where text comes from. Which fields matter depends on ``kind``."""
-
-    kind: Literal["hf", "openai", "vllm", "replay", "scripted"] = Field(
-        "hf",
-        description="hf (local transformers), openai (any compatible server), vllm (in-process vLLM engine, optional "
-                    "extra), replay (recorded file), scripted (synthetic teacher)",
-    )
-    model: str | None = Field(None, description="Hub id, local folder, or builtin:smollm2-135m-instruct")
-    # openai
-    base_url: str | list[str] | None = Field(
-        None,
-        description="openai: server base URL(s) ending in /v1; a list spreads requests over servers",
-    )
-    api_key_env: str | None = Field(None, description="name of the environment variable holding the API key")
-    endpoint: Literal["chat", "completions"] = Field(
-        "chat",
-        description="openai: chat/completions (messages) or completions (plain prompt)",
-    )
-    max_concurrency: int = Field(8, ge=1, description="openai: requests in flight at once")
-    timeout: float = Field(
-        120.0, gt=0,
-        description="openai: seconds before a request counts as timed out (then retried)",
-    )
-    max_retries: int = Field(6, ge=0, description="openai: retries per request on 429, 5xx, timeouts, resets, bad JSON")
-    backoff_base: float = Field(
-        1.0, ge=0,
-        description="openai: first backoff in seconds (doubles each retry, with jitter)",
-    )
-    backoff_max: float = Field(60.0, ge=0, description="openai: longest single wait, Retry-After included")
-    stop: list[str] | None = Field(None, description="openai, vllm: stop sequences")
-    token_param: Literal["max_tokens", "max_completion_tokens"] = Field(
-        "max_tokens",
-        description="openai: the request field that carries sampling.max_tokens; newer OpenAI models want "
-                    "max_completion_tokens. A 400 saying the one sent is unsupported switches to the other for the rest "
-                    "of the run (logged once)",
-    )
-    max_failed_share: float = Field(
-        0.0, ge=0, le=1,
-        description="teacher: share of the stage's requests that may fail for good (after their retries) before the stage"
-                    " exits with an error; the traces that arrived are kept either way, and rerunning the same command "
-                    "asks only for the missing ones",
-    )
-    # replay
-    path: str | None = Field(None, description="replay: JSONL of recorded traces ({id, text} per line)")
-    on_missing: Literal["warn", "error"] = Field(
-        "warn", description="replay: a question with fewer recorded traces than sampling.samples: warn (store what "
-        "there is; the summary counts the missing samples) or error (refuse before storing anything)")
-    # scripted
-    error_rate: float = Field(
-        0.25, ge=0, le=1,
-        description="scripted: share of traces with a deliberate mistake (teacher negatives)",
-    )
-    # hf / vllm
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto",
-        description="hf, vllm: weight dtype (hf auto: bf16 on GPU, fp32 on CPU with bf16 autocast; hf float32: plain "
-                    "fp32, no autocast, samples bit-identical at any batch size; vllm auto: vLLM's choice from the "
-                    "checkpoint)",
-    )
-    device: str = Field("auto", description="hf: auto, cpu, cuda, cuda:1, ...")
-    trust_remote_code: bool = Field(
-        False,
-        description="hf, vllm: allow model code from the Hub (off unless you set it)",
-    )
-    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per engine")
-    gpu_memory_utilization: float = Field(
-        0.9, gt=0, le=1,
-        description="vllm: share of GPU memory the engine reserves (lower it when training shares the GPU)",
-    )
-    max_model_len: int | None = Field(
-        None, ge=1, description="vllm: longest prompt plus completion in tokens (None: the model's own limit)"
-    )
-    sampling: SamplingConfig = SamplingConfig()
-
-    @model_validator(mode="after")
-    def _required_fields(self) -> "GeneratorConfig":
-        if self.kind in ("hf", "vllm") and not self.model:
-            raise ValueError(f"generator kind '{self.kind}' needs 'model' (Hub id or local folder)")
-        if self.kind == "openai" and (not self.base_url or not self.model):
-            raise ValueError("generator kind 'openai' needs 'base_url' and 'model'")
-        if self.kind == "replay" and not self.path:
-            raise ValueError("generator kind 'replay' needs 'path' (a JSONL file of recorded traces)")
         return self
 
 
@@ -349,8 +247,8 @@ class RunConfig(Strict):
     seed: int = Field(0, description="seed for data order, refresh choice, pairing and sampling")
     dataset: DatasetConfig = DatasetConfig()
     task: TaskConfig = TaskConfig()
-    teacher: GeneratorConfig = GeneratorConfig(kind="scripted")
-    student: GeneratorConfig = GeneratorConfig(kind="hf", model="builtin:smollm2-135m-instruct")
+    teacher: GeneratorConfig = ScriptedGeneratorConfig()
+    student: GeneratorConfig = HFGeneratorConfig(model="builtin:smollm2-135m-instruct")
     pairs: PairsConfig = PairsConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
@@ -368,7 +266,8 @@ class RunConfig(Strict):
             section = data.get(name)
             if isinstance(section, dict) and "kind" not in section and "model" not in section:
                 default = cls.model_fields[name].default
-                base = {"kind": default.kind, **({"model": default.model} if default.model else {})}
+                model = getattr(default, "model", None)
+                base = {"kind": default.kind, **({"model": model} if model else {})}
                 data[name] = {**base, **section}
         return data
 
@@ -380,6 +279,17 @@ class RunConfig(Strict):
                 "train.lora.load_in_4bit with student.kind 'vllm': the refresh copies the student's weights into "
                 "the vLLM engine, which cannot take 4-bit weights; use student.kind: hf or train.phi: 0")
         return self
+
+    @property
+    def local_student(self) -> LocalModelConfig:
+        """The student section when it loads weights itself (``hf``, ``vllm``), as training and evaluation
+        need; a UserError for a student that only samples (``openai``, ``replay``, ``scripted``)."""
+        if not isinstance(self.student, LocalModelConfig):
+            raise UserError(
+                f"student.kind is {self.student.kind!r}: training and evaluation load the student's weights "
+                "(student.model), so they need student.kind hf or vllm; a student of this kind can only give its "
+                "samples (`orpo-distill student`)")
+        return self.student
 
     @property
     def path(self) -> Path:

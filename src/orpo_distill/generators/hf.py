@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessorList
 
-from ..config import GeneratorConfig
+from ..config import HFGeneratorConfig
 from ..errors import UserError
 from ..models import autocast, load_model, load_tokenizer, render_prompt
 from .base import GenerationStats, Request, Sample
@@ -39,7 +39,7 @@ class HFGenerator:
         self.stats = GenerationStats()
 
     @classmethod
-    def from_config(cls, cfg: GeneratorConfig, progress: bool = True) -> "HFGenerator":
+    def from_config(cls, cfg: HFGeneratorConfig, progress: bool = True) -> "HFGenerator":
         assert cfg.model is not None
         tok = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
         model = load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code, device=cfg.device)

@@ -57,7 +57,7 @@ from urllib.parse import urlsplit
 import httpx
 from tqdm.auto import tqdm
 
-from ..config import GeneratorConfig
+from ..config import OpenAIGeneratorConfig
 from ..errors import UserError
 from .base import GenerationStats, Request, Sample
 from .openai_servers import (  # importable from here too, as before the split
@@ -127,7 +127,7 @@ class OpenAIGenerator:
 
     def __init__(
         self,
-        cfg: GeneratorConfig,
+        cfg: OpenAIGeneratorConfig,
         *,
         sleep: Callable[[float], Any] | None = None,
         clock: Callable[[], float] = time.monotonic,

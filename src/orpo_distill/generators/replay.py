@@ -24,7 +24,7 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..config import GeneratorConfig
+from ..config import ReplayGeneratorConfig
 from ..errors import UserError
 from ..store import iter_jsonl
 from .base import GenerationStats, Request, Sample
@@ -110,7 +110,7 @@ class ReplayGenerator:
     sampling settings are ignored: the traces are what they are.
     """
 
-    def __init__(self, cfg: GeneratorConfig) -> None:
+    def __init__(self, cfg: ReplayGeneratorConfig) -> None:
         if not cfg.path:
             raise UserError("generator.path: the replay generator needs a JSONL file of recorded traces")
         self.path = Path(cfg.path)

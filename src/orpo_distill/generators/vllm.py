@@ -27,7 +27,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from ..config import GeneratorConfig
+from ..config import VLLMGeneratorConfig
 from ..errors import UserError
 from ..models import resolve_model
 from .base import GenerationStats, Request, Sample, render_plain
@@ -58,7 +58,7 @@ class VLLMGenerator:
         self.chat = bool(getattr(self.tokenizer, "chat_template", None))
 
     @classmethod
-    def from_config(cls, cfg: GeneratorConfig, progress: bool = True) -> "VLLMGenerator":
+    def from_config(cls, cfg: VLLMGeneratorConfig, progress: bool = True) -> "VLLMGenerator":
         """Build the engine a config names; ``builtin:`` models resolve as for the hf generator."""
         vllm = import_vllm()
         assert cfg.model is not None
@@ -75,7 +75,7 @@ class VLLMGenerator:
         return cls(engine, name=f"vllm:{cfg.model}", progress=progress, stop=cfg.stop)
 
     @classmethod
-    def from_checkpoint(cls, path: str, cfg: GeneratorConfig, progress: bool = True) -> "VLLMGenerator":
+    def from_checkpoint(cls, path: str, cfg: VLLMGeneratorConfig, progress: bool = True) -> "VLLMGenerator":
         """A fresh engine on a saved checkpoint folder: the fallback where in-place loading fails.
 
         Close the old generator first (:meth:`close`): two engines rarely fit on one GPU.
