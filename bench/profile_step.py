@@ -17,8 +17,9 @@ Groups (by aten op name, and for matrix products by shape):
 Method: one warm-up step per batch, then ``--steps`` profiled steps (``record_shapes``); the table gives
 each group's share of the summed self CPU time and its milliseconds per step. A second table times
 forward + loss and backward apart (perf_counter, median over ``--repeats`` rounds, not under the
-profiler) for the fused log-prob head (``logprobs._FusedHeadLogprobs``, the default) and the
-checkpointed one it replaced (``fused=False``), the two in turn on every batch.
+profiler) for the step as it is (the fused log-prob head, ``logprobs._FusedHeadLogprobs``, and
+attention by segments, ``segmented_attention``), with the dense mask, and as it was before issue 16
+(checkpointed head, dense mask), the variants in turn on every batch.
 Profiling adds overhead per op: shares are the figures to read, not absolute times.
 
 Run: ``python bench/profile_step.py --markdown`` (``--quick``: a smoke test).
@@ -49,6 +50,12 @@ from train_step import (
     tokenized_batches,
 )
 
+BEFORE = "checkpointed head, dense mask (before issue 16)"
+VARIANTS = {  # name: (fused head, segmented attention)
+    "fused head, segmented attention (default)": (True, True),
+    "fused head, dense mask": (True, False),
+    BEFORE: (False, False),
+}
 GROUPS = ("matmul, LM head", "matmul, body", "attention", "log-probs", "dtype casts", "elementwise & norms", "other")
 MATMUL = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation", "mkldnn::", "onednn::")
 ATTENTION = ("scaled_dot_product", "flash_attention", "_efficient_attention", "aten::_softmax", "aten::masked_fill")
@@ -119,25 +126,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     tokens = sum(g.packed_length() for gs in groups_per_step for g in gs) / args.steps
     device = torch.device("cpu")
 
-    def forward(i: int, fused: bool = True) -> Any:
+    def forward(i: int, fused: bool = True, segmented: bool = True) -> Any:
         with autocast(device):
-            return _orpo(pair_logps_packed(model, batches[i], fused=fused), cfg.train.lambda_or)
+            return _orpo(pair_logps_packed(model, batches[i], fused=fused, segmented=segmented), cfg.train.lambda_or)
 
     def step(i: int) -> None:
         forward(i).loss.backward()
         model.zero_grad(set_to_none=True)
 
-    heads = {"fused head (default)": True, "checkpointed head": False}
-    for i in range(args.steps):  # warm-up, both heads
-        for fused in heads.values():
-            forward(i, fused).loss.backward()
+    for i in range(args.steps):  # warm-up, every variant
+        for fused, segmented in VARIANTS.values():
+            forward(i, fused, segmented).loss.backward()
             model.zero_grad(set_to_none=True)
-    times: dict[str, dict[str, list[float]]] = {h: {"fwd": [], "bwd": []} for h in heads}
-    for _ in range(args.repeats):  # the two heads in turn, batch by batch: side by side under the same load
+    times: dict[str, dict[str, list[float]]] = {h: {"fwd": [], "bwd": []} for h in VARIANTS}
+    for _ in range(args.repeats):  # the variants in turn, batch by batch: side by side under the same load
         for i in range(args.steps):
-            for name, fused in heads.items():
+            for name, (fused, segmented) in VARIANTS.items():
                 t0 = time.perf_counter()
-                out = forward(i, fused)
+                out = forward(i, fused, segmented)
                 t1 = time.perf_counter()
                 out.loss.backward()
                 model.zero_grad(set_to_none=True)
@@ -162,16 +168,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     for g in GROUPS:
         t = groups.get(g, 0.0)
         lines.append(f"{bar} {g} {bar} {100 * t / total:.1f}% {bar} {t / 1e3 / args.steps:.0f} {bar}")
-    lines += ["", f"{bar} log-prob head {bar} forward + loss, ms {bar} backward, ms {bar} step, ms {bar} step vs "
-              f"checkpointed head {bar}"]
+    lines += ["", f"{bar} packed step {bar} forward + loss, ms {bar} backward, ms {bar} step, ms {bar} speed vs "
+              f"before issue 16 {bar}"]
     if args.markdown:
         lines.append("| --- | ---: | ---: | ---: | ---: |")
     medians = {h: (1e3 * statistics.median(t["fwd"]), 1e3 * statistics.median(t["bwd"])) for h, t in times.items()}
-    base = sum(medians["checkpointed head"])
+    base = sum(medians[BEFORE])
     for name, (f_ms, b_ms) in medians.items():
         lines.append(f"{bar} {name} {bar} {f_ms:.0f} {bar} {b_ms:.0f} {bar} {f_ms + b_ms:.0f} {bar} "
                      f"{base / (f_ms + b_ms):.2f}x {bar}")
-    lines.append(f"(medians of {len(times['checkpointed head']['fwd'])} steps each, no profiler)")
+    lines.append(f"(medians of {len(times[BEFORE]['fwd'])} steps each, no profiler)")
     if args.top:
         by_op: dict[str, float] = defaultdict(float)
         for e in prof.key_averages():

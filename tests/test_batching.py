@@ -385,14 +385,54 @@ def test_packed_equals_plain_loss_and_gradients(impl: str, nll_on_prompt: bool, 
 
 
 def test_packed_mask_matters() -> None:
-    """Guard against a vacuous equality: a plain causal mask over the packed row gives other numbers."""
+    """Guard against a vacuous equality: a plain causal mask over the packed row gives other numbers
+    (the dense-mask path; the segmented one reads ``row_spans``, guarded below)."""
     model = tiny_model("sdpa")
     groups = random_groups(3, [3])
     batch = collate_packed(groups, PAD, False)
-    right = pair_logps_packed(model, batch)["rejected_logp_sum"]
+    right = pair_logps_packed(model, batch, segmented=False)["rejected_logp_sum"]
     batch["attention_mask"] = torch.ones_like(batch["attention_mask"]).tril()
-    wrong = pair_logps_packed(model, batch)["rejected_logp_sum"]
+    wrong = pair_logps_packed(model, batch, segmented=False)["rejected_logp_sum"]
     assert not torch.allclose(right, wrong, atol=1e-3)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_segmented_attention_is_taken_and_equals_the_dense_mask(monkeypatch: pytest.MonkeyPatch,
+                                                                checkpointing: bool) -> None:
+    """The packed batch's SDPA attention runs by segments (once per layer and forward), gives the dense
+    mask's values and gradients, and leaves transformers' registry as it was. Under gradient
+    checkpointing the backward's recomputation (outside the context) takes the dense mask: same result."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from orpo_distill import segmented_attention as seg
+
+    model = tiny_model("sdpa", seed=2)
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+        model.train()
+    groups = random_groups(21, [3, 1, 4])
+    batch = collate_packed(groups, PAD, nll_on_prompt=True)
+    calls: list[int] = []
+    real = seg.segmented_sdpa
+    monkeypatch.setattr(seg, "segmented_sdpa", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fast = _loss(pair_logps_packed(model, batch))
+    taken = 0 if checkpointing else model.config.num_hidden_layers  # checkpointing: the dense mask throughout
+    assert len(calls) == taken
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa_attention_forward
+    dense = _loss(pair_logps_packed(model, batch, segmented=False))
+    assert len(calls) == taken  # the dense path never went by segments
+    for field in ("loss", "nll", "or_loss", "logps_chosen", "logps_rejected"):
+        torch.testing.assert_close(getattr(fast, field), getattr(dense, field), rtol=1e-5, atol=1e-5, msg=field)
+    g_fast, g_dense = _param_grads(model, fast.loss), _param_grads(model, dense.loss)
+    for name in g_dense:
+        torch.testing.assert_close(g_fast[name], g_dense[name], rtol=1e-5, atol=1e-5, msg=name)
+    if checkpointing:
+        return
+    # and the spans are what it reads: the prompt/response boundary moved by one, other numbers
+    right = pair_logps_packed(model, batch)["rejected_logp_sum"]
+    batch["row_spans"] = tuple((p - 1, (r[0] + 1, *r[1:])) for p, r in batch["row_spans"])
+    assert not torch.allclose(pair_logps_packed(model, batch)["rejected_logp_sum"], right, atol=1e-4)
 
 
 def test_packed_refuses_attention_without_dense_masks() -> None:

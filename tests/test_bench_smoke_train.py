@@ -196,8 +196,8 @@ def test_options_quick_defaults_and_bad_values() -> None:
 
 
 def test_profile_step_groups_the_whole_step_and_times_both_heads(tiny_model_dir: Path) -> None:
-    """bench/profile_step.py: every group's row, shares that add up to the whole step, and the fused and
-    checkpointed log-prob heads timed side by side."""
+    """bench/profile_step.py: every group's row, shares that add up to the whole step, and the step's
+    variants (as it is, dense mask, as before issue 16) timed side by side."""
     bench = load_bench("profile_step")
     cmd = [sys.executable, str(ROOT / "bench" / "profile_step.py"), "--quick", "--markdown", "--model",
            str(tiny_model_dir)]
@@ -208,9 +208,9 @@ def test_profile_step_groups_the_whole_step_and_times_both_heads(tiny_model_dir:
     groups = {r[0]: float(r[1].rstrip("%")) for r in rows if r[0] in bench.GROUPS}
     assert set(groups) == set(bench.GROUPS)
     assert abs(sum(groups.values()) - 100) < 0.5 and groups["matmul, body"] > 0
-    heads = {r[0]: r for r in rows if r[0] in ("fused head (default)", "checkpointed head")}
-    assert len(heads) == 2 and heads["checkpointed head"][4] == "1.00x"
-    assert all(float(r[3]) > 0 for r in heads.values())
+    variants = {r[0]: r for r in rows if r[0] in bench.VARIANTS}
+    assert len(variants) == 3 and variants[bench.BEFORE][4] == "1.00x"
+    assert all(float(r[3]) > 0 for r in variants.values())
 
 
 def test_profile_groups_follow_names_and_shapes() -> None:

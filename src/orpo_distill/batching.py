@@ -239,7 +239,9 @@ def collate_packed(groups: Sequence[PairGroup], pad_id: int, nll_on_prompt: bool
       token for a response's first token), ``target_segment [N]``;
       segments (every prompt and every distinct response, numbered over the batch):
       ``segment_tokens [S]``; per pair (group order, then pair order) ``pair_chosen``,
-      ``pair_rejected``, ``pair_prompt`` segment ids ``[B]``; ``num_pairs``, ``nll_on_prompt``.
+      ``pair_rejected``, ``pair_prompt`` segment ids ``[B]``; ``num_pairs``, ``nll_on_prompt``;
+      ``row_spans``: per row, (prompt length, the responses' lengths in order), what
+      ``segmented_attention`` computes the same attention from without the ``[T, T]`` mask.
     Prompt tokens are targets only when ``nll_on_prompt`` (the OR term never reads them).
     """
     if not groups:
@@ -256,6 +258,7 @@ def collate_packed(groups: Sequence[PairGroup], pad_id: int, nll_on_prompt: bool
     pair_chosen: list[int] = []
     pair_rejected: list[int] = []
     pair_prompt: list[int] = []
+    row_spans: list[tuple[int, tuple[int, ...]]] = []  # per row: the prompt's length, each response's
 
     for g_idx, group in enumerate(groups):
         if not group.pairs:
@@ -290,6 +293,7 @@ def collate_packed(groups: Sequence[PairGroup], pad_id: int, nll_on_prompt: bool
             source_index.extend(base + start + i - 1 for i in range(1, r))
             target_segment.extend([seg] * r)
             start += r
+        row_spans.append((p, tuple(len(resp) for resp in group.responses())))
         for chosen, rejected in group.pairs:
             pair_chosen.append(seg_of[tuple(chosen)])
             pair_rejected.append(seg_of[tuple(rejected)])
@@ -313,4 +317,5 @@ def collate_packed(groups: Sequence[PairGroup], pad_id: int, nll_on_prompt: bool
         "pair_prompt": torch.tensor(pair_prompt, dtype=torch.long),
         "num_pairs": len(pair_chosen),
         "nll_on_prompt": bool(nll_on_prompt),
+        "row_spans": tuple(row_spans),
     }

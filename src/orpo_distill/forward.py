@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ from torch import Tensor, nn
 
 from .errors import UserError
 from .logprobs import DEFAULT_CHUNK_SIZE, Head, target_logprobs, token_logprobs, token_logprobs_from_logits
+from .segmented_attention import segmented_attention
 
 
 def _inner_model(model: nn.Module) -> nn.Module:
@@ -167,15 +169,22 @@ def _packed_attention_mask(inner: nn.Module, visible: Tensor) -> Tensor:
 
 
 def pair_logps_packed(
-    model: nn.Module, batch: dict[str, Any], chunk_size: int = DEFAULT_CHUNK_SIZE, fused: bool = True
+    model: nn.Module, batch: dict[str, Any], chunk_size: int = DEFAULT_CHUNK_SIZE, fused: bool = True,
+    segmented: bool = True,
 ) -> dict[str, Tensor]:
     """The same per-pair sums as :func:`pair_logps`, from a :func:`collate_packed` batch. ``fused``:
-    the fused head log-probabilities (``logprobs._FusedHeadLogprobs``) where they apply."""
+    the fused head log-probabilities (``logprobs._FusedHeadLogprobs``) where they apply; ``segmented``:
+    SDPA attention by segments (``segmented_attention``) instead of through the dense mask."""
     inner = _inner_model(model)
     mask = _packed_attention_mask(inner, batch["attention_mask"])
-    kind, value, head, bias = model_forward(
-        model, input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"]
-    )
+    # not under gradient checkpointing: the backward's recomputation runs outside the context, and must
+    # take the same path as the forward it recomputes
+    by_segments = segmented and "row_spans" in batch and not getattr(inner, "is_gradient_checkpointing", False)
+    spans = segmented_attention(batch["row_spans"], batch["input_ids"].shape[1]) if by_segments else nullcontext()
+    with spans:
+        kind, value, head, bias = model_forward(
+            model, input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"]
+        )
     flat = value.reshape(-1, value.shape[-1])
     sources = flat.index_select(0, batch["source_index"])
     targets = batch["target_ids"]
