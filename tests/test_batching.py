@@ -462,3 +462,23 @@ def test_a_sharded_output_head_falls_back_to_the_models_own_logits(tiny_model_di
         del model.get_output_embeddings().weight.ds_id
     assert kind == "logits" and head is None
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_segmented_attention_leaves_what_it_does_not_cover_to_the_dense_mask() -> None:
+    """A keyword that changes attention (sinks, soft-capping, a sliding window, attention weights), dropout,
+    or a call of another shape: transformers' own SDPA with the dense mask."""
+    from types import SimpleNamespace
+
+    from orpo_distill import segmented_attention as seg
+
+    q = torch.zeros(1, 4, 9, 8)
+    plain = SimpleNamespace()
+    with seg.segmented_attention(((3, (2, 4)),), 9):
+        assert seg._covers(plain, q, 0.0, {"position_ids": q, "use_cache": False, "sliding_window": None})
+        assert seg._covers(plain, q, 0.1, {}) is None
+        assert seg._covers(plain, q, 0.0, {"s_aux": torch.zeros(4)}) is None
+        assert seg._covers(plain, q, 0.0, {"softcap": 30.0}) is None
+        assert seg._covers(plain, q, 0.0, {"output_attentions": True}) is None
+        assert seg._covers(SimpleNamespace(sliding_window=4), q, 0.0, {}) is None
+        assert seg._covers(plain, torch.zeros(1, 4, 8, 8), 0.0, {}) is None  # another width
+    assert seg._covers(plain, q, 0.0, {}) is None  # outside the context

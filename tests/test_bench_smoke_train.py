@@ -223,3 +223,13 @@ def test_profile_groups_follow_names_and_shapes() -> None:
     assert bench.group_of("aten::copy_", [], v) == "dtype casts"
     assert bench.group_of("aten::mul", [], v) == "elementwise & norms"
     assert bench.group_of("aten::empty_strided", [], v) == "other"
+
+
+def test_optimizer_step_bench_times_every_kind() -> None:
+    cmd = [sys.executable, str(ROOT / "bench" / "optimizer_step.py"), "--quick", "--markdown"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in proc.stdout.splitlines()
+            if line.startswith("| ") and "---" not in line][1:]
+    assert [r[0] for r in rows] == ["fused", "foreach (torch's CPU default)", "for-loop"]
+    assert all(float(r[1]) > 0 for r in rows) and rows[1][2] == "1.00x"

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
 from orpo_distill import forward, training
 from orpo_distill.batching import PairGroup
@@ -285,3 +286,24 @@ def test_last_step_of_an_epoch_averages_only_the_micro_batches_it_has(monkeypatc
     train_epoch(model, examples, opt, sched, cfg, 1, 0, Accelerator(cpu=True),
                 log=lambda row: seen.append(float(model.weight)), progress=False)
     assert seen == [-1.0, -2.0]  # each step moves w by the mean gradient, 1, whatever its micro-batch count
+
+
+def test_the_optimizer_is_torchs_fused_adamw_where_it_applies_and_steps_as_the_default_does() -> None:
+    """make_optimizer: fused AdamW on plain CPU weights (not under FSDP/ZeRO), the same update as the
+    default multi-tensor AdamW to rounding, over a few steps with weight decay."""
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    b = copy.deepcopy(a)
+    cfg = _cfg(lr=1e-2, weight_decay=0.1)
+    fused = make_optimizer(a, cfg)
+    assert fused.defaults["fused"] is True
+    assert not make_optimizer(b, cfg, sharded=True).defaults.get("fused")
+    plain = torch.optim.AdamW([p for p in b.parameters()], lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+    x = torch.randn(16, 6)
+    for _ in range(4):
+        for model, opt in ((a, fused), (b, plain)):
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-6)

@@ -147,6 +147,14 @@ def sft_logps(
 
 
 
+def _checkpointing(inner: nn.Module) -> bool:
+    """Whether the model recomputes activations in the backward (transformers 5.24 renamed the flag
+    ``is_activation_checkpointing``; the old name warns there, and is what earlier versions have)."""
+    if hasattr(type(inner), "is_activation_checkpointing"):
+        return bool(inner.is_activation_checkpointing)
+    return bool(getattr(inner, "is_gradient_checkpointing", False))
+
+
 def _packed_attention_mask(inner: nn.Module, visible: Tensor) -> Tensor:
     """The 4-D mask in the form the model's attention takes: bool for SDPA, additive float for eager.
 
@@ -179,7 +187,7 @@ def pair_logps_packed(
     mask = _packed_attention_mask(inner, batch["attention_mask"])
     # not under gradient checkpointing: the backward's recomputation runs outside the context, and must
     # take the same path as the forward it recomputes
-    by_segments = segmented and "row_spans" in batch and not getattr(inner, "is_gradient_checkpointing", False)
+    by_segments = segmented and "row_spans" in batch and not _checkpointing(inner)
     spans = segmented_attention(batch["row_spans"], batch["input_ids"].shape[1]) if by_segments else nullcontext()
     with spans:
         kind, value, head, bias = model_forward(

@@ -212,7 +212,7 @@ class Distiller:
                 return {"epochs": t.epochs, "resumed_from": state["epoch"], "trained": False}
         torch.manual_seed(t.seed + self.cfg.seed)
         model = self.load_student(ckpt)
-        optimizer = make_optimizer(model, t)
+        optimizer = make_optimizer(model, t, sharded=gather_weights)
         bound = examples_upper_bound(self.teacher, self.qids, t, self.cfg.pairs)
         group = largest_group(self.teacher, self.qids, t, self.cfg.pairs)
         total = t.epochs * steps_per_epoch(bound, t, acc.num_processes, group_size=group)

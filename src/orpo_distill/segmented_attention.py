@@ -95,13 +95,20 @@ def segmented_sdpa(query: Tensor, key: Tensor, value: Tensor, rows: RowSpans, sc
                         for b, (prompt, responses) in enumerate(rows)])
 
 
+# keywords transformers passes to every attention call that do not change what it computes
+_HARMLESS = frozenset({"position_ids", "use_cache", "output_hidden_states", "cache_position", "is_causal",
+                       "return_dict", "logits_to_keep"})
+
+
 def _covers(module: Any, query: Tensor, dropout: float, kwargs: dict[str, Any]) -> tuple[RowSpans, int] | None:
     ctx = _ROWS.get()
     if ctx is None:
         return None
     rows, width = ctx
-    plain = (dropout == 0.0 and kwargs.get("softcap") is None and kwargs.get("position_bias") is None
-             and kwargs.get("sliding_window") is None and getattr(module, "sliding_window", None) is None)
+    # anything beyond plain softmax attention (sinks, soft-capping, a bias, a sliding window, attention
+    # weights asked for) arrives as a keyword not listed here, or set: left to the dense path
+    extra = {k for k, v in kwargs.items() if k not in _HARMLESS and v is not None and v is not False}
+    plain = dropout == 0.0 and not extra and getattr(module, "sliding_window", None) is None
     if not plain or query.shape[0] != len(rows) or query.shape[2] != width:
         return None
     return ctx

@@ -9,6 +9,7 @@ evaluation) in ``recipe``.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import random
 import time
@@ -18,6 +19,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 from accelerate.utils import DistributedType
+from torch import nn
 from tqdm.auto import tqdm
 
 from .batching import (
@@ -68,9 +70,17 @@ def apply_lora(model: Any, cfg: LoraConfig) -> Any:
     return get_peft_model(model, peft_cfg)
 
 
-def make_optimizer(model: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: Any, cfg: TrainConfig, sharded: bool = False) -> torch.optim.Optimizer:
+    """AdamW over the trainable weights; torch's fused kernel where it applies (every weight a plain
+    floating tensor on a CPU or CUDA device, and no FSDP/ZeRO, which put their own tensors in its place):
+    the same update as the default multi-tensor one up to rounding (tests/test_training.py), 5.35x
+    faster on a 2-core Xeon with AMX for the 135M student (88 ms against 470 ms a step;
+    ``bench/optimizer_step.py``)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    fused = (not sharded and bool(params) and "fused" in inspect.signature(torch.optim.AdamW).parameters
+             and all(type(p) is nn.Parameter and p.is_floating_point() and p.device.type in ("cpu", "cuda")
+                     for p in params))
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True if fused else None)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> Any:
