@@ -48,7 +48,8 @@ class Run:
         self.reuse = reuse
         # Under `accelerate launch` every process runs this; only the main one writes (distributed.py)
         if distributed.world_size() > 1:  # (one process: no device question asked here)
-            distributed.init(cpu=pick_device(getattr(cfg.student, "device", "auto")).type == "cpu")  # a remote student: auto
+            device = cfg.student.device if isinstance(cfg.student, LocalModelConfig) else "auto"  # a remote student: auto
+            distributed.init(cpu=pick_device(device).type == "cpu")
         self.writer = distributed.is_main()
         self.progress = progress and self.writer
         # weights trained with other settings are set aside before anything is written, so that config.yaml

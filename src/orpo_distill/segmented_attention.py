@@ -14,9 +14,10 @@ about four times what the row needs. Here the same attention is computed as
 
 The outputs are the same as the dense mask's up to the order of floating-point sums (tests compare
 log-probabilities and gradients to 1e-5 in fp32). On a CPU the segments are computed in fp32 even under
-bf16 autocast, the result cast back to autocast's dtype: there the flash kernel's bf16 backward is
-slower than its fp32 one at these sizes (2-core Xeon with AMX: response block 37 ms in bf16, 25 ms in
-fp32, fwd + bwd), so this is both faster and closer to exact than the dense bf16 call it replaces.
+bf16 autocast, the result cast back to autocast's dtype: there the flash kernel's bf16 backward was
+found slower than its fp32 one at these sizes (2-core Xeon with AMX), so this is both faster and closer
+to exact than the dense bf16 call it replaces; the step-level effect is measured by
+``bench/profile_step.py`` (docs/benchmarks.md, "Issue 16").
 
 How it is applied: :func:`segmented_attention` is a context manager put around the model's forward
 (``forward.pair_logps_packed``). Inside it, the ``sdpa`` entry of transformers' attention registry
