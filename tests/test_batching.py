@@ -25,7 +25,7 @@ from orpo_distill.batching import (
 from orpo_distill.forward import model_forward, pair_logps, pair_logps_packed, sft_logps
 from orpo_distill.errors import UserError
 from orpo_distill.logprobs import token_logprobs_from_logits
-from orpo_distill.losses import orpo_loss, sft_loss
+from orpo_distill.losses import log_odds, orpo_loss, sft_loss
 
 VOCAB = 128
 PAD = 0
@@ -382,6 +382,50 @@ def test_packed_equals_plain_loss_and_gradients(impl: str, nll_on_prompt: bool, 
     g_plain, g_packed = _param_grads(model, plain.loss), _param_grads(model, packed.loss)
     for name in g_plain:
         torch.testing.assert_close(g_packed[name], g_plain[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_nll_only_rows_in_either_layout() -> None:
+    """A row with no rejected side (pairs.no_negative: nll) takes no response slot in the packed row and no
+    odds-ratio part in either layout; with it, packed and plain still give the same loss and gradients, and
+    that loss is the pairs' odds-ratio term plus the NLL over every chosen token."""
+    group = PairGroup([5, 6, 7], [([8, 9], [10]), ([11], [])])
+    packed_batch = collate_packed([group], pad_id=PAD, nll_on_prompt=False)
+    assert packed_batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10, 11]]  # no empty segment
+    assert packed_batch["row_spans"] == ((3, (2, 1, 1)),)
+    assert packed_batch["has_rejected"].tolist() == [True, False]
+    plain_batch = collate_plain(flatten([group]), PAD, False)
+    assert plain_batch["has_rejected"].tolist() == [True, False]
+    assert not plain_batch["response_mask"][3].any()  # the NLL-only row's rejected row has no response
+
+    model = tiny_model("sdpa", seed=2)
+    groups = random_groups(7, [2, 3, 1])
+    groups[0].pairs[1] = (groups[0].pairs[1][0], [])
+    groups[2].pairs[0] = (groups[2].pairs[0][0], [])  # a group with no pair at all
+    losses = {}
+    for name, sums in (("plain", pair_logps(model, collate_plain(flatten(groups), PAD, True), chunk_size=6)),
+                       ("packed", pair_logps_packed(model, collate_packed(groups, PAD, True), chunk_size=6))):
+        out = orpo_loss(sums["chosen_logp_sum"], sums["chosen_tokens"], sums["rejected_logp_sum"],
+                        sums["rejected_tokens"], sums["nll_sum"], sums["nll_count"], 0.3,
+                        has_rejected=sums["has_rejected"])
+        assert out.log_odds_ratio.shape == (4,)
+        keep = sums["has_rejected"]
+        expect_or = -torch.nn.functional.logsigmoid(
+            log_odds(sums["chosen_logp_sum"][keep] / sums["chosen_tokens"][keep])
+            - log_odds(sums["rejected_logp_sum"][keep] / sums["rejected_tokens"][keep])).mean()
+        torch.testing.assert_close(out.or_loss, expect_or)
+        torch.testing.assert_close(out.nll, sums["nll_sum"].sum() / sums["nll_count"].sum())
+        losses[name] = out
+    for field in ("loss", "nll", "or_loss", "log_odds_ratio"):
+        torch.testing.assert_close(getattr(losses["packed"], field), getattr(losses["plain"], field),
+                                   rtol=1e-5, atol=1e-5, msg=field)
+    g_plain, g_packed = _param_grads(model, losses["plain"].loss), _param_grads(model, losses["packed"].loss)
+    for name in g_plain:
+        torch.testing.assert_close(g_packed[name], g_plain[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_tokenize_pair_without_a_rejected_side(tokenizer) -> None:
+    p = tokenize_pair(tokenizer, "w1 w2", "w3", None, max_length=16)
+    assert p.rejected_ids == [] and not p.has_rejected and p.chosen_ids[-1] == tokenizer.eos_token_id
 
 
 def test_packed_mask_matters() -> None:

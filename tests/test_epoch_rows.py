@@ -69,3 +69,28 @@ def test_the_same_seed_gives_the_same_rows_whatever_the_record_order() -> None:
     one = epoch_rows(RECORDS, messages, TEACHER, {}, train, pairs, seed=3, epoch=2)
     other = epoch_rows(RECORDS[::-1], messages, TEACHER, {}, train, pairs, seed=3, epoch=2)
     assert sorted(map(str, one.rows)) == sorted(map(str, other.rows))
+
+
+def test_nll_fallback_keeps_every_positive_as_an_nll_only_row() -> None:
+    """pairs.no_negative: nll. Teacher negatives: b has none, so its positive trains on the NLL term alone
+    (rejected None), and the chosen side covers exactly sft-diverse's positives; a list tries each in turn."""
+    train = TrainConfig(method="orpo")
+    sft = chosen_texts(epoch_rows(RECORDS, messages, TEACHER, {}, TrainConfig(method="sft", traces="all"),
+                                  PairsConfig(), seed=0, epoch=1).rows)
+    pairs = PairsConfig(negatives="teacher", pairing="every_positive", no_negative="nll")
+    data = epoch_rows(RECORDS, messages, TEACHER, {}, train, pairs, seed=0, epoch=1)
+    assert (data.dropped_no_negative, data.teacher_fallback, data.nll_only) == (0, 0, 1)
+    b_rows = [r for r in data.rows if r["id"] == "b"]
+    assert [(r["chosen"][0]["content"], r["rejected"], r["rejected_source"]) for r in b_rows] == [("b right", None, None)]
+    assert {q: sorted(t) for q, t in chosen_texts(data.rows).items()} == {q: sorted(t) for q, t in sft.items()}
+    # student negatives with [teacher, nll]: a has teacher negatives (fallback 1), b has none (fallback 2)
+    chain = PairsConfig(negatives="student", pairing="every_positive", no_negative=["teacher", "nll"])
+    data = epoch_rows(RECORDS, messages, TEACHER, {}, train, chain, seed=0, epoch=1)
+    assert (data.dropped_no_negative, data.teacher_fallback, data.nll_only) == (0, 1, 1)
+    assert {r["rejected_source"] for r in data.rows if r["id"] == "a"} == {"teacher"}
+    # capped pairing: at most pairs_per_question NLL-only rows, in the pairing's order
+    capped = PairsConfig(negatives="teacher", pairing="capped", pairs_per_question=1, no_negative="nll")
+    many = group_traces([_trace("b", i, f"b right {i}", True) for i in range(3)])
+    rows = epoch_rows(RECORDS[1:2], messages, many, {}, train, capped, seed=0, epoch=1).rows
+    assert len(rows) == 1 and rows[0]["rejected"] is None
+    assert PairsConfig(no_negative="drop").fallbacks == () and chain.fallbacks == ("teacher", "nll")

@@ -216,3 +216,44 @@ def test_lambda_is_applied_in_one_place_the_same_way_for_the_loss_the_step_and_t
     whole = Share(nll=1.0, pairs=1.0)
     assert float(step_loss(mb, whole, 0.7)) == pytest.approx(float(out.loss))
     assert step_metrics([(mb, whole)], "orpo", 0.7)["loss"] == pytest.approx(float(out.loss))
+
+
+def test_nll_only_rows_count_in_the_nll_and_nowhere_else() -> None:
+    """Two pairs as in the test above, plus an NLL-only row (chosen: two tokens at p = 0.5 and 0.25; its
+    rejected sums are garbage and must be ignored). L_OR and the pair metrics are those of the two pairs;
+    the NLL is the token mean over all five chosen tokens: (2 log 2 - log 0.8 + log 2 + log 4) / 5."""
+    out = orpo_loss(
+        _t(2 * LN(0.5), LN(0.8), LN(0.5) + LN(0.25)),
+        _t(2, 1, 2),
+        _t(2 * LN(0.25), LN(0.5), 123.0),
+        _t(2, 1, 0),
+        _t(2 * LN(2), -LN(0.8), LN(2) + LN(4)),
+        _t(2, 1, 2),
+        lambda_or=0.5,
+        has_rejected=torch.tensor([True, True, False]),
+    )
+    nll = (2 * LN(2) - LN(0.8) + LN(2) + LN(4)) / 5
+    assert out.log_odds_ratio.tolist() == pytest.approx([LN(3), LN(4)], rel=1e-6)
+    assert out.or_loss.item() == pytest.approx(LN(5 / 3) / 2, rel=1e-6)
+    assert out.nll.item() == pytest.approx(nll, rel=1e-6)
+    assert out.loss.item() == pytest.approx(nll + 0.5 * LN(5 / 3) / 2, rel=1e-6)
+    assert out.margin.item() == pytest.approx((LN(2) + LN(1.6)) / 2, rel=1e-6)
+    assert out.metrics()["logps/chosen"] == pytest.approx((LN(0.5) + LN(0.8)) / 2, rel=1e-6)
+
+
+def test_a_batch_of_nll_only_rows_is_plain_sft() -> None:
+    """No pair at all: the odds-ratio term is 0, the loss is the token-mean NLL (what sft_loss gives on
+    the same sums), its gradient flows, and the pair metrics are logged as 0."""
+    chosen = torch.tensor([2 * LN(0.5), LN(0.25)], requires_grad=True)
+    out = orpo_loss(chosen, _t(2, 1), _t(0.0, 0.0), _t(0, 0), -chosen, _t(2, 1), lambda_or=1.0,
+                    has_rejected=torch.tensor([False, False]))
+    assert out.or_loss.item() == 0.0
+    assert out.loss.item() == pytest.approx(sft_loss(chosen, _t(2, 1)).item(), rel=1e-6)
+    out.loss.backward()
+    assert chosen.grad.tolist() == pytest.approx([-1 / 3, -1 / 3])
+    m = out.metrics()
+    assert m["or_loss"] == m["reward_accuracy"] == m["logps/rejected"] == 0.0 and m["nll"] == pytest.approx(out.loss.item())
+    with pytest.raises(ValueError, match="has_rejected"):
+        orpo_loss(chosen, _t(2, 1), _t(0.0, 0.0), _t(0, 0), -chosen, _t(2, 1), 1.0, has_rejected=torch.tensor([True]))
+    with pytest.raises(ValueError, match="rejected_tokens"):
+        orpo_loss(chosen, _t(2, 1), _t(0.0, 0.0), _t(0, 0), -chosen, _t(2, 1), 1.0, has_rejected=torch.tensor([True, False]))

@@ -140,6 +140,9 @@ VARIANTS = {
     "orpo-both-off": {"pairs.negatives": "both", "train.policy": "off", "pairs.pairs_per_question": 2,
                       **MORE_TEACHER_NEGATIVES},
     "orpo-on": {"pairs.negatives": "student", "train.policy": "on"},
+    # every positive trained on: the questions with no wrong teacher trace as NLL-only rows
+    "orpo-teacher-nll": {"pairs.negatives": "teacher", "pairs.pairing": "every_positive", "pairs.no_negative": "nll",
+                         "train.epochs": 1, "teacher.sampling.samples": 3, "teacher.error_rate": 0.3},
 }
 
 
@@ -171,6 +174,14 @@ def test_every_variant_runs(tiny_config: Any, tmp_path: Path, variant: str) -> N
             assert per_question == positives
         return
 
+    if cfg.pairs.no_negative == "nll":
+        # the chosen side is every positive, as for sft-all; questions with no negative have rejected null
+        assert {q: sum(r["id"] == q for r in pairs) for q in positives} == positives
+        no_neg = {q for q in positives if positives[q] and not any(r["id"] == q and not r["correct"] for r in teacher)}
+        assert no_neg, "the teacher's settings should leave some question without a wrong trace"
+        assert {r["id"] for r in pairs if r["rejected"] is None} == no_neg
+        assert [e["nll_only"] for e in read_metrics(run / "metrics.jsonl") if e["event"] == "pairs"] == [len(no_neg)]
+        pairs = [r for r in pairs if r["rejected"] is not None]
     sources = {r["rejected_source"] for r in pairs}
     if cfg.pairs.negatives == "teacher":
         assert sources == {"teacher"} and not (run / "student").exists()

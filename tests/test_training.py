@@ -247,6 +247,32 @@ def test_packed_and_plain_layouts_give_the_same_steps(tiny_epoch: dict[str, Any]
     # direction of its gradient's sign, so a gradient of 1e-9 on either side of 0 moves a weight by 2 lr)
 
 
+@pytest.mark.filterwarnings("ignore:.*does not reproduce the model's logits")
+def test_nll_only_rows_give_the_same_step_however_the_micro_batches_fall(tiny_epoch: dict[str, Any]) -> None:
+    """Two NLL-only rows (pairs.no_negative: nll) beside two pairs. The odds-ratio term is a mean over the
+    step's pairs only, so one micro-batch of all four and four micro-batches of one (two of them with no
+    pair at all) take the same step; the logged pair metrics are the two pairs'."""
+    base = tiny_epoch["model"]
+    examples = [PairGroup(g.prompt_ids, [(c, r if i % 2 == 0 else [])]) for i, g in enumerate(tiny_epoch["examples"])
+                for c, r in g.pairs]
+    assert [training.or_pairs(e) for e in examples] == [1, 0, 1, 0]
+    runs = {}
+    for batch_size, accum in ((4, 1), (1, 4)):
+        cfg = _cfg(batch_size=batch_size, grad_accum=accum, precision="fp32", lr=1e-2, warmup_ratio=0.0)
+        runs[accum] = _train(copy.deepcopy(base), examples, cfg, tiny_epoch["pad"])
+    one, four = runs[1][0], runs[4][0]
+    for k in ("loss", "nll", "or_loss", "logps/chosen", "logps/rejected", "reward_accuracy", "grad_norm"):
+        assert one[k] == pytest.approx(four[k], abs=1e-5, rel=1e-5), k
+    # the odds-ratio term is that of the two pairs alone; the NLL that of SFT on all four chosen sides
+    fp32 = {"precision": "fp32", "lr": 1e-2, "warmup_ratio": 0.0}
+    pairs_only = _train(copy.deepcopy(base), examples[0::2], _cfg(batch_size=2, **fp32), tiny_epoch["pad"])[0]
+    sft = _train(copy.deepcopy(base), [SftExample(e.prompt_ids, e.pairs[0][0]) for e in examples],
+                 _cfg(method="sft", batch_size=4, **fp32), tiny_epoch["pad"])[0]
+    assert one["or_loss"] == pytest.approx(pairs_only["or_loss"], rel=1e-5)
+    assert one["nll"] == pytest.approx(sft["nll"], rel=1e-6)
+    assert one["nll"] != pytest.approx(pairs_only["nll"], rel=1e-7)
+
+
 def test_token_budget_closes_micro_batches_and_keeps_groups_whole():
     from orpo_distill.batching import PairGroup
     from orpo_distill.training import example_tokens, micro_batches

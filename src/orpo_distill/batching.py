@@ -35,11 +35,17 @@ from .logprobs import IGNORE_INDEX
 
 @dataclass
 class TokenizedPair:
-    """One preference pair as token ids; the responses include their eos (unless truncated)."""
+    """One preference pair as token ids; the responses include their eos (unless truncated). An empty
+    ``rejected_ids`` marks an NLL-only row (``pairs.no_negative: nll``): its chosen side trains on the NLL
+    term alone."""
 
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
+
+    @property
+    def has_rejected(self) -> bool:
+        return bool(self.rejected_ids)
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
@@ -72,7 +78,7 @@ def truncate_pair(pair: TokenizedPair, max_length: int) -> TokenizedPair:
 
 
 def tokenize_pair(
-    tokenizer: Any, prompt_text: str, chosen_text: str, rejected_text: str, max_length: int
+    tokenizer: Any, prompt_text: str, chosen_text: str, rejected_text: str | None, max_length: int
 ) -> TokenizedPair:
     """Tokenize one pair: prompt and responses separately, eos appended to each response, truncated.
 
@@ -80,7 +86,7 @@ def tokenize_pair(
     template writes), so no special tokens are added here. The responses are tokenized on their own,
     not as ``prompt + response``: this matches how they were generated (tokens sampled after the
     prompt's tokens) and keeps the prompt/response boundary exact. A response that already ends with
-    the eos token does not get a second one.
+    the eos token does not get a second one. ``rejected_text`` None: an NLL-only row (no rejected ids).
     """
     eos_id = getattr(tokenizer, "eos_token_id", None)
     if eos_id is None:
@@ -94,7 +100,7 @@ def tokenize_pair(
     pair = TokenizedPair(
         prompt_ids=prompt_ids,
         chosen_ids=_with_eos(_encode(tokenizer, chosen_text), int(eos_id)),
-        rejected_ids=_with_eos(_encode(tokenizer, rejected_text), int(eos_id)),
+        rejected_ids=[] if rejected_text is None else _with_eos(_encode(tokenizer, rejected_text), int(eos_id)),
     )
     return truncate_pair(pair, max_length)
 
@@ -103,11 +109,12 @@ def tokenize_pair(
 # plain layout
 
 
-def _check_pair(i: int, prompt: Sequence[int], chosen: Sequence[int], rejected: Sequence[int]) -> None:
+def _check_pair(i: int, prompt: Sequence[int], chosen: Sequence[int]) -> None:
+    """An empty rejected response is an NLL-only row; an empty prompt or chosen response is a bug."""
     if not prompt:
         raise ValueError(f"pair {i}: empty prompt (the first response token would have no predictor)")
-    if not chosen or not rejected:
-        raise ValueError(f"pair {i}: empty chosen or rejected response")
+    if not chosen:
+        raise ValueError(f"pair {i}: empty chosen response")
 
 
 def collate_plain(pairs: Sequence[TokenizedPair], pad_id: int, nll_on_prompt: bool) -> dict[str, Any]:
@@ -116,13 +123,14 @@ def collate_plain(pairs: Sequence[TokenizedPair], pad_id: int, nll_on_prompt: bo
     Returns ``input_ids``, ``attention_mask`` (``[2B, T]``, 1 on real tokens), ``labels`` (the token
     where any loss term reads it, ``-100`` elsewhere), ``response_mask`` (bool, response tokens of
     every row: the OR term's tokens), ``nll_mask`` (bool, the chosen rows' response tokens, plus their
-    prompt tokens but the first when ``nll_on_prompt``; all False on rejected rows), ``num_pairs``
-    and ``nll_on_prompt``.
+    prompt tokens but the first when ``nll_on_prompt``; all False on rejected rows), ``has_rejected``
+    (bool ``[B]``; an NLL-only row's rejected row is its prompt alone, with no response tokens),
+    ``num_pairs`` and ``nll_on_prompt``.
     """
     if not pairs:
         raise ValueError("collate_plain needs at least one pair")
     for i, p in enumerate(pairs):
-        _check_pair(i, p.prompt_ids, p.chosen_ids, p.rejected_ids)
+        _check_pair(i, p.prompt_ids, p.chosen_ids)
     rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
     n, b = len(rows), len(pairs)
     width = max(len(pr) + len(r) for pr, r in rows)
@@ -146,6 +154,7 @@ def collate_plain(pairs: Sequence[TokenizedPair], pad_id: int, nll_on_prompt: bo
         "labels": labels,
         "response_mask": response_mask,
         "nll_mask": nll_mask,
+        "has_rejected": torch.tensor([p.has_rejected for p in pairs], dtype=torch.bool),
         "num_pairs": b,
         "nll_on_prompt": bool(nll_on_prompt),
     }
@@ -187,7 +196,8 @@ def batch_to(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any
 
 @dataclass
 class PairGroup:
-    """One prompt with its K (chosen, rejected) pairs: one packed row."""
+    """One prompt with its K (chosen, rejected) pairs: one packed row. An empty rejected marks an NLL-only
+    row (see :class:`TokenizedPair`)."""
 
     prompt_ids: list[int]
     pairs: list[tuple[list[int], list[int]]] = field(default_factory=list)
@@ -197,7 +207,8 @@ class PairGroup:
         seen: dict[tuple[int, ...], None] = {}
         for chosen, rejected in self.pairs:
             seen.setdefault(tuple(chosen), None)
-            seen.setdefault(tuple(rejected), None)
+            if rejected:
+                seen.setdefault(tuple(rejected), None)
         return [list(r) for r in seen]
 
     def packed_length(self) -> int:
@@ -239,7 +250,8 @@ def collate_packed(groups: Sequence[PairGroup], pad_id: int, nll_on_prompt: bool
       token for a response's first token), ``target_segment [N]``;
       segments (every prompt and every distinct response, numbered over the batch):
       ``segment_tokens [S]``; per pair (group order, then pair order) ``pair_chosen``,
-      ``pair_rejected``, ``pair_prompt`` segment ids ``[B]``; ``num_pairs``, ``nll_on_prompt``;
+      ``pair_rejected``, ``pair_prompt`` segment ids ``[B]``, ``has_rejected`` bool ``[B]`` (an NLL-only
+      row's ``pair_rejected`` is its chosen segment, ignored by the loss); ``num_pairs``, ``nll_on_prompt``;
       ``row_spans``: per row, (prompt length, the responses' lengths in order), what
       ``segmented_attention`` computes the same attention from without the ``[T, T]`` mask.
     Prompt tokens are targets only when ``nll_on_prompt`` (the OR term never reads them).
@@ -258,14 +270,15 @@ def collate_packed(groups: Sequence[PairGroup], pad_id: int, nll_on_prompt: bool
     pair_chosen: list[int] = []
     pair_rejected: list[int] = []
     pair_prompt: list[int] = []
+    has_rejected: list[bool] = []
     row_spans: list[tuple[int, tuple[int, ...]]] = []  # per row: the prompt's length, each response's
 
     for g_idx, group in enumerate(groups):
         if not group.pairs:
             raise ValueError(f"group {g_idx} has no pairs")
         prompt = group.prompt_ids
-        for k, (chosen, rejected) in enumerate(group.pairs):
-            _check_pair(k, prompt, chosen, rejected)
+        for k, (chosen, _) in enumerate(group.pairs):
+            _check_pair(k, prompt, chosen)
         p = len(prompt)
         base = g_idx * width
         input_ids[g_idx, :p] = torch.tensor(prompt, dtype=torch.long)
@@ -296,8 +309,9 @@ def collate_packed(groups: Sequence[PairGroup], pad_id: int, nll_on_prompt: bool
         row_spans.append((p, tuple(len(resp) for resp in group.responses())))
         for chosen, rejected in group.pairs:
             pair_chosen.append(seg_of[tuple(chosen)])
-            pair_rejected.append(seg_of[tuple(rejected)])
+            pair_rejected.append(seg_of[tuple(rejected or chosen)])
             pair_prompt.append(prompt_seg)
+            has_rejected.append(bool(rejected))
 
     q_seg = local_segment.unsqueeze(2)  # [G, T, 1]
     k_seg = local_segment.unsqueeze(1)  # [G, 1, T]
@@ -315,6 +329,7 @@ def collate_packed(groups: Sequence[PairGroup], pad_id: int, nll_on_prompt: bool
         "pair_chosen": torch.tensor(pair_chosen, dtype=torch.long),
         "pair_rejected": torch.tensor(pair_rejected, dtype=torch.long),
         "pair_prompt": torch.tensor(pair_prompt, dtype=torch.long),
+        "has_rejected": torch.tensor(has_rejected, dtype=torch.bool),
         "num_pairs": len(pair_chosen),
         "nll_on_prompt": bool(nll_on_prompt),
         "row_spans": tuple(row_spans),

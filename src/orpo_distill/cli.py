@@ -89,6 +89,8 @@ def cmd_pairs(args: argparse.Namespace) -> None:
         ("rows", str(len(data.rows))),
         ("questions dropped: no positive", str(data.dropped_no_positive)),
         ("questions dropped: no negative", str(data.dropped_no_negative)),
+        ("questions paired with teacher negatives (fallback)", str(data.teacher_fallback)),
+        ("questions as NLL-only rows (fallback)", str(data.nll_only)),
     ])
 
 

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from .config import PairsConfig, TrainConfig
-from .pairs import Negative, Trace, make_pairs, pairs_for_every_positive, positives, sft_targets, teacher_negatives
+from .pairs import (Negative, Trace, make_pairs, nll_only_positives, pairs_for_every_positive, positives,
+                    sft_targets, teacher_negatives)
 from .records import Record
 
 Messages = Callable[[Record], list[dict[str, str]]]  # the task's prompt, as chat messages
@@ -23,6 +24,7 @@ class EpochData:
     dropped_no_positive: int
     dropped_no_negative: int
     teacher_fallback: int = 0  # questions with no negative of the run's kind, paired with teacher negatives
+    nll_only: int = 0  # questions with no negative whose positives train on the NLL term alone
 
 
 def group_traces(rows: Sequence[Trace]) -> dict[str, list[Trace]]:
@@ -42,9 +44,11 @@ def epoch_rows(records: Sequence[Record], messages: Messages, teacher: Mapping[s
 
     ``teacher``: each question's teacher traces; ``student_negatives``: each question's negatives from the
     negative buffer (used when ``pairs.negatives`` is student or both). ``seed`` is the run's seed; the
-    pairing adds ``pairs.seed`` to it, so arms with the same seeds pick the same positives."""
+    pairing adds ``pairs.seed`` to it, so arms with the same seeds pick the same positives. A question
+    whose pool is empty takes ``pairs.no_negative``'s fallbacks in turn; an NLL-only row has
+    ``"rejected": None``."""
     seed = pairs.seed + seed
-    rows, no_pos, no_neg, fallback = [], 0, 0, 0
+    rows, no_pos, no_neg, fallback, nll_only = [], 0, 0, 0, 0
     for r in records:
         traces = teacher.get(r.id, [])
         pos = positives(traces)
@@ -62,13 +66,16 @@ def epoch_rows(records: Sequence[Record], messages: Messages, teacher: Mapping[s
             negs += teacher_negs
         if pairs.negatives in ("student", "both"):
             negs += student_negatives.get(r.id, [])
-        if not negs and pairs.no_negative == "teacher" and teacher_negs:
-            negs = list(teacher_negs)
-            fallback += 1
-        if pairs.pairing == "every_positive":
-            chosen_rejected = pairs_for_every_positive(r.id, pos, negs, seed, epoch)
-        else:
-            chosen_rejected = make_pairs(r.id, pos, negs, pairs.pairs_per_question, seed, epoch)
+        n = None if pairs.pairing == "every_positive" else pairs.pairs_per_question
+        chosen_rejected = _pairs(r.id, pos, negs, n, seed, epoch)
+        for way in pairs.fallbacks if not negs else ():
+            if way == "teacher" and teacher_negs:
+                chosen_rejected, fallback = _pairs(r.id, pos, teacher_negs, n, seed, epoch), fallback + 1
+                break
+            if way == "nll":  # the positives its pairs would have used, on the NLL term alone
+                chosen_rejected = [(p, None) for p in nll_only_positives(r.id, pos, n, seed, epoch)]
+                nll_only += 1
+                break
         if not chosen_rejected:
             no_neg += 1
         for chosen, neg in chosen_rejected:
@@ -76,11 +83,19 @@ def epoch_rows(records: Sequence[Record], messages: Messages, teacher: Mapping[s
                 "id": r.id,
                 "prompt": prompt,
                 "chosen": [{"role": "assistant", "content": chosen}],
-                "rejected": [{"role": "assistant", "content": neg.text}],
-                "rejected_source": neg.source,
-                "rejected_epoch": neg.epoch,
+                "rejected": None if neg is None else [{"role": "assistant", "content": neg.text}],
+                "rejected_source": None if neg is None else neg.source,
+                "rejected_epoch": None if neg is None else neg.epoch,
             })
-    return EpochData(rows, no_pos, no_neg, fallback)
+    return EpochData(rows, no_pos, no_neg, fallback, nll_only)
+
+
+def _pairs(qid: str, pos: Sequence[str], pool: Sequence[Negative], n: int | None, seed: int,
+           epoch: int) -> list[tuple[str, Negative | None]]:
+    """A question's (chosen, rejected) pairs: one per positive (``n`` None, ``every_positive``) or up to ``n``."""
+    if n is None:
+        return list(pairs_for_every_positive(qid, pos, pool, seed, epoch))
+    return list(make_pairs(qid, pos, pool, n, seed, epoch))
 
 
 def chosen_texts(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[str]]:

@@ -112,7 +112,8 @@ def pair_logps(model: nn.Module, batch: dict[str, Any], chunk_size: int = DEFAUL
 
     Returns ``[B]`` tensors: ``chosen_logp_sum``, ``chosen_tokens``, ``rejected_logp_sum``,
     ``rejected_tokens`` (sums of ``log p`` and counts over response tokens), ``nll_sum`` (sum of
-    ``-log p`` over the chosen row's NLL tokens) and ``nll_count``. Sums are fp32; counts are fp32 too.
+    ``-log p`` over the chosen row's NLL tokens) and ``nll_count``, and the batch's ``has_rejected`` (False
+    for an NLL-only row). Sums are fp32; counts are fp32 too.
     """
     kind, value, head, bias = model_forward(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     labels = batch["labels"]
@@ -130,6 +131,7 @@ def pair_logps(model: nn.Module, batch: dict[str, Any], chunk_size: int = DEFAUL
         "rejected_tokens": resp[b:].sum(-1),
         "nll_sum": -(tok[:b] * nll[:b]).sum(-1),
         "nll_count": nll[:b].sum(-1),
+        "has_rejected": batch["has_rejected"],
     }
 
 
@@ -218,4 +220,5 @@ def pair_logps_packed(
         "rejected_tokens": counts[rejected],
         "nll_sum": nll_sum,
         "nll_count": nll_n,
+        "has_rejected": batch["has_rejected"],
     }

@@ -78,7 +78,8 @@ ORPO_METRICS = (
 class OrpoOutput:
     """The ORPO loss and what the training loop logs.
 
-    Scalars (0-d tensors) are means over the pairs of the batch; per-pair tensors have shape ``[B]``.
+    Scalars (0-d tensors) are means over the pairs of the batch; per-pair tensors have shape ``[B]`` (the
+    rows with a rejected side, when ``orpo_loss`` was given ``has_rejected``).
     ``nll`` and ``or_loss`` keep their graphs: training weighs each by its micro-batch's share of the
     optimizer step (``training.step_loss``) and backpropagates that. ``loss`` is this batch's objective
     on its own, for tests and the logs; the others are for logging (``.detach()`` them before storing).
@@ -94,7 +95,10 @@ class OrpoOutput:
     margin: Tensor  # scalar: mean over pairs of l(y_w) - l(y_l)
 
     def metrics(self) -> dict[str, float]:
-        """Plain floats under the names ``metrics.jsonl`` logs them (one device sync)."""
+        """Plain floats under the names ``metrics.jsonl`` logs them (one device sync); the pair metrics are
+        0 for a batch of NLL-only rows (training weighs them by the batch's share of the step's pairs, 0 there)."""
+        if self.log_odds_ratio.numel() == 0:
+            return {**dict.fromkeys(ORPO_METRICS, 0.0), "loss": float(self.loss.detach()), "nll": float(self.nll.detach())}
         values = torch.stack(
             [
                 self.loss.detach(),
@@ -141,6 +145,7 @@ def orpo_loss(
     nll_tokens_sum: Tensor,
     nll_token_count: Tensor,
     lambda_or: float,
+    has_rejected: Tensor | None = None,
 ) -> OrpoOutput:
     """The ORPO objective from per-pair sums; every argument but ``lambda_or`` has shape ``[B]``.
 
@@ -152,8 +157,13 @@ def orpo_loss(
             response, plus the prompt when ``nll_on_prompt``.
         nll_token_count: number of those NLL tokens per pair.
         lambda_or: weight of the odds-ratio term (TRL's ``beta``; ``train.lambda`` in the config).
+        has_rejected: bool ``[B]``, False for an NLL-only row (a positive of a question with no negative,
+            ``pairs.no_negative: nll``): its chosen side counts in ``L_NLL`` as usual and it takes no part in
+            ``L_OR`` or in the pair metrics (its rejected sums are ignored). None: every row is a pair.
 
-    ``L_NLL`` is ``nll_tokens_sum.sum() / nll_token_count.sum()`` (a token mean over the batch).
+    ``L_NLL`` is ``nll_tokens_sum.sum() / nll_token_count.sum()`` (a token mean over the batch, NLL-only
+    rows included); ``L_OR`` and the per-pair outputs are over the rows with a rejected side (``L_OR`` is 0
+    when there is none).
     """
     b = _as_vector("chosen_logp_sum", chosen_logp_sum, None).shape[0]
     if b == 0:
@@ -164,13 +174,23 @@ def orpo_loss(
     r_n = _as_vector("rejected_tokens", rejected_tokens, b)
     nll_sum = _as_vector("nll_tokens_sum", nll_tokens_sum, b)
     nll_n = _as_vector("nll_token_count", nll_token_count, b)
-    _check_positive(chosen_tokens=c_n, rejected_tokens=r_n, nll_token_count=nll_n)
+    _check_positive(chosen_tokens=c_n, nll_token_count=nll_n)
+    nll = nll_sum.sum() / nll_n.sum()
+    if has_rejected is not None:
+        keep = torch.as_tensor(has_rejected, dtype=torch.bool, device=c_sum.device)
+        if keep.shape != c_sum.shape:
+            raise ValueError(f"has_rejected has shape {tuple(keep.shape)} but the batch has {b} pairs")
+        c_sum, c_n, r_sum, r_n = c_sum[keep], c_n[keep], r_sum[keep], r_n[keep]
+    _check_positive(rejected_tokens=r_n)
 
     logps_chosen = c_sum / c_n
     logps_rejected = r_sum / r_n
     ratio = log_odds(logps_chosen) - log_odds(logps_rejected)
+    if ratio.numel() == 0:  # only NLL-only rows: no odds-ratio term, and nothing to log for pairs
+        zero = nll.new_zeros(())
+        return OrpoOutput(loss=orpo_objective(nll, zero, lambda_or), nll=nll, or_loss=zero, log_odds_ratio=ratio,
+                          logps_chosen=logps_chosen, logps_rejected=logps_rejected, reward_accuracy=zero, margin=zero)
     or_loss = -F.logsigmoid(ratio).mean()
-    nll = nll_sum.sum() / nll_n.sum()
     return OrpoOutput(
         loss=orpo_objective(nll, or_loss, lambda_or),
         nll=nll,

@@ -80,6 +80,14 @@ def pairs_for_every_positive(
     return [(p, neg[i % len(neg)]) for i, p in enumerate(pos)]
 
 
+def nll_only_positives(qid: str, pos: Sequence[str], n: int | None, seed: int, epoch: int) -> list[str]:
+    """The positives a question with no negative trains on the NLL term alone (``pairs.no_negative: nll``):
+    those its pairs would have used. ``n`` None (``every_positive``): every positive; a number
+    (``capped``, ``pairs_per_question``): the first ``min(n, len(pos))`` in the pairing's shuffled order."""
+    shuffled, _ = _shuffled(qid, pos, [], seed, epoch)
+    return shuffled if n is None else shuffled[:n]
+
+
 def _shuffled(qid: str, pos: Sequence[str], neg: Sequence[Negative], seed: int,
               epoch: int) -> tuple[list[str], list[Negative]]:
     """Copies of a question's positives and negatives in the order (seed, epoch, question) gives."""

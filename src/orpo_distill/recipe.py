@@ -76,8 +76,8 @@ def tokenize_rows(tokenizer: Any, rows: Sequence[dict[str, Any]], max_length: in
             p = tokenize_pair(tokenizer, prompt_text, row["completion"][0]["content"], "", max_length)
             sft.append(SftExample(p.prompt_ids, p.chosen_ids))
         else:
-            pairs.append(tokenize_pair(tokenizer, prompt_text, row["chosen"][0]["content"],
-                                       row["rejected"][0]["content"], max_length))
+            rejected = row["rejected"][0]["content"] if row.get("rejected") else None  # None: NLL-only
+            pairs.append(tokenize_pair(tokenizer, prompt_text, row["chosen"][0]["content"], rejected, max_length))
     return sft if sft else group_pairs(pairs)
 
 
@@ -132,7 +132,8 @@ class Distiller:
         self.metrics.log("pairs", epoch=epoch, rows=len(data.rows), questions=len(chosen),
                          positives=sum(len(t) for t in chosen.values()), positive_tokens=tokens,
                          dropped_no_positive=data.dropped_no_positive,
-                         dropped_no_negative=data.dropped_no_negative, teacher_fallback=data.teacher_fallback)
+                         dropped_no_negative=data.dropped_no_negative, teacher_fallback=data.teacher_fallback,
+                         nll_only=data.nll_only)
         return path
 
     # ---- the refresh ---------------------------------------------------------------------------

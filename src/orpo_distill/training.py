@@ -47,8 +47,13 @@ Example = PairGroup | SftExample  # ORPO trains on one group (a prompt with its 
 
 
 def example_size(e: Example) -> int:
-    """Pairs in a group, or 1 for an SFT example: what ``train.batch_size`` counts."""
+    """Pairs in a group (NLL-only rows included), or 1 for an SFT example: what ``train.batch_size`` counts."""
     return len(e.pairs) if isinstance(e, PairGroup) else 1
+
+
+def or_pairs(e: Example) -> int:
+    """Pairs of ``e`` in the odds-ratio term's mean: a group's pairs with a rejected side (0 for SFT)."""
+    return sum(1 for _, rejected in e.pairs if rejected) if isinstance(e, PairGroup) else 0
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
@@ -176,7 +181,8 @@ class MicroBatchOut:
 
 @dataclass(frozen=True)
 class Share:
-    """A micro-batch's share of its optimizer step (over every rank): of the NLL tokens and of the pairs."""
+    """A micro-batch's share of its optimizer step (over every rank): of the NLL tokens and of the pairs
+    with a rejected side (:func:`or_pairs`; 0 when the step has none)."""
 
     nll: float
     pairs: float
@@ -218,7 +224,8 @@ def _forward(model: Any, batch: list[Example], method: str, cfg: TrainConfig, pa
             tensors = {k: v.to(device) if torch.is_tensor(v) else v for k, v in tensors.items()}
             sums = pair_logps(model, tensors)
         out = orpo_loss(sums["chosen_logp_sum"], sums["chosen_tokens"], sums["rejected_logp_sum"],
-                        sums["rejected_tokens"], sums["nll_sum"], sums["nll_count"], cfg.lambda_or)
+                        sums["rejected_tokens"], sums["nll_sum"], sums["nll_count"], cfg.lambda_or,
+                        has_rejected=sums["has_rejected"])
         if cfg.layout == "packed":
             ntok = sum(g.packed_length() for g in batch)
         else:
@@ -279,7 +286,7 @@ def train_epoch(
     for mine, everyone in zip(plan, members):
         t0 = time.perf_counter()
         step_nll = sum(nll_tokens(e, cfg.nll_on_prompt) for i in everyone for e in batches[i])
-        step_pairs = sum(example_size(e) for i in everyone for e in batches[i])
+        step_pairs = sum(or_pairs(e) for i in everyone for e in batches[i])
         # Every rank runs grad_accum backward passes per step (zero-weight copies where it has fewer
         # micro-batches), so the gradient all-reduce and DeepSpeed's step boundary stay in step.
         work = [(i, 1.0) for i in mine]
@@ -290,7 +297,7 @@ def train_epoch(
         for j, (i, weight) in enumerate(work):
             batch = batches[i]
             share = Share(nll=weight * sum(nll_tokens(e, cfg.nll_on_prompt) for e in batch) / step_nll,
-                          pairs=weight * sum(example_size(e) for e in batch) / step_pairs)
+                          pairs=weight * sum(or_pairs(e) for e in batch) / step_pairs if step_pairs else 0.0)
             sync = j + 1 == len(work)
             with accelerator.no_sync(model) if (world > 1 and not sync) else contextlib.nullcontext():
                 with autocast(device, bf16):

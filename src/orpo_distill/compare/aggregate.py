@@ -45,10 +45,11 @@ def run_timing(directory: Path) -> dict[str, float]:
 def training_data(directory: Path) -> dict[str, float]:
     """What a run trained on, per epoch (mean over its epochs), from its ``pairs`` events: rows,
     distinct positives on the chosen (or SFT target) side and their tokens, questions covered, and the
-    questions left out for want of a negative or paired through the teacher fallback."""
+    questions left out for want of a negative or covered by a fallback (teacher negatives, NLL-only rows)."""
     events = _last_per((e for e in read_metrics(RunLayout(directory).metrics) if e.get("event") == "pairs"),
                        "epoch")
-    keys = ("rows", "questions", "positives", "positive_tokens", "dropped_no_negative", "teacher_fallback")
+    keys = ("rows", "questions", "positives", "positive_tokens", "dropped_no_negative", "teacher_fallback",
+            "nll_only")
     if not events:
         return {}
     return {k: float(np.mean([float(e.get(k, 0) or 0) for e in events.values()])) for k in keys}

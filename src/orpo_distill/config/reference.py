@@ -6,6 +6,8 @@ README.md between ``<!-- config-reference:start -->`` and ``<!-- config-referenc
 from __future__ import annotations
 
 import re
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,10 @@ from .schema import RunConfig
 
 
 def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # "A | B", not "Union[A, B]"
+        return " | ".join(_type_name(a) for a in typing.get_args(annotation))
     text = str(annotation).replace("typing.", "")
+    text = text.replace("NoneType", "None")
     text = re.sub(r"[\w.]*\.PhiRamp", "{linear: [float, float]}", text)
     return text.replace("<class '", "").replace("'>", "")
 

@@ -85,12 +85,21 @@ class PairsConfig(Strict):
         2, ge=1,
         description="capped pairing: pairs per question per epoch (positives cycle, negatives drawn without replacement)",
     )
-    no_negative: Literal["drop", "teacher"] = Field(
+    no_negative: Literal["drop", "teacher", "nll"] | list[Literal["teacher", "nll"]] = Field(
         "drop",
-        description="a question whose negative pool is empty: drop it from the epoch (counted), or pair it with the "
-                    "teacher's wrong traces (still dropped, and counted, when the teacher has none)",
+        description="a question whose negative pool is empty: drop it from the epoch (counted); teacher: pair it with "
+                    "the teacher's wrong traces; nll: train its positives (the ones its pairs would have used) on the "
+                    "NLL term alone, as NLL-only rows; a list such as [teacher, nll] tries each in turn. A question no "
+                    "fallback covers is dropped and counted",
     )
     seed: int = Field(0, description="seed of the pairing")
+
+    @property
+    def fallbacks(self) -> tuple[str, ...]:
+        """``no_negative`` as the fallbacks to try in order (none for ``drop``)."""
+        if isinstance(self.no_negative, list):
+            return tuple(self.no_negative)
+        return () if self.no_negative == "drop" else (self.no_negative,)
 
 
 class LoraConfig(Strict):

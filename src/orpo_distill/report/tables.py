@@ -47,18 +47,20 @@ def comparison_blocks(result: Mapping[str, Any]) -> list[Block]:
                      _num(v["refresh_sampling_minutes"], 2)])
     blocks.append(Table(header, rows))
     data_rows = [[name, _count(t["questions"]), _count(t["positives"]), _num(t["positive_tokens"], 0),
-                  _count(t["rows"]), _count(t["teacher_fallback"]), _count(t["dropped_no_negative"])]
+                  _count(t["rows"]), _count(t["teacher_fallback"]), _count(t.get("nll_only")),
+                  _count(t["dropped_no_negative"])]
                  for name, v in result["variants"].items() if (t := v.get("trained_on"))]
     if data_rows:
         blocks += [
             Heading("What each arm trained on"),
             Para("Per epoch, mean over epochs and seeds, from each run's `pairs` events: the questions and the "
                  "distinct positives (correct teacher traces) on the chosen side (SFT: the targets) with their "
-                 "student tokens, the rows trained on (pairs or SFT examples), questions paired through the "
-                 "teacher fallback and questions left out for want of a negative. Arms whose positives match "
-                 "differ only in what the odds-ratio term adds."),
+                 "student tokens, the rows trained on (pairs, NLL-only rows or SFT examples), questions "
+                 "paired through the teacher fallback, questions whose positives trained as NLL-only rows (no "
+                 "negative to pair them with; `pairs.no_negative: nll`) and questions left out for want of a "
+                 "negative. Arms whose positives match differ only in what the odds-ratio term adds."),
             Table(["variant", "questions", "positives", "positive tokens", "rows", "teacher fallback",
-                   "dropped (no negative)"], data_rows),
+                   "NLL-only", "dropped (no negative)"], data_rows),
         ]
     if result.get("paired"):
         blocks += [
