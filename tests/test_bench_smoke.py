@@ -7,6 +7,7 @@ counting, never the speed.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -183,3 +184,26 @@ def test_seeded_sampling_bench_runs_and_fp32_is_exact(tiny_model_dir: Path) -> N
     fp32 = [r for r in exact if r["precision"] == "fp32" and r["share"]]
     assert [r["share"] for r in fp32] == ["100.0%", "100.0%"]
     assert len(speed) == 2 and all(float(r["tokens/s (median)"]) > 0 for r in speed)
+
+
+def test_gpu_check_runs_its_whole_path_on_the_cpu(tmp_path: Path) -> None:
+    """``bash bench/gpu_check.sh --cpu``: the GPU machine's script, on the CPU with a tiny student (the
+    student built from a shape, the pipeline with a refresh, the packed step and the parity check), every
+    row ok and the table printed. Without ``--cpu`` on a machine with no GPU it says so and exits non-zero."""
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    cmd = ["bash", str(ROOT / "bench" / "gpu_check.sh"), "--cpu", "--out", str(tmp_path / "work")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = table_rows(proc.stdout)
+    assert [r["check"] for r in rows] == ["bf16 matmul rate", "pipeline (tiny, cpu, fp32)",
+                                          "packed ORPO step (bf16 autocast, fused AdamW)", "loss parity, fp32: cpu vs cpu"]
+    assert all(r["result"] == "ok" for r in rows)
+    assert "pairs/s" in rows[2]["figures"] and "MFU" in rows[2]["figures"]
+    assert "GPU CHECK PASSED" in proc.stdout and "CPU: " in proc.stdout
+    assert (tmp_path / "work" / "run" / "eval" / "summary.json").is_file()
+    refused = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], cwd=ROOT, capture_output=True,
+                             text=True, timeout=120, env={**env, "KIT": str(tmp_path / "no-kit")})
+    import torch
+
+    if not torch.cuda.is_available():
+        assert refused.returncode != 0 and "no CUDA device here" in refused.stderr
