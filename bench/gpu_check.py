@@ -18,7 +18,9 @@ not its accuracy. Steps, each a row of the table:
 3. the packed ORPO train step (collate, forward, loss, backward, fused AdamW step) under bf16 autocast on
    fp32 weights, on the pairs the pipeline wrote (8 pairs a step, the demo's batch): pairs/s, tokens/s,
    peak device memory and MFU = 6 x parameters x tokens/s over the measured matmul rate;
-4. loss parity: the same packed batch's ORPO loss in fp32 on the CPU and on the device (TF32 off),
+4. (GPU only) the training stage again under ``accelerate launch`` with FSDP2 on one GPU, the refresh
+   sampling from the gathered weights;
+5. loss parity: the same packed batch's ORPO loss in fp32 on the CPU and on the device (TF32 off),
    relative difference under ``PARITY_TOL``. With ``--cpu`` both sides run on the CPU: the row checks
    the path, not a device.
 
@@ -170,6 +172,36 @@ def train_step_speed(model_dir: Path, batches: list[list[Any]], device: torch.de
     }
 
 
+def fsdp2_training(run_dir: Path, fsdp_dir: Path) -> dict[str, Any]:
+    """The training stage again under ``accelerate launch`` with FSDP2 on one GPU, from a copy of the run's
+    stores (teacher and initial student samples; checkpoints and model removed): the refresh and the
+    per-epoch evaluation sample from the gathered weights (``whole_weights``)."""
+    import subprocess
+
+    shutil.rmtree(fsdp_dir, ignore_errors=True)
+    shutil.copytree(run_dir, fsdp_dir, ignore=shutil.ignore_patterns("checkpoints", "model", "eval", "pairs"))
+    for stage in ("student",):  # keep only the initial samples; the refresh writes epoch_2 again
+        for extra in (fsdp_dir / stage).glob("epoch_[2-9]*.jsonl"):
+            extra.unlink()
+    (fsdp_dir / "metrics.jsonl").unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2",
+           "--num_processes", "1", "--mixed_precision", "bf16", "-m", "orpo_distill.cli", "train",
+           str(fsdp_dir / "config.yaml"), "--no-progress", "--set", f"run_dir={fsdp_dir}"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - start
+    (fsdp_dir / "train.log").write_text(done.stdout + done.stderr)
+    rows = [json.loads(x) for x in (fsdp_dir / "metrics.jsonl").read_text().splitlines() if x.strip()] \
+        if (fsdp_dir / "metrics.jsonl").is_file() else []
+    refresh = [r for r in rows if r.get("event") == "refresh"]
+    kinds = {r.get("distributed") for r in rows if r.get("event") == "epoch"}
+    ok = done.returncode == 0 and bool(refresh) and (fsdp_dir / "model" / "config.json").is_file() and kinds == {"FSDP"}
+    tail = "" if ok else f"; exit {done.returncode}: {(done.stderr or done.stdout)[-300:]!r}"
+    return {"ok": ok, "figure": f"{wall:.0f} s wall, trained as {sorted(map(str, kinds))}, refresh {refresh[0]['refreshed'] if refresh else 0} questions, "
+                                f"log {fsdp_dir / 'train.log'}{tail}"}
+
+
 def loss_parity(model_dir: Path, batch: list[Any], device: torch.device) -> tuple[float, float, float]:
     """The ORPO loss of one packed batch in fp32 on the CPU and on ``device``: (cpu, device, relative difference)."""
     from orpo_distill.models import load_model
@@ -243,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
         row("packed ORPO step (bf16 autocast, fused AdamW)", speed["seconds"] > 0,
             f"{speed['pairs_per_s']:.1f} pairs/s, {speed['tokens_per_s']:.0f} tok/s, {memory}, "
             f"MFU {100 * mfu:.1f}% of the matmul rate ({speed['parameters'] / 1e6:.0f}M parameters, median of {steps})")
+        if device.type == "cuda":
+            fsdp = fsdp2_training(run_dir, work / "run-fsdp2")
+            row("train under FSDP2, 1 GPU (accelerate launch), with the refresh", fsdp["ok"], fsdp["figure"])
         cpu_loss, dev_loss, rel = loss_parity(model_dir, batches[0], device)
         row(f"loss parity, fp32: cpu vs {device.type}", rel <= PARITY_TOL,
             f"{cpu_loss:.6f} vs {dev_loss:.6f} (relative {rel:.1e}, tolerance {PARITY_TOL:.0e})")

@@ -44,9 +44,11 @@ def checkpoint_dir(run_dir: Path, epoch: int) -> Path:
 
 
 def save_checkpoint(run_dir: Path, epoch: int, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any,
-                    buffer: dict[str, Any], state: dict[str, Any], state_dict: dict[str, Any] | None = None) -> Path:
+                    buffer: dict[str, Any], state: dict[str, Any], state_dict: dict[str, Any] | None = None,
+                    optimizer_state: dict[str, Any] | None = None) -> Path:
     """Write ``checkpoints/epoch_E`` whole. ``state_dict``: the full weights gathered from a sharded
-    model (FSDP, ZeRO-3); None saves ``model``'s own."""
+    model (FSDP, ZeRO-3); None saves ``model``'s own. ``optimizer_state``: the optimizer's full state
+    gathered from an FSDP2 model (:func:`full_optimizer_state`), saved instead of ``optimizer``'s."""
     final = checkpoint_dir(run_dir, epoch)
     tmp = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -54,7 +56,9 @@ def save_checkpoint(run_dir: Path, epoch: int, model: Any, tokenizer: Any, optim
     try:
         model.save_pretrained(tmp, **({} if state_dict is None else {"state_dict": state_dict}))
         tokenizer.save_pretrained(tmp)
-        if optimizer is not None:  # None: a sharded optimizer (FSDP, ZeRO), whose state no one rank holds
+        if optimizer_state is not None:
+            _torch_save(optimizer_state, tmp / "optimizer.pt")
+        elif optimizer is not None:  # None: a sharded optimizer (FSDP1, ZeRO), whose state no one rank holds
             _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
         _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
         _torch_save(rng_state(), tmp / "rng.pt")
@@ -95,15 +99,33 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return max(done, key=epoch_of)
 
 
-def load_training_state(path: Path, optimizer: Any, scheduler: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Restore optimizer, scheduler and RNG from a checkpoint; returns (state, buffer)."""
+def full_optimizer_state(model: Any, optimizer: Any) -> dict[str, Any]:
+    """The whole optimizer state of an FSDP2 model, keyed by parameter name (so any world size can load it),
+    on the CPU; a collective every rank enters (rank 0's copy is the one to save)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper holds torch's optimizer
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_training_state(path: Path, optimizer: Any, scheduler: Any,
+                        model: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Restore optimizer, scheduler and RNG from a checkpoint; returns (state, buffer). ``model``: the
+    FSDP2 model whose shards take the saved full optimizer state (every rank reads it and keeps its share)."""
     if not (path / "optimizer.pt").is_file():
         raise UserError(
-            f"{path} holds the model but not the optimizer state (it was written by a sharded FSDP/DeepSpeed run, "
-            "whose optimizer state is split over the ranks; resuming those is not supported yet). Start a new "
-            f"run with student.model={path} to go on training from these weights."
+            f"{path} holds the model but not the optimizer state (it was written by a sharded FSDP1/DeepSpeed run, "
+            "whose optimizer state is split over the ranks; resuming those is not supported yet: FSDP2 runs "
+            f"resume). Start a new run with student.model={path} to go on training from these weights."
         )
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    saved = torch.load(path / "optimizer.pt", weights_only=False)
+    if model is not None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), optim_state_dict=saved,
+                                 options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(saved)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     set_rng_state(torch.load(path / "rng.pt", weights_only=False))
     state = json.loads((path / STATE).read_text(encoding="utf-8"))

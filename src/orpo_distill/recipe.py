@@ -25,7 +25,7 @@ import torch
 
 from . import distributed
 from .batching import group_pairs, tokenize_pair
-from .checkpoints import latest_checkpoint, load_training_state, save_checkpoint
+from .checkpoints import full_optimizer_state, latest_checkpoint, load_training_state, save_checkpoint
 from .config import PhiRamp, RunConfig
 from .epoch_rows import EpochData, Messages, chosen_texts, epoch_rows, examples_upper_bound, group_traces, largest_group
 from .errors import UserError
@@ -40,6 +40,7 @@ from .records import Record
 from .store import atomic_write_jsonl, settings_hash
 from .student_weights import export_student, load_trainable_student
 from .training import SftExample, make_optimizer, make_scheduler, steps_per_epoch, train_epoch
+from .whole_weights import is_fsdp2, whole_model
 
 __all__ = ["Distiller", "TrainingInputs", "EpochData", "chosen_texts", "tokenize_rows", "uses_student_negatives"]
 
@@ -150,9 +151,10 @@ class Distiller:
         chosen = choose_refresh(sorted(self.buffer.negatives), phi, self.cfg.seed, epoch)
         if chosen:
             # each rank samples its share of the chosen questions; every rank gets all the samples back,
-            # so the buffer below is the same on every rank
-            gen = distributed.split_across_ranks(self.refresh_generator(epoch, model))
-            new = self.inputs.sample(epoch, gen, [self.records[q] for q in chosen])
+            # so the buffer below is the same on every rank. Under FSDP2 from a gathered whole copy.
+            with whole_model(model) as whole:
+                gen = distributed.split_across_ranks(self.refresh_generator(epoch, whole))
+                new = self.inputs.sample(epoch, gen, [self.records[q] for q in chosen])
         else:
             new = {}
         result = self.buffer.refresh(new, epoch, self.cfg.pairs.filter, self.tcfg.when_all_correct, self.teacher_negs)
@@ -221,7 +223,7 @@ class Distiller:
         model, optimizer = acc.prepare(model, optimizer)
         start = 1
         if ckpt is not None:
-            state, buffer = load_training_state(ckpt, optimizer, scheduler)
+            state, buffer = load_training_state(ckpt, optimizer, scheduler, model=model if is_fsdp2(model) else None)
             self.buffer = NegativeBuffer.from_dict(buffer)
             start = state["epoch"] + 1
             self.metrics.log("resume", checkpoint=str(ckpt), epoch=state["epoch"])
@@ -243,16 +245,19 @@ class Distiller:
                                  global_step=global_step, progress=self.progress, run_seed=self.cfg.seed)
             global_step += result.steps
             self.metrics.log("epoch", epoch=epoch, steps=result.steps, examples=result.examples, tokens=result.tokens,
-                             seconds=result.seconds)
+                             seconds=result.seconds, processes=acc.num_processes,
+                             distributed=str(getattr(acc.distributed_type, "value", acc.distributed_type)))
             full_state = acc.get_state_dict(model) if gather_weights else None
+            optimizer_state = full_optimizer_state(model, optimizer) if is_fsdp2(model) else None  # collective
             if acc.is_main_process:
                 save_checkpoint(self.layout.root, epoch, acc.unwrap_model(model), self.tokenizer,
                                 None if gather_weights else optimizer, scheduler, self.buffer.to_dict(),
                                 {"global_step": global_step, "world_size": acc.num_processes, **record},
-                                state_dict=full_state)
+                                state_dict=full_state, optimizer_state=optimizer_state)
             acc.wait_for_everyone()
             if self.cfg.eval.every_epoch and self.inputs.evaluate is not None:
-                self.inputs.evaluate(epoch, acc.unwrap_model(model), self.tokenizer)
+                with whole_model(acc.unwrap_model(model)) as whole:
+                    self.inputs.evaluate(epoch, whole, self.tokenizer)
         full_state = acc.get_state_dict(model) if gather_weights else None
         if acc.is_main_process:
             self.export(acc.unwrap_model(model), full_state)
@@ -260,16 +265,18 @@ class Distiller:
         return {"epochs": t.epochs, "resumed_from": start - 1, "trained": True, "global_step": global_step}
 
     def _check_sharding(self, acc: Any) -> None:
-        """Sampling during training (the refresh, per-epoch evaluation) runs each rank's own module,
-        which under FSDP or ZeRO-3 holds only a shard of the weights: refuse before training starts."""
+        """Sampling during training (the refresh, per-epoch evaluation) needs the whole weights on every
+        rank: FSDP2 gathers them (``whole_weights``); FSDP1 and ZeRO-3, which this trainer cannot gather
+        for generation yet, are refused before training starts."""
         from accelerate.utils import DistributedType
 
         plugin = getattr(acc.state, "deepspeed_plugin", None)
-        weights_split = acc.distributed_type == DistributedType.FSDP or (
-            acc.distributed_type == DistributedType.DEEPSPEED and getattr(plugin, "zero_stage", 0) == 3)
-        if weights_split and (refreshes(self.cfg) or self.cfg.eval.every_epoch):
+        fsdp1 = acc.distributed_type == DistributedType.FSDP and not getattr(acc, "is_fsdp2", False)
+        zero3 = acc.distributed_type == DistributedType.DEEPSPEED and getattr(plugin, "zero_stage", 0) == 3
+        if (fsdp1 or zero3) and (refreshes(self.cfg) or self.cfg.eval.every_epoch):
             raise UserError(
-                "FSDP and DeepSpeed ZeRO-3 shard the weights over the ranks, but the mixed-policy refresh and "
-                "per-epoch evaluation sample from the whole model during training, which is not supported yet. "
-                "Use DDP or ZeRO-2 (configs/accelerate/ddp.yaml, deepspeed-zero2.yaml), or set "
+                f"{'FSDP1' if fsdp1 else 'DeepSpeed ZeRO-3'} shards the weights over the ranks, and the mixed-policy "
+                "refresh and per-epoch evaluation sample from the whole model during training, which this trainer "
+                "gathers only under FSDP2. Use FSDP2 (fsdp_version: 2, configs/accelerate/fsdp.yaml), DDP or ZeRO-2 "
+                "(configs/accelerate/ddp.yaml, deepspeed-zero2.yaml), or set "
                 "eval.every_epoch=false with train.phi=0 or pairs.negatives=teacher.")

@@ -1,0 +1,67 @@
+"""The whole weights of a sharded student, for sampling from it during training.
+
+The refresh and the per-epoch evaluation generate on every rank, each rank its own share of the
+prompts (``distributed.split_across_ranks``), so each rank needs the whole model, and a forward that
+runs no collective: ranks decode different prompts for different numbers of steps. Under DDP every rank
+holds the whole model already. Under FSDP2 (``fully_shard``: every parameter a DTensor shard) each rank
+holds a shard, and every forward all-gathers its layers, which would hang as soon as two ranks decode a
+different number of steps. :func:`whole_model` gathers the full state dict once (a collective every
+rank enters, as the refresh does), builds a plain copy of the model from it on this rank's device,
+yields it for sampling and frees it: the gather costs one extra copy of the weights per rank (in the
+training dtype) for the length of the refresh; docs/scaling.md says when to prefer the vllm path.
+
+FSDP1 (flat parameters) and DeepSpeed ZeRO-3 are not handled here: the trainer refuses to sample from
+them (``Distiller._check_sharding``).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+
+def is_fsdp2(model: nn.Module) -> bool:
+    """Whether ``model``'s parameters are FSDP2 shards (DTensors)."""
+    return any(type(p).__name__ == "DTensor" for p in model.parameters())
+
+
+@contextmanager
+def whole_model(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` itself when this rank holds all of it; under FSDP2 a plain copy with the gathered weights
+    (every rank must enter: the gather is a collective), in eval mode, freed on exit."""
+    if not is_fsdp2(model):
+        yield model
+        return
+    copy = gathered_copy(model)
+    try:
+        yield copy
+    finally:
+        del copy
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def gathered_copy(model: nn.Module) -> nn.Module:
+    """A plain (unsharded) model of ``model``'s class and config holding its full weights on this rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
+    device = next(iter(full.values())).device if full else torch.device("cpu")
+    with torch.device("meta"):
+        copy: Any = AutoModelForCausalLM.from_config(model.config)
+    copy.load_state_dict(full, strict=False, assign=True)
+    # what the state dict does not hold: tied weights (one tensor under two names) and non-persistent
+    # buffers (rotary frequencies), which FSDP does not shard
+    copy.tie_weights()
+    for name, buffer in model.named_buffers():
+        owner, _, leaf = name.rpartition(".")
+        copy.get_submodule(owner)._buffers[leaf] = buffer.detach().clone()
+    missing = [n for n, p in list(copy.named_parameters()) + list(copy.named_buffers()) if p.is_meta]
+    if missing:
+        raise RuntimeError(f"the gathered state dict of the sharded student lacks {missing[:5]}")
+    copy.generation_config = getattr(model, "generation_config", copy.generation_config)
+    return copy.to(device).eval()
