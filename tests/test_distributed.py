@@ -121,20 +121,27 @@ def train_rows(run_dir: Path) -> list[dict[str, Any]]:
     return [r for r in read_metrics(run_dir / "metrics.jsonl") if r["event"] == "train"]
 
 
+def sampled_base(tiny_config: Any, tmp_path: Path, over: dict[str, Any]) -> tuple[Any, Any]:
+    """The teacher and initial student stages of ``over`` run once in ``tmp_path/base``; returns its config
+    and ``prepared(name, **more)``: a copy of that folder as run ``name`` with ``more`` on top, its YAML path."""
+    base = tiny_config(**over, run_dir=str(tmp_path / "base"))
+    base_yaml = write_config(base, tmp_path / "base.yaml")
+    assert cli.main(["teacher", str(base_yaml), "--no-progress"]) == 0
+    assert cli.main(["student", str(base_yaml), "--no-progress"]) == 0
+
+    def prepared(name: str, **more: Any) -> Path:
+        shutil.copytree(tmp_path / "base", tmp_path / name)
+        return write_config(tiny_config(**{**over, **more}, run_dir=str(tmp_path / name)), tmp_path / f"{name}.yaml")
+
+    return base, prepared
+
+
 def test_two_processes_train_like_one_with_the_same_global_batch(tiny_config: Any, tmp_path: Path) -> None:
     """Teacher and initial student samples are made once and copied, so both runs train on the same
     pairs; a step holds two micro-batches of 2 pairs in both (one process: grad_accum 2; two: 1 each).
     The two-process run's epoch-1 checkpoint is then resumed by one process: checkpoints load with
     any world size and the result is the same again."""
-    base = tiny_config(**DIST, run_dir=str(tmp_path / "base"))
-    base_yaml = write_config(base, tmp_path / "base.yaml")
-    assert cli.main(["teacher", str(base_yaml), "--no-progress"]) == 0
-    assert cli.main(["student", str(base_yaml), "--no-progress"]) == 0
-
-    def prepared(name: str, **over: Any) -> Path:
-        shutil.copytree(tmp_path / "base", tmp_path / name)
-        cfg = tiny_config(**{**DIST, **over}, run_dir=str(tmp_path / name))
-        return write_config(cfg, tmp_path / f"{name}.yaml")
+    base, prepared = sampled_base(tiny_config, tmp_path, DIST)
 
     two = prepared("two", **{"train.grad_accum": 1, "eval.every_epoch": True})
     one = prepared("one", **{"train.grad_accum": 2})
@@ -233,6 +240,79 @@ def test_refresh_from_an_fsdp2_sharded_student_samples_what_the_whole_one_does(t
         tmp_path / name / "student" / "epoch_2.jsonl").read_text().splitlines())) for name in ("whole", "sharded")}
     assert texts["sharded"] == texts["whole"] and texts["whole"]
 
+
+
+def _launch_cmd(args: list[str], processes: int = 2) -> tuple[list[str], dict[str, str]]:
+    accelerate = Path(sys.executable).parent / "accelerate"
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), *args]
+    return cmd, {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+
+def test_fsdp2_training_with_the_refresh_matches_one_process_and_resumes_after_kill_9(tiny_config: Any,
+                                                                                     tmp_path: Path) -> None:
+    """The trainer under Accelerate's FSDP2 plugin on two gloo ranks (dist_fsdp_train.py: the plugin set up
+    as on GPUs), a mixed-policy run (phi 0.5) with a refresh and per-epoch evaluation: the same per-step
+    losses, the same refreshed samples and the same final weights as one unsharded process with the same
+    global batch. Then the FSDP2 run again, SIGKILLed during epoch 2 and relaunched: it resumes from its
+    epoch-1 checkpoint (full weights and full optimizer state) and ends with the same weights."""
+    import signal
+    import time
+
+    import psutil
+
+    _, prepared = sampled_base(tiny_config, tmp_path, {**DIST, "train.policy": "mixed", "train.phi": 0.5,
+                                                       "dataset.train_size": 12})
+
+    script = str(Path(__file__).with_name("dist_fsdp_train.py"))
+    fsdp = prepared("fsdp", **{"train.grad_accum": 1, "eval.every_epoch": True})
+    one = prepared("one", **{"train.grad_accum": 2, "eval.every_epoch": True})
+    killed = prepared("killed", **{"train.grad_accum": 1, "eval.every_epoch": True})
+    launch([script, "train", str(fsdp), "--no-progress"], tmp_path / "fsdp.log")
+    assert cli.main(["train", str(one), "--no-progress"]) == 0
+
+    epochs = [r for r in read_metrics(tmp_path / "fsdp" / "metrics.jsonl") if r["event"] == "epoch"]
+    assert {r["distributed"] for r in epochs} == {"FSDP"} and {r["processes"] for r in epochs} == {2}
+    rows_fsdp, rows_one = train_rows(tmp_path / "fsdp"), train_rows(tmp_path / "one")
+    assert len(rows_fsdp) == len(rows_one) >= 6
+    for a, b in zip(rows_fsdp, rows_one):
+        for k in ("loss", "nll", "or_loss", "reward_accuracy", "lr"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (a["step"], k)
+    refreshed = {name: sorted((x["id"], x["sample"], x["text"]) for x in map(json.loads, (
+        tmp_path / name / "student" / "epoch_2.jsonl").read_text().splitlines())) for name in ("fsdp", "one")}
+    assert refreshed["fsdp"] == refreshed["one"] and refreshed["one"]
+    summary = json.loads((tmp_path / "fsdp" / "eval" / "summary.json").read_text())
+    assert sorted(summary) == ["eval_epoch_1", "eval_epoch_2"]
+    w_fsdp, w_one = (load_file(str(tmp_path / d / "model" / "model.safetensors")) for d in ("fsdp", "one"))
+    assert w_fsdp.keys() == w_one.keys()
+    for k in w_one:
+        torch.testing.assert_close(w_fsdp[k], w_one[k], rtol=1e-4, atol=1e-5, msg=k)
+    state = torch.load(tmp_path / "fsdp" / "checkpoints" / "epoch_1" / "optimizer.pt", weights_only=False)
+    assert state["state"], "the FSDP2 checkpoint holds the optimizer's state"
+
+    # kill -9 in epoch 2 (its refresh: epoch 1's checkpoint and evaluation are done; the tiny model's six
+    # training steps are too quick to hit), then relaunch: resumes from epoch 1
+    cmd, env = _launch_cmd([script, "train", str(killed), "--no-progress"])
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    with (tmp_path / "killed.log").open("wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            if metrics.is_file() and any(r["event"] == "eval" for r in read_metrics(metrics)):
+                # the launcher and both ranks (torch's elastic agent starts them in sessions of their own)
+                for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
+                    p.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.01)
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text(errors="replace")[-3000:]
+    assert not (tmp_path / "killed" / "checkpoints" / "epoch_2").exists()
+    assert (tmp_path / "killed" / "checkpoints" / "epoch_1" / "state.json").is_file()
+    launch([script, "train", str(killed), "--no-progress"], tmp_path / "resumed.log")
+    assert any(r["event"] == "resume" for r in read_metrics(tmp_path / "killed" / "metrics.jsonl"))
+    w_killed = load_file(str(tmp_path / "killed" / "model" / "model.safetensors"))
+    for k in w_one:
+        torch.testing.assert_close(w_killed[k], w_fsdp[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
 def test_an_fsdp2_checkpoint_resumes_to_the_weights_of_an_uninterrupted_run(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -54,6 +54,7 @@ def save_checkpoint(run_dir: Path, epoch: int, model: Any, tokenizer: Any, optim
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
+        state_dict = without_tied_copies(model, state_dict)
         model.save_pretrained(tmp, **({} if state_dict is None else {"state_dict": state_dict}))
         tokenizer.save_pretrained(tmp)
         if optimizer_state is not None:
@@ -77,6 +78,15 @@ def save_checkpoint(run_dir: Path, epoch: int, model: Any, tokenizer: Any, optim
         shutil.rmtree(final)
     os.replace(tmp, final)
     return final
+
+
+def without_tied_copies(model: Any, state_dict: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A gathered full state dict (FSDP, ZeRO-3) holds a tied weight twice, as separate tensors, which
+    ``save_pretrained`` would then write twice: keep only the weight it is tied to, as a plain save does."""
+    if state_dict is None:
+        return None
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    return {k: v for k, v in state_dict.items() if not (k in tied and tied[k] in state_dict)}
 
 
 def _torch_save(obj: Any, path: Path) -> None:

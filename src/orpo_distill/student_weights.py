@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from .checkpoints import without_tied_copies
 from .config import RunConfig
 from .layout import RunLayout
 from .models import load_model, require_4bit_support
@@ -66,6 +67,7 @@ def export_student(model: Any, tokenizer: Any, cfg: RunConfig, layout: RunLayout
         model.save_pretrained(tmp / "adapter")  # before the merge, which removes the adapter's layers
         model = _merged_from_4bit(cfg, tmp / "adapter") if lora.load_in_4bit else model.merge_and_unload()
         state_dict = None  # the gathered state is the adapter's; the merged model has its own
+    state_dict = without_tied_copies(model, state_dict)
     model.save_pretrained(tmp, **({} if state_dict is None else {"state_dict": state_dict}))
     tokenizer.save_pretrained(tmp)
     settings = training_settings(cfg)
