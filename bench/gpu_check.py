@@ -47,9 +47,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from orpo_distill import cli  # noqa: E402
-from orpo_distill.batching import collate_packed  # noqa: E402
-from orpo_distill.forward import pair_logps_packed  # noqa: E402
-from orpo_distill.losses import orpo_loss  # noqa: E402
+from orpo_distill.batching import batch_to, collate_packed  # noqa: E402
+from orpo_distill.forward import orpo_loss_of, pair_logps_packed  # noqa: E402
 from orpo_distill.models import load_tokenizer  # noqa: E402
 from orpo_distill.recipe import tokenize_rows  # noqa: E402
 from orpo_distill.training import micro_batches  # noqa: E402
@@ -130,12 +129,8 @@ def packed_batches(run_dir: Path, model_dir: Path, max_length: int) -> list[list
 
 
 def packed_loss(model: Any, batch: list[Any], pad_id: int, device: torch.device) -> Any:
-    tensors = collate_packed(batch, pad_id=pad_id, nll_on_prompt=False)
-    tensors = {k: v.to(device) if torch.is_tensor(v) else v for k, v in tensors.items()}
-    sums = pair_logps_packed(model, tensors)
-    return orpo_loss(sums["chosen_logp_sum"], sums["chosen_tokens"], sums["rejected_logp_sum"],
-                     sums["rejected_tokens"], sums["nll_sum"], sums["nll_count"], 0.1,
-                     has_rejected=sums["has_rejected"])
+    tensors = batch_to(collate_packed(batch, pad_id=pad_id, nll_on_prompt=False), device)
+    return orpo_loss_of(pair_logps_packed(model, tensors), 0.1)
 
 
 def train_step_speed(model_dir: Path, batches: list[list[Any]], device: torch.device, steps: int) -> dict[str, float]:
@@ -180,9 +175,8 @@ def fsdp2_training(run_dir: Path, fsdp_dir: Path) -> dict[str, Any]:
 
     shutil.rmtree(fsdp_dir, ignore_errors=True)
     shutil.copytree(run_dir, fsdp_dir, ignore=shutil.ignore_patterns("checkpoints", "model", "eval", "pairs"))
-    for stage in ("student",):  # keep only the initial samples; the refresh writes epoch_2 again
-        for extra in (fsdp_dir / stage).glob("epoch_[2-9]*.jsonl"):
-            extra.unlink()
+    for refreshed in (fsdp_dir / "student").glob("epoch_[2-9]*.jsonl"):  # the refresh writes these again
+        refreshed.unlink()
     (fsdp_dir / "metrics.jsonl").unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2",
            "--num_processes", "1", "--mixed_precision", "bf16", "-m", "orpo_distill.cli", "train",

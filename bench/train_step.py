@@ -74,13 +74,12 @@ from orpo_distill.batching import (
     group_pairs,
     tokenize_pair,
 )
-from orpo_distill.forward import pair_logps, pair_logps_packed
+from orpo_distill.forward import orpo_loss_of, pair_logps, pair_logps_packed
 from orpo_distill.config import RunConfig, load_config
 from orpo_distill.datasets import load_splits
 from orpo_distill.errors import UserError
 from orpo_distill.generators.base import Request
 from orpo_distill.generators.scripted import ScriptedTeacher
-from orpo_distill.losses import orpo_loss
 from orpo_distill.models import autocast, cpu_supports_bf16, load_model, load_tokenizer, render_prompt
 from orpo_distill.tasks import build_task
 from machine import cpu_line, positive_int  # bench/machine.py (bench/ is on sys.path when run as a script)
@@ -265,8 +264,7 @@ def tokenized_batches(tokenizer: Any, batches: list[list[PairText]], max_length:
 
 
 def _orpo(sums: dict[str, torch.Tensor], lambda_or: float) -> Any:
-    return orpo_loss(sums["chosen_logp_sum"], sums["chosen_tokens"], sums["rejected_logp_sum"],
-                     sums["rejected_tokens"], sums["nll_sum"], sums["nll_count"], lambda_or)
+    return orpo_loss_of(sums, lambda_or)
 
 
 def plain_arm(

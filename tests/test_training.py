@@ -191,14 +191,14 @@ def test_nan_loss_raises_before_the_step_and_leaves_weights_unchanged(
 
 def test_infinite_loss_is_refused_too(tiny_epoch: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     """The guard reads the loss itself: an inf loss from otherwise finite weights is refused."""
-    real = training.orpo_loss
+    real = training.orpo_loss_of
 
     def inf_loss(*args: Any, **kw: Any) -> Any:
         out = real(*args, **kw)
         out.or_loss = out.or_loss + float("inf")
         return out
 
-    monkeypatch.setattr(training, "orpo_loss", inf_loss)
+    monkeypatch.setattr(training, "orpo_loss_of", inf_loss)
     model = tiny_epoch["model"]
     before = _state(model)
     with pytest.raises(NonFiniteLossError, match="the loss is inf"):

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import UserError
+from .losses import OrpoOutput, orpo_loss
 from .logprobs import DEFAULT_CHUNK_SIZE, Head, target_logprobs, token_logprobs, token_logprobs_from_logits
 from .segmented_attention import segmented_attention
 
@@ -133,6 +134,13 @@ def pair_logps(model: nn.Module, batch: dict[str, Any], chunk_size: int = DEFAUL
         "nll_count": nll[:b].sum(-1),
         "has_rejected": batch["has_rejected"],
     }
+
+
+def orpo_loss_of(sums: dict[str, Tensor], lambda_or: float) -> OrpoOutput:
+    """:func:`losses.orpo_loss` on the sums :func:`pair_logps` or :func:`pair_logps_packed` returned."""
+    return orpo_loss(sums["chosen_logp_sum"], sums["chosen_tokens"], sums["rejected_logp_sum"],
+                     sums["rejected_tokens"], sums["nll_sum"], sums["nll_count"], lambda_or,
+                     has_rejected=sums.get("has_rejected"))
 
 
 def sft_logps(

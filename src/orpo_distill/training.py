@@ -29,11 +29,11 @@ from .batching import (
     collate_plain,
     collate_sft,
 )
-from .forward import pair_logps, pair_logps_packed, sft_logps
+from .forward import orpo_loss_of, pair_logps, pair_logps_packed, sft_logps
 from .config import LoraConfig, TrainConfig
 from .distributed import step_members, step_plan
 from .errors import NonFiniteLossError
-from .losses import ORPO_METRICS, orpo_loss, orpo_objective, sft_loss
+from .losses import ORPO_METRICS, orpo_objective, sft_loss
 from .models import autocast, cpu_supports_bf16
 
 
@@ -223,9 +223,7 @@ def _forward(model: Any, batch: list[Example], method: str, cfg: TrainConfig, pa
             tensors = collate_plain(pairs, pad_id=pad_id, nll_on_prompt=cfg.nll_on_prompt)
             tensors = {k: v.to(device) if torch.is_tensor(v) else v for k, v in tensors.items()}
             sums = pair_logps(model, tensors)
-        out = orpo_loss(sums["chosen_logp_sum"], sums["chosen_tokens"], sums["rejected_logp_sum"],
-                        sums["rejected_tokens"], sums["nll_sum"], sums["nll_count"], cfg.lambda_or,
-                        has_rejected=sums["has_rejected"])
+        out = orpo_loss_of(sums, cfg.lambda_or)
         if cfg.layout == "packed":
             ntok = sum(g.packed_length() for g in batch)
         else:

@@ -49,7 +49,7 @@ def nan_loss_from_epoch(first: int) -> None:
     from orpo_distill import recipe, training
 
     state = {"epoch": 0}
-    real_epoch, real_loss = recipe.train_epoch, training.orpo_loss
+    real_epoch, real_loss = recipe.train_epoch, training.orpo_loss_of
 
     def train_epoch(*args: Any, **kwargs: Any) -> Any:
         state["epoch"] = inspect.signature(real_epoch).bind(*args, **kwargs).arguments["epoch"]
@@ -61,7 +61,7 @@ def nan_loss_from_epoch(first: int) -> None:
             out.or_loss = out.or_loss + float("nan")
         return out
 
-    recipe.train_epoch, training.orpo_loss = train_epoch, orpo_loss
+    recipe.train_epoch, training.orpo_loss_of = train_epoch, orpo_loss
 
 
 def main() -> int:
