@@ -1,0 +1,69 @@
+"""allocator.keep_freed_memory: a freed large buffer is reused without page faults, and the opt-outs hold.
+
+The setting is process-wide, so each case runs in a fresh interpreter. Page faults are counted
+(getrusage's minor faults), not timed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from orpo_distill.allocator import keep_freed_memory, _glibc
+
+CHILD = r"""
+import json, resource, torch
+from orpo_distill.allocator import keep_freed_memory
+done = keep_freed_memory()
+torch.manual_seed(0); torch.set_num_threads(1)
+# a training step with buffers over glibc's largest mmap threshold (32 MiB): [n, 49152] fp32 logits
+m = torch.nn.Sequential(torch.nn.Embedding(49152, 64), torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 49152))
+opt = torch.optim.AdamW(m.parameters())
+faults = []
+for step in range(8):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    ids = torch.randint(0, 49152, (300 + 37 * (step % 3),))
+    torch.nn.functional.cross_entropy(m(ids), ids).backward()
+    opt.step(); opt.zero_grad(set_to_none=True)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"done": done, "faults": faults}))
+"""
+
+glibc_only = pytest.mark.skipif(_glibc() is None, reason="glibc's mallopt only")
+
+
+def _run(**env: str) -> dict:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "ORPO_DISTILL_MALLOC")}
+    out = subprocess.run([sys.executable, "-c", CHILD], env={**clean, **env}, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@glibc_only
+def test_training_steps_reuse_the_last_steps_pages_instead_of_faulting_them_in_again():
+    kept, system = _run(), _run(ORPO_DISTILL_MALLOC="system")
+    assert kept["done"].startswith("kept in the process")
+    assert system["done"] == "glibc defaults (ORPO_DISTILL_MALLOC=system)"
+    # glibc's default re-faults every >32 MiB buffer each step; kept, the later steps reuse the pages
+    assert sum(system["faults"][-2:]) > 2 * 10_000
+    assert sum(kept["faults"][-2:]) < sum(system["faults"][-2:]) / 10
+
+
+def test_explicit_malloc_settings_and_other_allocators_are_left_alone():
+    assert keep_freed_memory({"MALLOC_MMAP_MAX_": "65536"}).startswith("left to the MALLOC_*")
+    assert keep_freed_memory({"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}).startswith(
+        "left to the allocator in LD_PRELOAD")
+    assert keep_freed_memory({"ORPO_DISTILL_MALLOC": "SYSTEM"}).startswith("glibc defaults")
+
+
+def test_the_cli_applies_it(monkeypatch):
+    import orpo_distill.cli as cli
+
+    called = []
+    monkeypatch.setattr(cli, "keep_freed_memory", lambda: called.append(True) or "kept")
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert called == [True]
