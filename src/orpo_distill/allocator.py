@@ -3,9 +3,8 @@
 A training step allocates and frees the same large buffers every step: the autocast copies of the
 weights, the gradients, the head's logit chunks, attention's workspaces. glibc serves every request
 over 32 MiB with a fresh ``mmap`` and returns it with ``munmap`` when it is freed, so each step
-page-faults all of that memory in again and the kernel zeroes it page by page. On a virtual machine
-whose host backs guest memory lazily this is far worse: touching 1 GiB of memory the guest had given
-back took 20 s on the 2-core development VM, against 0.3 s for memory the process already held.
+page-faults all of that memory in again and the kernel zeroes it page by page (on a virtual machine
+whose host backs guest memory lazily, far worse: docs/benchmarks.md, "Where freed memory goes").
 ``keep_freed_memory`` asks glibc (``mallopt``) to serve large requests from its heap and to keep up to
 2 GiB of freed memory at the heap's top, so from the second step on a step reuses the pages of the one
 before. The numerics are untouched (``bench/allocator.py`` measures both settings side by side).
