@@ -233,3 +233,18 @@ def test_optimizer_step_bench_times_every_kind() -> None:
             if line.startswith("| ") and "---" not in line][1:]
     assert [r[0] for r in rows] == ["fused", "foreach (torch's CPU default)", "for-loop"]
     assert all(float(r[1]) > 0 for r in rows) and rows[1][2] == "1.00x"
+
+
+def test_allocator_bench_runs_both_arms_in_fresh_processes_with_identical_losses(tiny_model_dir: Path) -> None:
+    """bench/allocator.py: one row per malloc setting, each child saying which setting it ran under, the
+    same step losses in both (the allocator moves tensors, it computes nothing), exit 0."""
+    cmd = [sys.executable, str(ROOT / "bench" / "allocator.py"), "--quick", "--markdown", "--model", str(tiny_model_dir)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    rows = {r["malloc"]: r for r in table_rows(out)}
+    assert set(rows) == {"glibc default", "kept in the process (default)"}
+    assert rows["glibc default"]["vs glibc default"] == "1.00x"
+    assert all(float(r["s/step (median)"]) > 0 and float(r["peak RSS MiB"]) > 0 for r in rows.values())
+    assert "step losses identical in both arms: yes" in out
+    assert "glibc default: glibc defaults (ORPO_DISTILL_MALLOC=system)" in out
