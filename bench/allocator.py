@@ -1,7 +1,7 @@
 """The training step under glibc's default malloc against ``allocator.keep_freed_memory`` (issue 16).
 
-Why: glibc returns every freed block over 32 MiB to the kernel (``munmap``) and maps it again on the
-next request, so each step page-faults and zeroes its large buffers (autocast's weight copies,
+Why: glibc returns every freed block above its mmap threshold (128 KiB, rising with what is freed to
+at most 32 MiB) to the kernel (``munmap``) and maps it again on the next request, so each step page-faults and zeroes its large buffers (autocast's weight copies,
 gradients, the head's logit chunks) again. ``orpo-distill`` keeps freed memory in the process
 (``allocator.py``); this bench measures what that is worth and what it costs.
 
@@ -9,7 +9,7 @@ Method: the setting is process-wide, so each arm is a fresh child process (``--c
 same steps: ``bench/train_step.py``'s workload (the demo's pairs, K = 4, ``--batch-size`` pairs a step,
 packed layout, bf16 autocast where the CPU has bf16 units) and a whole optimizer step (forward, loss,
 backward, gradient clipping, fused AdamW, zero_grad). Per step: wall time and minor page faults
-(getrusage); per child: peak RSS (ru_maxrss) and the step losses, which must be identical in both arms.
+(getrusage); per child: peak RSS (ru_maxrss) and the step losses, which must be identical in every child.
 The arms alternate for ``--repeats`` rounds; the table gives medians over the steps after the first
 ``--warmup`` of every round.
 
@@ -116,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      max(run["peak_mb"] for run in runs), runs[0]["setting"]))
     base = rows[0][1]
     losses = {name: runs[0]["losses"] for name, runs in results.items()}
-    same = len({tuple(v) for v in losses.values()}) == 1
+    same = len({tuple(run["losses"]) for runs in results.values() for run in runs}) == 1  # every child
     bf16 = "active" if cpu_supports_bf16() else "inactive (no bf16 units)"
     lines = [cpu_line(), f"command: python bench/allocator.py {' '.join(argv)}".rstrip(),
              f"torch {torch.__version__}; bf16 autocast {bf16}; {args.batch_size} pairs a step, {args.steps} steps a child "
