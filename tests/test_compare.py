@@ -97,7 +97,8 @@ def test_variants_change_only_training_fields_so_the_shared_traces_stay_valid(ti
 
 
 @pytest.mark.parametrize("bad", ["orpo-offf", "orpo-mixed@1.5", "orpo-mixed@x", "sft-single@0.2", "orpo-mixed+beta=1",
-                                 "orpo-mixed+lambda", "orpo-mixed+lambda=-1", "sft-diverse+lr=0", "orpo-on+lr=nan"])
+                                 "orpo-mixed+lambda", "orpo-mixed+lambda=-1", "sft-diverse+lr=0", "orpo-on+lr=nan",
+                                 "orpo-mixed+rows=0", "orpo-mixed+rows=1.5"])
 def test_bad_variant_names_are_user_errors(bad: str) -> None:
     with pytest.raises(UserError, match="variant"):
         parse_variants([f"sft-single,{bad}"])
@@ -122,6 +123,17 @@ def test_lambda_and_lr_modifiers_change_one_knob_and_pair_with_their_arm(tiny_co
     assert ("orpo-mixed", "sft-diverse") in pairs and ("orpo-off", "sft-diverse") in pairs
     assert ("orpo-mixed+lambda=0", "orpo-off") not in pairs  # the ablation is not another policy arm
     assert ("orpo-mixed@0.25", "orpo-mixed") in compare.comparison_pairs(["orpo-mixed", "orpo-mixed@0.25"])
+
+
+def test_rows_modifier_gives_one_pair_a_row_and_pairs_with_the_grouped_arm(tiny_config: Any, tmp_path: Path) -> None:
+    """``+rows=1``: SFT's batching with ORPO's rows (train.pairs_per_row), compared with the same arm grouped."""
+    assert variant_overrides("orpo-mixed+lambda=0+rows=1") == {**variant_overrides("orpo-mixed+lambda=0"),
+                                                               "train.pairs_per_row": 1}
+    cfg = variant_config(tiny_config(), tmp_path / "cmp", "orpo-mixed+lambda=0+rows=1", 0)
+    assert cfg.train.pairs_per_row == 1 and cfg.train.lambda_or == 0.0
+    pairs = compare.comparison_pairs(["sft-diverse", "orpo-mixed+lambda=0", "orpo-mixed+lambda=0+rows=1"])
+    assert ("orpo-mixed+lambda=0", "orpo-mixed+lambda=0+rows=1") in pairs
+    assert ("orpo-mixed+lambda=0+rows=1", "sft-diverse") in pairs
 
 
 def test_a_folder_refuses_another_configuration_but_grows_with_new_variants(tiny_config: Any, tmp_path: Path) -> None:

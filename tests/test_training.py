@@ -333,3 +333,36 @@ def test_the_optimizer_is_torchs_fused_adamw_where_it_applies_and_steps_as_the_d
             opt.step()
     for pa, pb in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:.*does not reproduce the model's logits")
+def test_one_pair_a_row_at_lambda_0_trains_exactly_as_sft_on_the_chosen_sides(tiny_epoch: dict[str, Any]) -> None:
+    """train.pairs_per_row: 1 (the control for ORPO's batching): with two pairs a question, every pair gets
+    its own row, so an epoch of ORPO at lambda 0 takes the same micro-batches as SFT over the chosen
+    sides in the same order, and the same steps (fp32, 1e-5). Grouped (the default), the same rows
+    make half as many examples and other steps."""
+    from orpo_distill.recipe import tokenize_rows
+
+    d = tiny_epoch["run"].distiller()
+    rows = []
+    for r in d.epoch_data(1).rows[:2]:  # two questions, two pairs each
+        rows += [r, {**r, "chosen": r["rejected"], "rejected": r["chosen"]}]
+    grouped = tokenize_rows(d.tokenizer, rows, 128)
+    ungrouped = tokenize_rows(d.tokenizer, rows, 128, pairs_per_row=1)
+    assert [len(g.pairs) for g in grouped] == [2, 2] and [len(g.pairs) for g in ungrouped] == [1, 1, 1, 1]
+    assert [g.pairs[0] for g in ungrouped] == [p for g in grouped for p in g.pairs]  # row order kept
+    sft_rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]
+    sft_examples = tokenize_rows(d.tokenizer, sft_rows, 128)
+    assert [e.target_ids for e in sft_examples] == [g.pairs[0][0] for g in ungrouped]
+
+    fp32 = {"precision": "fp32", "lr": 1e-2, "warmup_ratio": 0.0, "batch_size": 2}
+    base = tiny_epoch["model"]
+    orpo = _train(copy.deepcopy(base), ungrouped, _cfg(lambda_or=0.0, pairs_per_row=1, **fp32), tiny_epoch["pad"])
+    sft = _train(copy.deepcopy(base), sft_examples, _cfg(method="sft", **fp32), tiny_epoch["pad"])
+    assert len(orpo) == len(sft) == 2
+    for o, s in zip(orpo, sft):
+        for k in ("loss", "nll", "grad_norm"):
+            assert o[k] == pytest.approx(s[k], abs=1e-5, rel=1e-5), (o["step"], k)
+    assert orpo[0]["or_loss"] > 0  # the odds-ratio term was computed, only weighted 0
+    grouped_run = _train(copy.deepcopy(base), grouped, _cfg(lambda_or=0.0, **{**fp32, "batch_size": 2}), tiny_epoch["pad"])
+    assert grouped_run[0]["nll"] != pytest.approx(sft[0]["nll"], rel=1e-6)  # a question's two pairs, not two questions

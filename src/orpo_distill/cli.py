@@ -212,8 +212,9 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
     _add_common(p)
     p.add_argument("--variants", action="append", default=[], metavar="A,B,...",
                    help="variants to compare (default: sft-single, sft-diverse, orpo-teacher-neg, orpo-off, orpo-on, "
-                        "orpo-mixed); orpo-mixed@PHI sets phi, e.g. orpo-mixed@0.25; VARIANT+lambda=X or +lr=X changes one "
-                        "knob, e.g. orpo-mixed+lambda=0 (the odds-ratio term off)")
+                        "orpo-mixed); orpo-mixed@PHI sets phi, e.g. orpo-mixed@0.25; VARIANT+lambda=X, +lr=X or +rows=N "
+                        "changes one knob, e.g. orpo-mixed+lambda=0 (the odds-ratio term off), +rows=1 (every pair its "
+                        "own row, SFT's batching)")
     p.add_argument("--seeds", type=int, default=None, help="seeds per variant (default 3; 1 with --quick)")
     p.add_argument("--quick", action="store_true",
                    help="the small size: at most 64 training and 100 held-out questions, 2 epochs, 1 seed")

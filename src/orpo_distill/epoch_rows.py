@@ -123,9 +123,12 @@ def examples_upper_bound(teacher: Mapping[str, Sequence[Trace]], qids: Sequence[
 
 def largest_group(teacher: Mapping[str, Sequence[Trace]], qids: Sequence[str], train: TrainConfig,
                   pairs: PairsConfig) -> int:
-    """The most pairs one question can bring to a micro-batch (a question's pairs stay together)."""
+    """The most pairs one question can bring to a micro-batch (a question's pairs stay together, at most
+    ``train.pairs_per_row`` of them in one row)."""
     if train.method != "orpo":
         return 1
     if pairs.pairing == "every_positive":
-        return max((len(positives(teacher[q])) for q in qids), default=1)
-    return pairs.pairs_per_question
+        most = max((len(positives(teacher[q])) for q in qids), default=1)
+    else:
+        most = pairs.pairs_per_question
+    return min(most, train.pairs_per_row) if train.pairs_per_row else most

@@ -67,8 +67,10 @@ def refreshes(cfg: RunConfig) -> bool:
     return uses_student_negatives(cfg) and cfg.train.epochs > 1 and cfg.train.policy != "off"
 
 
-def tokenize_rows(tokenizer: Any, rows: Sequence[dict[str, Any]], max_length: int) -> list[Any]:
-    """Token ids of an epoch's rows: SFT examples, or one pair group per question for ORPO."""
+def tokenize_rows(tokenizer: Any, rows: Sequence[dict[str, Any]], max_length: int,
+                  pairs_per_row: int | None = None) -> list[Any]:
+    """Token ids of an epoch's rows: SFT examples, or for ORPO pair groups, one per question (at most
+    ``pairs_per_row`` pairs each; more groups for a question with more pairs)."""
     sft: list[Any] = []
     pairs = []
     for row in rows:
@@ -79,7 +81,7 @@ def tokenize_rows(tokenizer: Any, rows: Sequence[dict[str, Any]], max_length: in
         else:
             rejected = row["rejected"][0]["content"] if row.get("rejected") else None  # None: NLL-only
             pairs.append(tokenize_pair(tokenizer, prompt_text, row["chosen"][0]["content"], rejected, max_length))
-    return sft if sft else group_pairs(pairs)
+    return sft if sft else group_pairs(pairs, max_pairs=pairs_per_row)
 
 
 class Distiller:
@@ -118,7 +120,7 @@ class Distiller:
                           self.tcfg, self.cfg.pairs, self.cfg.seed, epoch)
 
     def tokenize(self, rows: list[dict[str, Any]]) -> list[Any]:
-        return tokenize_rows(self.tokenizer, rows, self.tcfg.max_length)
+        return tokenize_rows(self.tokenizer, rows, self.tcfg.max_length, self.tcfg.pairs_per_row)
 
     def write_pairs(self, epoch: int, data: EpochData) -> Path:
         """``pairs/epoch_E.jsonl``, and a ``pairs`` event with what the epoch trains on: rows, the

@@ -38,8 +38,9 @@ QUICK_SEEDS = 1
 
 # ``VARIANT+lambda=X`` and ``VARIANT+lr=X`` change one training knob of any variant: the ablations
 # (``orpo-mixed+lambda=0`` trains on the same rows with the odds-ratio term off) and an equal
-# learning-rate sweep for every arm.
-MODIFIERS = {"lambda": "train.lambda", "lr": "train.lr"}
+# learning-rate sweep for every arm. ``+rows=N`` caps a question's pairs in one packed row
+# (``train.pairs_per_row``): ``orpo-mixed+lambda=0+rows=1`` is SFT's batching with ORPO's rows.
+MODIFIERS = {"lambda": "train.lambda", "lr": "train.lr", "rows": "train.pairs_per_row"}
 
 
 def variant_overrides(name: str) -> dict[str, Any]:
@@ -56,7 +57,11 @@ def variant_overrides(name: str) -> dict[str, Any]:
             number = float(value)
         except ValueError:
             number = math.nan
-        if not math.isfinite(number) or number < 0 or (key == "lr" and number == 0):
+        if key == "rows":
+            if not (number >= 1 and number == int(number)):
+                raise UserError(f"variant {name!r}: rows must be a whole number of at least 1, got {value!r}")
+            number = int(number)
+        elif not math.isfinite(number) or number < 0 or (key == "lr" and number == 0):
             raise UserError(f"variant {name!r}: {key} must be a {'positive' if key == 'lr' else 'non-negative'} "
                             f"number, got {value!r}")
         out[MODIFIERS[key]] = number
@@ -76,7 +81,7 @@ def _base_overrides(head: str, name: str) -> dict[str, Any]:
             raise UserError(f"variant {name!r}: phi after '@' must be a number between 0 and 1")
         return {**VARIANTS["orpo-mixed"], "train.phi": phi}
     raise UserError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}, or orpo-mixed@PHI (e.g. orpo-mixed@0.25), "
-                    f"each optionally followed by +lambda=X or +lr=X")
+                    f"each optionally followed by +lambda=X, +lr=X or +rows=N")
 
 
 def parse_variants(specs: Iterable[str] | None) -> list[str]:
@@ -112,6 +117,10 @@ def comparison_pairs(variants: Sequence[str]) -> list[tuple[str, str]]:
         head = v.split("+")[0]
         if head in variants:
             pairs.append((head, v))
+    for v in (v for v in variants if "+rows=" in v):  # ORPO's batching against one pair a row, same rows
+        grouped = "+".join(m for m in v.split("+") if not m.startswith("rows="))
+        if grouped in variants and (grouped, v) not in pairs:
+            pairs.append((grouped, v))
     pairs += [(v, "base") for v in variants]
     return pairs
 

@@ -208,6 +208,10 @@ class TrainConfig(Strict):
         "packed", description="packed: one row per question, prompt shared by its pairs; plain: TRL's layout"
     )
     max_length: int = Field(1024, ge=8, description="prompt + response tokens; longer pairs are truncated")
+    pairs_per_row: int | None = Field(
+        None, ge=1, description="at most this many of a question's pairs in one packed row (None: all of them, "
+        "the prompt held once; 1: every pair its own row, shuffled across questions as SFT's examples are)",
+    )
     lora: LoraConfig = LoraConfig()
     log_every: int = Field(1, ge=1, description="log a metrics line every N optimizer steps")
     seed: int = Field(0, description="seed of the data order")
