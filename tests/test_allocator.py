@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from orpo_distill.allocator import keep_freed_memory, _glibc
 
@@ -59,11 +60,15 @@ def test_explicit_malloc_settings_and_other_allocators_are_left_alone():
     assert keep_freed_memory({"ORPO_DISTILL_MALLOC": "SYSTEM"}).startswith("glibc defaults")
 
 
-def test_the_cli_applies_it(monkeypatch):
-    import orpo_distill.cli as cli
+def test_a_model_loaded_on_the_cpu_applies_it_and_one_on_another_device_does_not(monkeypatch, tiny_model_dir):
+    """A model the CPU computes with (training or sampling on the CPU) turns it on; GPU runs keep glibc's
+    default (their large buffers live in the GPU's own caching allocator; host RSS stays as it was)."""
+    from orpo_distill import models
 
     called = []
-    monkeypatch.setattr(cli, "keep_freed_memory", lambda: called.append(True) or "kept")
-    with pytest.raises(SystemExit):
-        cli.main(["--help"])
+    monkeypatch.setattr(models, "keep_freed_memory", lambda: called.append(True) or "kept")
+    models.load_model(str(tiny_model_dir), dtype="float32", device="cpu")
+    assert called == [True]
+    monkeypatch.setattr(models, "pick_device", lambda device: torch.device("meta"))
+    models.load_model(str(tiny_model_dir), dtype="float32", device="cuda")
     assert called == [True]

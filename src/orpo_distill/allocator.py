@@ -7,7 +7,8 @@ page-faults all of that memory in again and the kernel zeroes it page by page (o
 whose host backs guest memory lazily, far worse: docs/benchmarks.md, "Where freed memory goes").
 ``keep_freed_memory`` asks glibc (``mallopt``) to serve large requests from its heap and to keep up to
 2 GiB of freed memory at the heap's top, so from the second step on a step reuses the pages of the one
-before. The numerics are untouched (``bench/allocator.py`` measures both settings side by side).
+before. ``models.load_model`` calls it for a model placed on the CPU (training or sampling there); a
+process that computes on a GPU keeps glibc's defaults. The numerics are untouched (``bench/allocator.py`` measures both settings side by side).
 
 The cost: the process's RSS stays at its peak rather than falling between phases. Set
 ``ORPO_DISTILL_MALLOC=system`` to keep glibc's defaults; explicit ``MALLOC_MMAP_MAX_`` /

@@ -12,7 +12,6 @@ import os
 import sys
 from typing import Any, Callable, Sequence
 
-from .allocator import keep_freed_memory
 from .errors import UserError, storage_error, storage_message
 
 
@@ -322,7 +321,6 @@ def _quiet_libraries() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    keep_freed_memory()  # a step reuses the last step's pages instead of faulting them in again
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     try:

@@ -19,6 +19,7 @@ from typing import Any, ContextManager, Sequence
 
 import torch
 
+from .allocator import keep_freed_memory
 from .errors import UserError
 from .generators.base import Message, render_plain
 
@@ -147,6 +148,8 @@ def load_model(name: str, dtype: str = "auto", trust_remote_code: bool = False, 
         torch_dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     model = _from_pretrained(AutoModelForCausalLM, name, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     dev = pick_device(device)
+    if dev.type == "cpu":  # the CPU computes with it: reuse freed pages instead of faulting them in (allocator.py)
+        keep_freed_memory()
     return model.to(dev)
 
 
