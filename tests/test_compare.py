@@ -98,7 +98,8 @@ def test_variants_change_only_training_fields_so_the_shared_traces_stay_valid(ti
 
 @pytest.mark.parametrize("bad", ["orpo-offf", "orpo-mixed@1.5", "orpo-mixed@x", "sft-single@0.2", "orpo-mixed+beta=1",
                                  "orpo-mixed+lambda", "orpo-mixed+lambda=-1", "sft-diverse+lr=0", "orpo-on+lr=nan",
-                                 "orpo-mixed+rows=0", "orpo-mixed+rows=1.5"])
+                                 "orpo-mixed+rows=0", "orpo-mixed+rows=1.5",
+                                 "orpo-mixed+rows=inf", "orpo-mixed+rows=x"])
 def test_bad_variant_names_are_user_errors(bad: str) -> None:
     with pytest.raises(UserError, match="variant"):
         parse_variants([f"sft-single,{bad}"])
@@ -134,6 +135,8 @@ def test_rows_modifier_gives_one_pair_a_row_and_pairs_with_the_grouped_arm(tiny_
     pairs = compare.comparison_pairs(["sft-diverse", "orpo-mixed+lambda=0", "orpo-mixed+lambda=0+rows=1"])
     assert ("orpo-mixed+lambda=0", "orpo-mixed+lambda=0+rows=1") in pairs
     assert ("orpo-mixed+lambda=0+rows=1", "sft-diverse") in pairs
+    assert ("orpo-mixed", "orpo-mixed+lambda=0+rows=1") not in compare.comparison_pairs(
+        ["orpo-mixed", "orpo-mixed+lambda=0", "orpo-mixed+lambda=0+rows=1"])  # two knobs apart: not a control
 
 
 def test_a_folder_refuses_another_configuration_but_grows_with_new_variants(tiny_config: Any, tmp_path: Path) -> None:

@@ -58,7 +58,7 @@ def variant_overrides(name: str) -> dict[str, Any]:
         except ValueError:
             number = math.nan
         if key == "rows":
-            if not (number >= 1 and number == int(number)):
+            if not (math.isfinite(number) and number >= 1 and number == int(number)):
                 raise UserError(f"variant {name!r}: rows must be a whole number of at least 1, got {value!r}")
             number = int(number)
         elif not math.isfinite(number) or number < 0 or (key == "lr" and number == 0):
@@ -113,7 +113,7 @@ def comparison_pairs(variants: Sequence[str]) -> list[tuple[str, str]]:
     for v in (v for v in variants if v.startswith("orpo-mixed@")):  # another phi against the configured one
         if "orpo-mixed" in variants:
             pairs.append((v, "orpo-mixed"))
-    for v in (v for v in variants if "+lambda=" in v):  # the odds-ratio term's own effect, same rows
+    for v in (v for v in variants if "+lambda=" in v and "+rows=" not in v):  # the odds-ratio term's own effect, same rows
         head = v.split("+")[0]
         if head in variants:
             pairs.append((head, v))
