@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import torch
 
 from machine import cpu_line, positive_int  # bench/ is on sys.path when run as a script
-from orpo_distill.allocator import OPT_OUT, keep_freed_memory
+from orpo_distill.allocator import OPT_OUT, keep_freed_memory, without_malloc_settings
 from orpo_distill.batching import collate_packed, group_pairs
 from orpo_distill.forward import pair_logps_packed
 from orpo_distill.models import autocast, cpu_supports_bf16, load_model, load_tokenizer
@@ -69,8 +69,7 @@ def child(args: argparse.Namespace) -> None:
 
 
 def run_child(argv: Sequence[str], env: dict[str, str]) -> dict[str, Any]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != OPT_OUT}
-    out = subprocess.run([sys.executable, __file__, "--child", *argv], env={**clean, **env},
+    out = subprocess.run([sys.executable, __file__, "--child", *argv], env={**without_malloc_settings(os.environ), **env},
                          capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"child failed ({out.returncode}):\n{out.stderr[-3000:]}")

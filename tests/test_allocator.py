@@ -1,4 +1,4 @@
-"""allocator.keep_freed_memory: a freed large buffer is reused without page faults, and the opt-outs hold.
+"""allocator.keep_freed_memory: training steps reuse freed large buffers without page faults; the opt-outs hold.
 
 The setting is process-wide, so each case runs in a fresh interpreter. Page faults are counted
 (getrusage's minor faults), not timed.
@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from orpo_distill.allocator import keep_freed_memory, _glibc
+from orpo_distill.allocator import _glibc, keep_freed_memory, without_malloc_settings
 
 CHILD = r"""
 import json, resource, torch
@@ -38,8 +38,8 @@ glibc_only = pytest.mark.skipif(_glibc() is None, reason="glibc's mallopt only")
 
 
 def _run(**env: str) -> dict:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "ORPO_DISTILL_MALLOC")}
-    out = subprocess.run([sys.executable, "-c", CHILD], env={**clean, **env}, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", CHILD], env={**without_malloc_settings(os.environ), **env},
+                         capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -58,6 +58,11 @@ def test_explicit_malloc_settings_and_other_allocators_are_left_alone():
     assert keep_freed_memory({"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}).startswith(
         "left to the allocator in LD_PRELOAD")
     assert keep_freed_memory({"ORPO_DISTILL_MALLOC": "SYSTEM"}).startswith("glibc defaults")
+    # a child process that must decide for itself gets none of them
+    env = {"MALLOC_MMAP_MAX_": "1", "GLIBC_TUNABLES": "x", "ORPO_DISTILL_MALLOC": "system", "PATH": "/bin",
+           "LD_PRELOAD": "libtcmalloc.so"}
+    assert without_malloc_settings(env) == {"PATH": "/bin"}
+    assert without_malloc_settings({"LD_PRELOAD": "libfoo.so"}) == {"LD_PRELOAD": "libfoo.so"}
 
 
 def test_a_model_loaded_on_the_cpu_applies_it_and_one_on_another_device_does_not(monkeypatch, tiny_model_dir):

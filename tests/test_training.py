@@ -364,5 +364,5 @@ def test_one_pair_a_row_at_lambda_0_trains_exactly_as_sft_on_the_chosen_sides(ti
         for k in ("loss", "nll", "grad_norm"):
             assert o[k] == pytest.approx(s[k], abs=1e-5, rel=1e-5), (o["step"], k)
     assert orpo[0]["or_loss"] > 0  # the odds-ratio term was computed, only weighted 0
-    grouped_run = _train(copy.deepcopy(base), grouped, _cfg(lambda_or=0.0, **{**fp32, "batch_size": 2}), tiny_epoch["pad"])
+    grouped_run = _train(copy.deepcopy(base), grouped, _cfg(lambda_or=0.0, **fp32), tiny_epoch["pad"])
     assert grouped_run[0]["nll"] != pytest.approx(sft[0]["nll"], rel=1e-6)  # a question's two pairs, not two questions

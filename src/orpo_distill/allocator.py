@@ -31,6 +31,14 @@ GLIBC_SETTINGS = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THR
 OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
 
 
+def without_malloc_settings(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` without what :func:`keep_freed_memory` defers to (``MALLOC_*``, ``GLIBC_TUNABLES``, another
+    allocator in ``LD_PRELOAD``, the opt-out): for a child process that must decide for itself."""
+    return {k: v for k, v in env.items()
+            if not (k in GLIBC_SETTINGS or k.startswith("MALLOC_") or k == OPT_OUT
+                    or (k == "LD_PRELOAD" and any(name in v for name in OTHER_ALLOCATORS)))}
+
+
 def _glibc() -> ctypes.CDLL | None:
     if not sys.platform.startswith("linux"):
         return None
