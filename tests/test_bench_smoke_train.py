@@ -239,7 +239,7 @@ def test_allocator_bench_runs_both_arms_in_fresh_processes_with_identical_losses
     """bench/allocator.py: one row per malloc setting, each child saying which setting it ran under, the
     same step losses in both (the allocator moves tensors, it computes nothing), exit 0."""
     cmd = [sys.executable, str(ROOT / "bench" / "allocator.py"), "--quick", "--markdown", "--model", str(tiny_model_dir)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)  # two fresh processes
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     rows = {r["malloc"]: r for r in table_rows(out)}
