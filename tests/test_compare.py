@@ -262,7 +262,10 @@ def test_comparison_generates_shared_traces_once_and_reuses_them(tiny_config: An
             assert (d / "teacher" / "traces.jsonl").read_bytes() == teacher
             assert (d / "eval" / "eval_epoch_0.jsonl").read_bytes() == \
                 (shared_dir(out, 0) / "eval" / "eval_epoch_0.jsonl").read_bytes()
-            assert not (d / "checkpoints").exists() and (d / "model" / "config.json").is_file()
+            # finished: no checkpoints, and the weights replaced by a note (the settings stay)
+            assert not (d / "checkpoints").exists() and not (d / "model" / "config.json").exists()
+            assert "model.safetensors" in json.loads((d / "model" / "removed.json").read_text())["files"]
+            assert sorted(p.name for p in (d / "model").iterdir()) == ["removed.json", "training_settings.json"]
             events = [e["event"] for e in read_metrics(d / "metrics.jsonl")]
             assert "sampling" not in events or v == "orpo-mixed"  # only the refresh samples in a variant dir
     assert (run_dir(out, "orpo-mixed", 1) / "student" / "epoch_1.jsonl").read_bytes() == student[1]
@@ -316,6 +319,50 @@ def test_incomplete_shared_traces_stop_the_comparison(tiny_config: Any, tmp_path
     assert not run_dir(tmp_path / "cmp", "sft-single", 0).exists()
 
 
+def test_an_archive_holds_no_weights_tabulates_the_same_and_resumes_only_what_did_not_finish(
+        tiny_config: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """``compare --archive DIR``: plan, shared runs and finished runs without weights; the table read
+    from it is the table of the folder; `compare --out DIR` on it trains only the runs not finished."""
+    base = tiny_config(**FAST)
+    config = write_config(base, tmp_path / "cmp.yaml")
+    out, arch = tmp_path / "cmp", tmp_path / "archive"
+    assert cli.main(["compare", str(config), "--variants", "sft-single,orpo-off", "--seeds", "1", "--out", str(out),
+                     "--no-progress", "--keep-models"]) == 0
+    assert (run_dir(out, "sft-single", 0) / "model" / "config.json").is_file()  # kept on request
+    open_plan(out, base, ["orpo-mixed"], [0])  # planned, not run: not finished
+    capsys.readouterr()
+
+    assert cli.main(["compare", str(config), "--out", str(out), "--archive", str(arch)]) == 0
+    said = capsys.readouterr().out
+    assert "archived 2 finished runs" in said and "left out, not finished: orpo-mixed/seed_0" in said
+    files = {p.relative_to(arch).as_posix() for p in arch.rglob("*") if p.is_file()}
+    assert not any(f.endswith(".safetensors") or "/checkpoints/" in f for f in files)
+    assert not any(f.startswith("orpo-mixed/") for f in files)
+    assert {"plan.json", "shared/seed_0/teacher/traces.jsonl", "shared/seed_0/student/epoch_1.jsonl",
+            "shared/seed_0/eval/summary.json", "sft-single/seed_0/metrics.jsonl", "sft-single/seed_0/eval/summary.json",
+            "sft-single/seed_0/model/removed.json", "sft-single/seed_0/model/training_settings.json"} <= files
+    note = json.loads((arch / "sft-single/seed_0/model/removed.json").read_text())
+    assert "model.safetensors" in note["files"] and str(run_dir(out, "sft-single", 0)) in note["why"]
+    assert (run_dir(out, "sft-single", 0) / "model" / "config.json").is_file()  # the source is left as it was
+    # the same table from the archive as from the folder
+    assert {**aggregate(load_plan(arch)), "dir": None} == {**aggregate(load_plan(out)), "dir": None}
+    # a finished run without its weights refuses to train again (it would overwrite what was counted)
+    with pytest.raises(UserError, match="removed its weights"):
+        pipeline.Run(variant_config(base, arch, "sft-single", 0), progress=False).train()
+
+    calls = Calls(monkeypatch)  # resumed from the archive: only orpo-mixed trains, on the archived samples
+    before = {p: p.read_bytes() for p in arch.glob("*/seed_0/metrics.jsonl")}
+    result = run_comparison(base, ["orpo-mixed"], [0], arch, progress=False, log=lambda _: None)
+    assert result["missing"] == [] and set(result["variants"]) == {"sft-single", "orpo-off", "orpo-mixed"}
+    assert {p: p.read_bytes() for p in before} == before
+    assert calls.requests["teacher"] == 0 and calls.requests["hf:student@epoch_0"] == 0  # shared work reused
+    # orpo-mixed's refresh (round(0.5 * 4) questions) and its final evaluation, nothing else
+    assert dict(calls.requests) == {"hf:student@epoch_1": 2, "hf:student@epoch_2": 4}
+    # a folder that holds other files and is not an archive is refused
+    assert cli.main(["compare", str(config), "--out", str(out), "--archive", str(tmp_path)]) == 2
+    assert "no plan.json" in capsys.readouterr().err
+
+
 # ---- kill and resume ------------------------------------------------------------------------------------
 
 
@@ -332,7 +379,8 @@ def test_a_run_killed_before_its_model_export_is_completed_without_training(tiny
     trained = [e for e in read_metrics(d / "metrics.jsonl") if e["event"] in ("train", "epoch")]
 
     run_comparison(cfg, ["sft-single"], [0], out, progress=False, log=lambda _: None)
-    assert (d / "model" / "config.json").is_file()
+    # exported from the checkpoint, then removed as every finished run's weights are (the note lists them)
+    assert "model.safetensors" in json.loads((d / "model" / "removed.json").read_text())["files"]
     assert [e for e in read_metrics(d / "metrics.jsonl") if e["event"] in ("train", "epoch")] == trained
     assert not (d / "checkpoints").exists()  # removed once the run is finished
 
@@ -371,7 +419,7 @@ def test_compare_killed_after_the_first_run_resumes_without_retraining_it(tiny_c
     assert not (out / "comparison.json").exists(), "the comparison finished before the kill; the test proves nothing"
     time.sleep(0.05)  # so that a rewrite would show in the modification times
     files = [first / "metrics.jsonl", first / "eval" / "summary.json", first / "config.yaml",
-             first / "model" / "model.safetensors"]
+             first / "model" / "training_settings.json"]
     kept = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in files}
 
     assert cli.main([*args, "--table-only"]) == 0  # the table of what finished, nothing run

@@ -223,7 +223,14 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
                    help="run nothing: write comparison.json/.md and the report from the runs finished so far (the "
                         "others listed as missing), e.g. while the comparison is still going in another process")
     p.add_argument("--keep-checkpoints", action="store_true",
-                   help="keep every run's checkpoints/ (default: removed once the run is finished; model/ stays)")
+                   help="keep every run's checkpoints/ (default: removed once the run is finished)")
+    p.add_argument("--keep-models", action="store_true",
+                   help="keep every finished run's exported weights in model/ (default: replaced by model/removed.json; "
+                        "the table and the report read only the evaluations and metrics)")
+    p.add_argument("--archive", default=None, metavar="DIR",
+                   help="run nothing: copy what the table, the report and a later resume need (plan.json, the shared "
+                        "runs, the finished runs without weights) to DIR, e.g. to keep in git or carry to another "
+                        "machine; `compare --out DIR` on it runs only the runs not finished")
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -239,11 +246,18 @@ def cmd_compare(args: argparse.Namespace) -> None:
     if n < 1:
         raise UserError(f"--seeds must be at least 1, got {n}")
     out = Path(args.out or cfg.run_dir)
+    if args.archive:
+        from .compare.archive import archive_comparison
+
+        done = archive_comparison(load_plan(out), Path(args.archive))
+        print(f"archived {len(done['finished'])} finished runs ({done['bytes'] / 2**20:.1f} MiB with the shared runs) "
+              f"to {args.archive}; left out, not finished: {', '.join(done['left_out']) or 'none'}")
+        return
     if args.table_only:
         tabulate(load_plan(out))
     else:
         run_comparison(cfg, args.variants, [cfg.seed + i for i in range(n)], out, progress=not args.no_progress,
-                       overwrite=args.overwrite, keep_checkpoints=args.keep_checkpoints)
+                       overwrite=args.overwrite, keep_checkpoints=args.keep_checkpoints, keep_models=args.keep_models)
     from .layout import CompareLayout
 
     print(CompareLayout(out).comparison_md.read_text(encoding="utf-8"))

@@ -16,6 +16,7 @@ Run folder::
     pairs/epoch_E.jsonl       what epoch E trained on
     checkpoints/epoch_E/      the state after epoch E (state.json last: a folder without it is incomplete)
     model/                    the exported student (save_pretrained)
+    model/removed.json        in place of the weights, where ``compare`` removed them from a finished run
     eval/SPLIT_epoch_E.jsonl  per-question evaluation after epoch E (0: before training)
     eval/summary.json         every evaluation's summary, keyed by eval key
 """
@@ -31,6 +32,7 @@ CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 STATE = "state.json"  # in a checkpoint folder, written last
 MODEL_SETTINGS = "training_settings.json"  # in model/: the training settings of the exported weights
+MODEL_REMOVED = "removed.json"  # in model/: the weights were exported, then removed (compare's default)
 # what was made by the trained weights; set aside together when the training settings change
 TRAINED_OUTPUTS = ("checkpoints", "model", "pairs", "eval")
 
@@ -135,6 +137,11 @@ class RunLayout(_Folder):
     @property
     def model_settings(self) -> Path:
         return self.model / MODEL_SETTINGS
+
+    @property
+    def model_removed(self) -> Path:
+        """The note ``compare`` leaves in ``model/`` when it removes a finished run's weights."""
+        return self.model / MODEL_REMOVED
 
     @property
     def eval_dir(self) -> Path:

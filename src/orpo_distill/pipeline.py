@@ -205,8 +205,18 @@ class Run:
 
     def train(self) -> dict[str, Any]:
         """Train every epoch not yet in a complete checkpoint (see ``recipe.py``)."""
+        self._refuse_removed_weights()
         self.write_prompts()
         return self.distiller().train(reuse=self.reuse)
+
+    def _refuse_removed_weights(self) -> None:
+        """A finished comparison run whose weights compare removed: training again would overwrite the
+        evaluations the comparison counted, with no checkpoint to start from."""
+        if self.layout.model_removed.is_file() and not self.layout.has_model():
+            raise UserError(f"{self.layout.root}: this run finished and `orpo-distill compare` removed its weights "
+                            f"({self.layout.model_removed.relative_to(self.layout.root)}); its evaluations and metrics "
+                            "are kept. For the weights, run the comparison again into a new folder with --keep-models "
+                            "(or delete this run folder to train it again)")
 
     def evaluate(self, epoch: int, model: Any = None, tokenizer: Any = None) -> EvalSummary:
         """Greedy evaluation of the student after ``epoch`` (0: before training); cached on disk."""
@@ -257,6 +267,8 @@ class Run:
             # checkpoints removed (compare does) but the final model was exported: that is this epoch
             return load_model(str(exported), dtype=scfg.dtype, trust_remote_code=scfg.trust_remote_code, device=scfg.device), tok
         if not (ckpt / "state.json").is_file():
+            if epoch == self.cfg.train.epochs:
+                self._refuse_removed_weights()
             raise UserError(f"no complete checkpoint for epoch {epoch} in {ckpt.parent}; run `orpo-distill train` first")
         refused = None if self.reuse else provenance.conflict(
             ckpt, json.loads((ckpt / "state.json").read_text(encoding="utf-8")), self.cfg)

@@ -10,6 +10,7 @@ per variant and seed (``VARIANT/seed_S``), and comparison.json/.md, the report a
 - :mod:`.run`: the shared runs, the variants' runs, the whole comparison
 - :mod:`.statistics`: bootstrap intervals and paired differences (pure)
 - :mod:`.aggregate`: the run folders -> comparison.json and comparison.md
+- :mod:`.archive`: the folder without weights or unfinished runs (`--archive`), to keep or carry
 
 See docs/architecture.md.
 """

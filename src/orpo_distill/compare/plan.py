@@ -95,8 +95,10 @@ def final_eval_key(cfg: RunConfig) -> str:
 
 def is_finished(directory: Path, cfg: RunConfig) -> bool:
     """A run is finished when its final evaluation (predictions and summary entry) is on disk and its
-    model is exported. (With ``eval.every_epoch`` the last evaluation runs before the export; a run
-    killed between the two is not finished: its rerun exports the model from the last checkpoint.)"""
+    model was exported (``model/``, or the note left where compare removed the weights). (With
+    ``eval.every_epoch`` the last evaluation runs before the export; a run killed between the two is not
+    finished: its rerun exports the model from the last checkpoint.)"""
     layout = RunLayout(directory)
     return (layout.eval_rows(cfg.eval.split, cfg.train.epochs).is_file()
-            and final_eval_key(cfg) in layout.eval_summaries() and layout.has_model())
+            and final_eval_key(cfg) in layout.eval_summaries()
+            and (layout.has_model() or layout.model_removed.is_file()))

@@ -10,7 +10,9 @@ generated itself.
 
 Every run is resumable like ``orpo-distill run``: rerunning ``compare`` skips finished runs (a run is
 finished when its final evaluation is on disk) and continues a killed one from its last checkpoint.
-See docs/architecture.md.
+A finished run keeps its evaluations, metrics and configuration; its checkpoints are removed, and its
+exported weights too unless ``keep_models`` (538 MB a run for a 135M student; the table and the report
+never read them). See docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ import gc
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
 from ..config import RunConfig
 from ..errors import UserError
-from ..layout import RunLayout, eval_key
+from ..layout import MODEL_REMOVED, MODEL_SETTINGS, RunLayout, eval_key
 from ..provenance import uses_student_negatives
 from ..report import write_report
 from ..store import atomic_write_json
@@ -59,6 +62,35 @@ def seed_from_shared(shared: RunLayout, target: RunLayout, files: Sequence[Path]
         mine = target.eval_summaries()
         if entry is not None and key not in mine:
             atomic_write_json(target.eval_summary, {**mine, key: entry})
+
+
+def weights_note(model_dir: Path, why: str) -> dict[str, Any]:
+    """What ``model/removed.json`` says: when, why, and the files the weights were (name -> bytes)."""
+    keep = {MODEL_SETTINGS, MODEL_REMOVED}
+    return {"removed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "why": why,
+            "files": {p.name: p.stat().st_size for p in sorted(model_dir.iterdir()) if p.is_file() and p.name not in keep}}
+
+
+def remove_weights(layout: RunLayout) -> None:
+    """Replace a finished run's exported weights by ``model/removed.json``; ``model/training_settings.json``
+    stays, so the run's provenance checks still see what trained. Safe to call again after a kill in the
+    middle: it finishes the removal."""
+    if not layout.model.is_dir() or not (layout.has_model() or layout.model_removed.is_file()):
+        return  # nothing was exported
+    if not layout.model_removed.is_file():
+        atomic_write_json(layout.model_removed, weights_note(
+            layout.model, "orpo-distill compare keeps a finished run's evaluations, not its weights "
+                          "(--keep-models keeps them)"))
+    for p in sorted(layout.model.iterdir()):
+        if p.name not in (MODEL_SETTINGS, MODEL_REMOVED):
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def _drop_finished_outputs(target: RunLayout, keep_checkpoints: bool, keep_models: bool) -> None:
+    if not keep_checkpoints:  # 1.6 GB per epoch for a 135M model (weights and Adam state)
+        shutil.rmtree(target.checkpoints, ignore_errors=True)
+    if not keep_models:
+        remove_weights(target)
 
 
 def _check_same_settings(shared_run: Any, run: Any, variant: str) -> None:
@@ -109,15 +141,14 @@ def prepare_shared(plan: Plan, seed: int, variants: Sequence[str], progress: boo
 
 
 def run_variant(plan: Plan, variant: str, seed: int, shared_run: Any, progress: bool, overwrite: bool,
-                keep_checkpoints: bool) -> bool:
+                keep_checkpoints: bool, keep_models: bool = False) -> bool:
     """One variant and seed, resumed where it stopped. Returns False when it was already finished."""
     from ..pipeline import Run
 
     cfg = variant_config(plan.base, plan.dir, variant, seed)
     target = RunLayout(cfg.run_dir)
     if is_finished(target.root, cfg):
-        if not keep_checkpoints:  # a kill may have come in the middle of the removal
-            shutil.rmtree(target.checkpoints, ignore_errors=True)
+        _drop_finished_outputs(target, keep_checkpoints, keep_models)  # a kill may have come in the middle of it
         return False
     files = [target.teacher_traces, target.eval_rows(cfg.eval.split, 0)]
     if uses_student_negatives(cfg):
@@ -128,15 +159,14 @@ def run_variant(plan: Plan, variant: str, seed: int, shared_run: Any, progress: 
     run.run_all()
     del run
     gc.collect()
-    # 1.6 GB per epoch for a 135M model (weights and Adam state): the exported model/ is what stays
-    if not keep_checkpoints and is_finished(target.root, cfg):
-        shutil.rmtree(target.checkpoints, ignore_errors=True)
+    if is_finished(target.root, cfg):
+        _drop_finished_outputs(target, keep_checkpoints, keep_models)
     return True
 
 
 def run_comparison(base: RunConfig, variants: Sequence[str], seeds: Sequence[int], compare_dir: Path | None = None,
                    progress: bool = True, overwrite: bool = False, keep_checkpoints: bool = False,
-                   log: Any = print) -> dict[str, Any]:
+                   keep_models: bool = False, log: Any = print) -> dict[str, Any]:
     """Run every requested variant and seed not yet finished, then write comparison.json/.md and the
     report, which cover everything the folder's plan holds (earlier invocations included)."""
     compare_dir = Path(compare_dir or base.run_dir)
@@ -148,7 +178,7 @@ def run_comparison(base: RunConfig, variants: Sequence[str], seeds: Sequence[int
         for variant in variants:
             i += 1
             log(f"[compare] ({i}/{total}) {variant}, seed {seed}")
-            if not run_variant(plan, variant, seed, shared_run, progress, overwrite, keep_checkpoints):
+            if not run_variant(plan, variant, seed, shared_run, progress, overwrite, keep_checkpoints, keep_models):
                 log(f"[compare] ({i}/{total}) {variant}, seed {seed}: finished earlier, skipped")
         del shared_run
         gc.collect()
