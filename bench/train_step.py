@@ -26,15 +26,17 @@ is done once beforehand for every arm (TRL does it in ``dataset.map``, we before
 
 Method: one process, one loaded model. A warm-up pass over every batch per arm, then ``--repeats``
 rounds; in each round the arms run in turn (a, b, c), each its ``--steps`` timed steps then one
-untimed step under the memory sampler, then the bf16 matmul probe. Tables give medians over rounds.
+untimed step under the memory sampler, then the matmul probe. Tables give medians over rounds.
 
 Peak memory on a CPU: torch keeps no peak counter for host memory, so a thread samples the process's
 resident set (``/proc/self/statm``, psutil elsewhere) every millisecond during one step, after
 ``gc.collect()`` and glibc's ``malloc_trim(0)``; the figure is the peak RSS minus the RSS before the
 step. It includes what every arm shares (the fp32 gradients, autocast's bf16 weight copies).
 
-Model FLOPs utilisation of (c): ``6 x parameters x trained tokens/s`` over the bf16 matmul rate of the
-same machine in the same run (``2 n^3`` FLOPs of an ``n x n @ n x n`` bf16 ``torch.matmul``, median
+Model FLOPs utilisation of (c): ``6 x parameters x trained tokens/s`` over the matmul rate of the
+same machine in the same run, in the dtype the step's matmuls run in (bf16 where the CPU has bf16
+units, else fp32: a CPU without them emulates bf16 far below its fp32 rate, and the step runs in fp32
+there) (``2 n^3`` FLOPs of an ``n x n @ n x n`` ``torch.matmul``, median
 of calls). Trained tokens are the packed rows' real tokens (no padding). Attention FLOPs and the
 log-prob chunks recomputed in the backward are not counted, as usual for MFU.
 
@@ -386,10 +388,16 @@ def peak_rss_increase(run: Callable[[], None], read: Callable[[], int], interval
     return max(peak[0], read()) - base
 
 
-def matmul_flops_per_s(n: int, calls: int) -> float:
-    """bf16 ``n x n @ n x n`` rate: ``2 n^3`` over the median seconds of ``calls`` timed calls (one warm-up)."""
-    a = torch.randn(n, n).to(torch.bfloat16)
-    b = torch.randn(n, n).to(torch.bfloat16)
+def step_matmul_dtype() -> torch.dtype:
+    """The dtype of the step's matmuls on this CPU: bf16 under autocast where it has bf16 units, else fp32."""
+    return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+
+
+def matmul_flops_per_s(n: int, calls: int, dtype: torch.dtype = torch.bfloat16) -> float:
+    """``n x n @ n x n`` rate in ``dtype``: ``2 n^3`` over the median seconds of ``calls`` timed calls
+    (one warm-up)."""
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
     torch.matmul(a, b)
     seconds = []
     for _ in range(calls):
@@ -555,7 +563,8 @@ def header_lines(
         f"{resp_len:.0f} tokens; TRL's tokenize_row and our tokenize_pair give identical ids for {same_ids} of "
         f"{len(arms[1].sequences)} pairs",
         f"step: {args.batch_size} pairs ({plural(args.batch_size // PAIRS_PER_QUESTION, 'question')}): collate, "
-        f"forward + loss (bf16 autocast, loss fp32), backward, zero_grad; no optimizer; lambda {lambda_or}; NLL over {nll}",
+        f"forward + loss ({'bf16 autocast' if cpu_supports_bf16() else 'fp32: no bf16 units here'}, loss fp32), "
+        f"backward, zero_grad; no optimizer; lambda {lambda_or}; NLL over {nll}",
         f"timing: median of {plural(args.repeats, 'round')} of {plural(args.steps, 'step')} after "
         f"{plural(args.warmup, 'warm-up pass', 'warm-up passes')}, arms alternating a, b, c in each round",
         f"peak memory: RSS increase over the step ({rss_source} sampled every {SAMPLE_INTERVAL_S * 1e3:.0f} ms by a "
@@ -564,7 +573,8 @@ def header_lines(
     ]
 
 
-def footer_lines(rows: list[Row], n_params: int, matmul_rate: float, matmul_size: int) -> list[str]:
+def footer_lines(rows: list[Row], n_params: int, matmul_rate: float, matmul_size: int,
+                 matmul_dtype: torch.dtype = torch.bfloat16) -> list[str]:
     """The targets and the MFU of (c): the lines below the table."""
     c = rows[2]
     lines = [f"target (c) >= {TARGET_SPEEDUP}x (a) in pairs/s: {c.speedup:.2f}x, "
@@ -575,7 +585,8 @@ def footer_lines(rows: list[Row], n_params: int, matmul_rate: float, matmul_size
     n = matmul_size
     lines.append(
         f"MFU of (c): 6 x {n_params / 1e6:.1f}M params x {c.tokens_per_s:.0f} trained tokens/s = "
-        f"{6 * n_params * c.tokens_per_s / 1e9:.1f} GFLOP/s over the bf16 matmul rate {matmul_rate / 1e9:.1f} GFLOP/s "
+        f"{6 * n_params * c.tokens_per_s / 1e9:.1f} GFLOP/s over the {str(matmul_dtype).removeprefix('torch.')} "
+        f"matmul rate {matmul_rate / 1e9:.1f} GFLOP/s "
         f"({n}x{n} @ {n}x{n}, median) = {mfu(n_params, c.tokens_per_s, matmul_rate):.1%}"
     )
     return lines
@@ -653,12 +664,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{len(arms)} arms, {plural(args.repeats, 'round')} of {plural(args.steps, 'step')} of "
           f"{args.batch_size} pairs ...", file=sys.stderr, flush=True)
     m = measure(arms, args.steps, args.repeats, args.warmup, memory_batch, read_rss,
-                lambda: matmul_flops_per_s(args.matmul_size, args.matmul_calls))
+                lambda: matmul_flops_per_s(args.matmul_size, args.matmul_calls, step_matmul_dtype()))
     rows = summarise(arms, m, args.batch_size)
     n_params = sum(p.numel() for p in model.parameters())
     grad_mb = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) / 2**20
     header = header_lines(argv, args, arms, pairs, n_params, grad_mb, lambda_or, rss_source)
-    footer = [line for _, line in checks] + footer_lines(rows, n_params, statistics.median(m.matmul), args.matmul_size)
+    footer = [line for _, line in checks] + footer_lines(rows, n_params, statistics.median(m.matmul), args.matmul_size,
+                                                         step_matmul_dtype())
     print(render(rows, header, footer, args.markdown))
     return 0 if all(ok for ok, _ in checks) else 1
 

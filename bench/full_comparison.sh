@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The full comparisons of docs/results.md (issue 12), resumable on machines that do not keep their disk.
+#
+#   bash bench/full_comparison.sh numeric      # or: synthetic
+#
+# Each comparison takes many hours on two CPU cores, more than one session has. This script:
+#   1. restores docs/results/archive/compare-NAME (plan, shared runs, finished runs without weights)
+#      into $RUNS/compare-NAME when that folder has no plan.json yet;
+#   2. runs the comparison's commands in order (each skips the runs already finished);
+#   3. archives the folder back into docs/results/archive/compare-NAME every $EVERY seconds and when
+#      the commands end, so that a finished run survives the machine (commit the archive to keep it).
+# The settings are pinned to fp32 (train.precision, student.dtype) so that a run means the same on a
+# CPU with bf16 units as on one without, whichever machine a session gets.
+# Environment: RUNS (default runs), EVERY (default 600), PYTHON (default .venv/bin/python).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+name=${1:?usage: bash bench/full_comparison.sh numeric|synthetic}
+RUNS=${RUNS:-runs}
+EVERY=${EVERY:-600}
+PYTHON=${PYTHON:-.venv/bin/python}
+config=configs/compare-$name.yaml
+[ -f "$config" ] || { echo "no $config (numeric or synthetic)" >&2; exit 2; }
+out=$RUNS/compare-$name
+archive=docs/results/archive/compare-$name
+log=$RUNS/compare-$name.log
+pinned=(--set train.precision=fp32 --set student.dtype=float32)
+case $name in
+  # lr 5e-5: the best rate of the seed-0 sweep for both sft-diverse and orpo-mixed (docs/results.md)
+  numeric) common=("$config" --set train.lr=5e-5 "${pinned[@]}" --out "$out" --no-progress)
+           steps=("--seeds 1"
+                  "--seeds 1 --variants sft-diverse,orpo-mixed,orpo-mixed+lambda=0,orpo-mixed+lambda=0+rows=1,orpo-mixed@0.25,orpo-mixed@0.75,orpo-mixed+lambda=1.0"
+                  "--seeds 3") ;;
+  *)       common=("$config" "${pinned[@]}" --out "$out" --no-progress)
+           steps=("--seeds 3") ;;
+esac
+mkdir -p "$RUNS"
+if [ ! -f "$out/plan.json" ] && [ -f "$archive/plan.json" ]; then
+  echo "restoring $archive into $out"
+  mkdir -p "$out" && cp -r "$archive/." "$out/"
+fi
+save() { "$PYTHON" -m orpo_distill.cli compare "${common[@]}" --archive "$archive" >>"$log" 2>&1 || true; }
+( while sleep "$EVERY"; do [ -f "$out/plan.json" ] && save; done ) &
+saver=$!
+trap 'kill $saver 2>/dev/null || true; [ -f "$out/plan.json" ] && save' EXIT
+for step in "${steps[@]}"; do
+  # shellcheck disable=SC2086  # a step is several arguments
+  "$PYTHON" -m orpo_distill.cli compare "${common[@]}" $step >>"$log" 2>&1
+done
+"$PYTHON" -m orpo_distill.cli compare "${common[@]}" --table-only >>"$log" 2>&1
+echo "finished: $out/comparison.md; archive in $archive"
