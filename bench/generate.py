@@ -133,13 +133,23 @@ def count_generated(row: Sequence[int], eos: set[int]) -> int:
     return len(row)
 
 
-def hf_arm(model: Any, tokenizer: Any, prompts: list[Messages], batch_size: int, bf16: bool) -> RunFn:
-    """Our generator: all prompts in one ``generate`` call, batched ``batch_size`` at a time."""
-    gen = HFGenerator.from_model(model, tokenizer, name="bench", batch_size=batch_size, progress=False, bf16=bf16)
+def hf_arm(
+    model: Any, tokenizer: Any, prompts: list[Messages], batch_size: int, bf16: bool, decoding: str = "fast",
+    samples: int = 1, temperature: float = 0.0, texts: dict[int, list[list[str]]] | None = None,
+) -> RunFn:
+    """Our generator: all prompts in one ``generate`` call, batched ``batch_size`` rows at a time,
+    ``samples`` rows per prompt. ``texts``, when given, receives each run's texts keyed by its token
+    budget (to check that two arms wrote the same samples)."""
+    gen = HFGenerator.from_model(model, tokenizer, name="bench", batch_size=batch_size, progress=False, bf16=bf16,
+                                 decoding=decoding)
 
     def run(max_new_tokens: int, limit: int | None = None) -> int:
-        requests = [Request(key=str(i), messages=m, max_tokens=max_new_tokens) for i, m in enumerate(prompts[:limit])]
-        return sum(s.num_tokens for samples in gen.generate(requests) for s in samples)
+        requests = [Request(key=str(i), messages=m, n=samples, temperature=temperature, max_tokens=max_new_tokens,
+                            seed=1000 * i) for i, m in enumerate(prompts[:limit])]
+        out = gen.generate(requests)
+        if texts is not None:
+            texts[max_new_tokens] = [[s.text for s in per] for per in out]
+        return sum(s.num_tokens for per in out for s in per)
 
     return run
 
@@ -330,6 +340,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--gpu-memory-utilization", type=float, default=VLLM_GPU_MEMORY_UTILIZATION,
                    help=f"vllm backend: share of GPU memory the engine reserves (default {VLLM_GPU_MEMORY_UTILIZATION}; "
                         "the hf model loads beside it)")
+    p.add_argument("--decoding", action="store_true",
+                   help="our decoding loop (prefill once per prompt, finished rows dropped) against model.generate, "
+                        "in the same generator, with a check that both write the same samples")
+    p.add_argument("--samples", type=positive_int, default=1,
+                   help="--decoding: samples per prompt; a batch of B rows holds B/samples prompts (default 1)")
+    p.add_argument("--temperature", type=float, default=0.0, help="--decoding: sampling temperature (default 0: greedy)")
     p.add_argument("--quick", action="store_true", help="smoke test: batch 1,2, 8 tokens, 1 repeat; numbers mean nothing")
     p.add_argument("--markdown", action="store_true", help="print a markdown block for docs/benchmarks.md")
     args = p.parse_args(list(argv))
@@ -359,6 +375,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.backend == "vllm":
         return main_vllm(args, argv)
+    if args.decoding:
+        return main_decoding(args, argv)
     try:
         tokenizer, model = load_student(args)
     except UserError as e:
@@ -393,6 +411,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(markdown(rows, header))
     else:
         print_rich(rows, header)
+    return 0
+
+
+def main_decoding(args: argparse.Namespace, argv: list[str]) -> int:
+    """``--decoding``: our decoding loop against ``model.generate`` inside the same generator, at the
+    given samples per prompt and temperature, with a check that both wrote the same texts."""
+    try:
+        tokenizer, model = load_student(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    device = pick_device(args.device)
+    all_prompts = load_prompts(max(args.prompts or max(1, b // args.samples) for b in args.batch_sizes))
+    precisions = [("fp32", False)] + ([("bf16", True)] if bf16_autocast_active(device) else [])
+    rows: list[Row] = []
+    same: list[str] = []
+    for b in args.batch_sizes:
+        prompts = all_prompts[: args.prompts or max(1, b // args.samples)]
+        for label, bf16 in precisions:
+            texts: dict[str, dict[int, list[list[str]]]] = {"generate": {}, "fast": {}}
+            arms = {f"{d} {label}": hf_arm(model, tokenizer, prompts, b, bf16=bf16, decoding=d, samples=args.samples,
+                                           temperature=args.temperature, texts=texts[d])
+                    for d in ("generate", "fast")}
+            print(f"batch {b} {label}: {len(prompts)} prompts x {args.samples} samples, {args.repeats} repeats ...",
+                  file=sys.stderr, flush=True)
+            timings = measure(arms, args.max_new_tokens, args.repeats, args.warmup_tokens)
+            rows += summarise(b, len(prompts), timings, baseline=f"generate {label}")
+            a, c = texts["generate"][args.max_new_tokens], texts["fast"][args.max_new_tokens]
+            equal = sum(x == y for pa, pc in zip(a, c) for x, y in zip(pa, pc))
+            same.append(f"batch {b} {label}: {equal}/{sum(len(p) for p in a)} samples identical between the arms")
+    header = [
+        "command: `" + shlex.join(["python", "bench/generate.py", *argv]) + "`",
+        *machine_lines(device),
+        f"model: {args.model}; prompts: synthetic mcq train questions, chat template; {args.samples} samples per "
+        f"prompt at temperature {args.temperature} (per-row seeds), max_new_tokens {args.max_new_tokens}; "
+        f"tokens counted up to EOS; median of {args.repeats} repeats after a warm-up, arms alternating",
+        *same,
+    ]
+    if args.markdown:
+        print(markdown(rows, header, baseline="generate"))
+    else:
+        print_rich(rows, header, baseline="generate")
     return 0
 
 

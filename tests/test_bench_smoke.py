@@ -55,6 +55,22 @@ def test_rich_table_in_process(tiny_model_dir: Path, capsys: pytest.CaptureFixtu
         assert arm in out
 
 
+def test_decoding_arms_write_the_same_samples(tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--decoding``: our loop against model.generate at 2 samples per prompt; both arms' rows, the
+    speedup column, and the identity check saying every sample matched (fp32)."""
+    bench = load_bench("generate")
+    argv = ["--quick", "--decoding", "--samples", "2", "--temperature", "1.0", "--batch-sizes", "4",
+            "--markdown", "--model", str(tiny_model_dir)]
+    assert bench.main(argv) == 0
+    out = capsys.readouterr().out
+    rows = {r["arm"]: r for r in table_rows(out)}
+    assert {"generate fp32", "fast fp32"} <= set(rows)
+    assert rows["generate fp32"]["vs generate"] == "1.00x" and rows["fast fp32"]["vs generate"].endswith("x")
+    assert rows["fast fp32"]["gen tokens"] == rows["generate fp32"]["gen tokens"]
+    assert int(rows["fast fp32"]["prompts"]) == 2  # 4 rows of 2 samples each
+    assert "batch 4 fp32: 4/4 samples identical between the arms" in out
+
+
 def test_count_generated_stops_after_first_eos() -> None:
     bench = load_bench("generate")
     assert bench.count_generated([5, 6, 2, 9, 2], {2}) == 3  # EOS itself counts, padding after it does not

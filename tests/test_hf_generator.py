@@ -54,8 +54,9 @@ def req(i: int, n: int = 1, max_tokens: int = 8, **kw) -> Request:
     return Request(key=f"q{i}", messages=({"role": "user", "content": PROMPTS[i]},), n=n, max_tokens=max_tokens, **kw)
 
 
-def gen(model, tokenizer, batch_size: int) -> HFGenerator:
-    return HFGenerator.from_model(model, tokenizer, name="hf:tiny", batch_size=batch_size, progress=False)
+def gen(model, tokenizer, batch_size: int, decoding: str = "fast") -> HFGenerator:
+    return HFGenerator.from_model(model, tokenizer, name="hf:tiny", batch_size=batch_size, progress=False,
+                                  decoding=decoding)
 
 
 def test_from_config_builds_a_generator(tiny_model_dir):
@@ -101,7 +102,8 @@ def test_mixed_settings_in_one_call(model, tokenizer, fp32):
     assert first[0][0].text != first[0][1].text  # two samples of one request differ
 
 
-def test_stops_at_eos_and_counts_tokens(model, tokenizer, fp32):
+@pytest.mark.parametrize("decoding", ["fast", "generate"])
+def test_stops_at_eos_and_counts_tokens(model, tokenizer, fp32, decoding):
     """Make the model emit EOS as its third token in the first row only: that sample stops there
     (finish_reason "stop", EOS counted, not in the text), the other runs to max_tokens."""
     eos = tokenizer.eos_token_id
@@ -109,13 +111,13 @@ def test_stops_at_eos_and_counts_tokens(model, tokenizer, fp32):
 
     def force_eos(module, inputs, logits):
         calls["n"] += 1
-        if calls["n"] >= 3:  # prefill gives token 1, the next step token 2, then EOS
+        if calls["n"] == 3:  # prefill gives token 1, the next step token 2, then EOS
             logits = logits.clone()
             logits[0, -1, eos] = 1e4
             return logits
         return None
 
-    g = gen(model, tokenizer, batch_size=4)
+    g = gen(model, tokenizer, batch_size=4, decoding=decoding)
     handle = model.get_output_embeddings().register_forward_hook(force_eos)
     try:
         (samples,) = g.generate([req(1, n=2, max_tokens=8)])

@@ -207,3 +207,28 @@ def test_eval_without_checkpoints_uses_the_exported_model(tiny_config: Any, tmp_
     assert cli.main(["eval", str(config_file), "--no-progress"]) == 0
     assert (run_dir / "eval" / "eval_epoch_1.jsonl").is_file()
     assert not (run_dir / "eval" / "eval_epoch_0.jsonl").exists()
+
+
+def test_a_float32_student_samples_without_autocast_in_every_stage(
+    tiny_config: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """student.dtype float32 means plain fp32 sampling (bit-exact at any batch shape) for the first samples,
+    the mixed-policy refresh and the evaluations alike, not only for the generator loaded from disk."""
+    from contextlib import nullcontext
+
+    from orpo_distill.generators import hf as hf_module
+
+    asked: list[tuple[str, bool]] = []
+
+    def recording(self: Any, *args: Any, **kwargs: Any) -> Any:
+        asked.append((self.name, self.bf16))
+        return original(self, *args, **kwargs)
+
+    original = hf_module.HFGenerator.generate
+    monkeypatch.setattr(hf_module.HFGenerator, "generate", recording)
+    monkeypatch.setattr(hf_module, "autocast", lambda device, enabled=True: nullcontext())
+    cfg = tiny_config(**{"student.dtype": "float32", "train.policy": "mixed", "train.phi": 0.5,
+                         "eval.every_epoch": True, "eval.before_training": True})
+    assert cli.main(["run", str(write_config(cfg, tmp_path / "run.yaml")), "--no-progress"]) == 0
+    assert len({name for name, _ in asked}) >= 3  # the base student, the refresh, the evaluations
+    assert not [name for name, bf16 in asked if bf16]

@@ -63,12 +63,13 @@ def cmd_student(args: argparse.Namespace) -> None:
     run = _open_run(args)
     generator = None
     if args.epoch > 1:  # the student as it was after the previous epoch
-        from .generators.hf import HFGenerator
+        from .generators.hf import HFGenerator, autocast_for
         from .layout import student_generator_name
 
         model, tok = run.load_student_for_eval(args.epoch - 1)
         generator = HFGenerator.from_model(model, tok, name=student_generator_name(args.epoch - 1),
-                                           batch_size=run.cfg.student.sampling.batch_size, progress=run.progress)
+                                           batch_size=run.cfg.student.sampling.batch_size, progress=run.progress,
+                                           bf16=autocast_for(run.cfg.local_student.dtype))
     summary = run.student(epoch=args.epoch, generator=generator)
     print_table(f"student samples ({run.layout.student_samples(args.epoch)})", summary.rows())
 

@@ -27,7 +27,7 @@ from .evaluation import EvalSummary, evaluate
 from .datasets import load_splits
 from .generators import build_generator
 from .generators.base import Generator
-from .generators.hf import HFGenerator
+from .generators.hf import HFGenerator, autocast_for
 from .layout import RunLayout, eval_key, student_generator_name
 from .metrics import MetricsLog
 from .models import load_model, load_tokenizer, pick_device
@@ -233,8 +233,9 @@ class Run:
                              note="cached evaluation was made with other settings or another model: recomputed")
         if model is None:
             model, tokenizer = self.load_student_for_eval(epoch)
-        gen = distributed.split_across_ranks(HFGenerator.from_model(model, tokenizer, name=student_generator_name(epoch),
-                                                         batch_size=self.cfg.eval.batch_size, progress=self.progress))
+        gen = distributed.split_across_ranks(HFGenerator.from_model(
+            model, tokenizer, name=student_generator_name(epoch), batch_size=self.cfg.eval.batch_size,
+            progress=self.progress, bf16=autocast_for(self.cfg.local_student.dtype)))
         ecfg = self.cfg.eval
         rows, summary = evaluate(self.eval_records, self.task, gen, ecfg.max_tokens, ecfg.self_consistency,
                                  ecfg.temperature, seed=self.cfg.seed)

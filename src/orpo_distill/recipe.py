@@ -30,7 +30,7 @@ from .config import PhiRamp, RunConfig
 from .epoch_rows import EpochData, Messages, chosen_texts, epoch_rows, examples_upper_bound, group_traces, largest_group
 from .errors import UserError
 from .generators.base import Generator
-from .generators.hf import HFGenerator
+from .generators.hf import HFGenerator, autocast_for
 from .layout import RunLayout, student_generator_name
 from .metrics import MetricsLog
 from .models import load_tokenizer, pick_device, render_prompt
@@ -171,7 +171,7 @@ class Distiller:
         name = student_generator_name(epoch - 1)
         if scfg.kind != "vllm":
             return HFGenerator.from_model(model, self.tokenizer, name=name, batch_size=scfg.sampling.batch_size,
-                                          progress=self.progress)
+                                          progress=self.progress, bf16=autocast_for(self.cfg.local_student.dtype))
         from .generators.vllm import VLLMGenerator
 
         if self._vllm is None:
