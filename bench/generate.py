@@ -303,6 +303,16 @@ def print_rich(rows: list[Row], header: list[str], baseline: str = "loop") -> No
     console.print(table)
 
 
+def report(rows: list[Row], argv: list[str], device: torch.device, lines: list[str], markdown_out: bool,
+           baseline: str = "loop") -> None:
+    """Print the table under its header: the command, the machine, then ``lines`` (the workload)."""
+    header = ["command: `" + shlex.join(["python", "bench/generate.py", *argv]) + "`", *machine_lines(device), *lines]
+    if markdown_out:
+        print(markdown(rows, header, baseline))
+    else:
+        print_rich(rows, header, baseline)
+
+
 # ---- command -----------------------------------------------------------------------------------
 
 
@@ -400,17 +410,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             arms, args.max_new_tokens, args.repeats, args.warmup_tokens, warmup_limits={arm_names[2]: 2}
         )
         rows += summarise(b, len(prompts), timings, baseline=arm_names[2])
-    header = [
-        "command: `" + shlex.join(["python", "bench/generate.py", *argv]) + "`",
-        *machine_lines(device),
+    report(rows, argv, device, [
         f"model: {args.model}; prompts: synthetic mcq (default dataset config), chat template; greedy, "
         f"max_new_tokens {args.max_new_tokens}; tokens counted up to EOS; "
-        f"median of {args.repeats} repeats after a warm-up, arms alternating",
-    ]
-    if args.markdown:
-        print(markdown(rows, header))
-    else:
-        print_rich(rows, header)
+        f"median of {args.repeats} repeats after a warm-up, arms alternating"], args.markdown)
     return 0
 
 
@@ -441,18 +444,11 @@ def main_decoding(args: argparse.Namespace, argv: list[str]) -> int:
             a, c = texts["generate"][args.max_new_tokens], texts["fast"][args.max_new_tokens]
             equal = sum(x == y for pa, pc in zip(a, c) for x, y in zip(pa, pc))
             same.append(f"batch {b} {label}: {equal}/{sum(len(p) for p in a)} samples identical between the arms")
-    header = [
-        "command: `" + shlex.join(["python", "bench/generate.py", *argv]) + "`",
-        *machine_lines(device),
+    report(rows, argv, device, [
         f"model: {args.model}; prompts: synthetic mcq train questions, chat template; {args.samples} samples per "
         f"prompt at temperature {args.temperature} (per-row seeds), max_new_tokens {args.max_new_tokens}; "
         f"tokens counted up to EOS; median of {args.repeats} repeats after a warm-up, arms alternating",
-        *same,
-    ]
-    if args.markdown:
-        print(markdown(rows, header, baseline="generate"))
-    else:
-        print_rich(rows, header, baseline="generate")
+        *same], args.markdown, baseline="generate")
     return 0
 
 
@@ -477,19 +473,12 @@ def main_vllm(args: argparse.Namespace, argv: list[str]) -> int:
         rows += summarise(b, len(prompts), timings, baseline="hf bf16")
     import vllm
 
-    header = [
-        "command: `" + shlex.join(["python", "bench/generate.py", *argv]) + "`",
-        *machine_lines(device),
+    report(rows, argv, device, [
         f"vllm {vllm.__version__}; engine: bf16 weights, gpu_memory_utilization {args.gpu_memory_utilization}, "
         "prefix caching off, all prompts of a row in one call; hf: fp32 weights, bf16 autocast, batch = the row's batch",
         f"model: {args.model}; prompts: synthetic mcq (default dataset config), chat template; greedy, "
         f"max_new_tokens {args.max_new_tokens}; tokens as each generator counts them (EOS included); "
-        f"median of {args.repeats} repeats after a warm-up, arms alternating",
-    ]
-    if args.markdown:
-        print(markdown(rows, header, baseline="hf bf16"))
-    else:
-        print_rich(rows, header, baseline="hf bf16")
+        f"median of {args.repeats} repeats after a warm-up, arms alternating"], args.markdown, baseline="hf bf16")
     return 0
 
 

@@ -69,6 +69,27 @@ FAST_TRAIN: dict[str, Any] = {
 
 
 
+@pytest.fixture(scope="module")
+def prompt_sensitive_model(tiny_model_dir: Path) -> Any:
+    """The tiny model with larger random weights in its blocks, in eval mode.
+
+    At the usual 0.02 init with tied embeddings a random model just repeats the last prompt token, so
+    every prompt would get the same continuation and a mix-up of requests or seeds could not be seen.
+    Larger block weights make the continuation depend on the whole prompt and on the seed.
+    """
+    import torch
+
+    from orpo_distill.models import load_model
+
+    m = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.normal_(0.0, 0.3, generator=g)
+    return m.eval()
+
+
 def tiny_config_dict(run_dir: Path, model_dir: Path) -> dict[str, Any]:
     """The small synthetic run as plain data (what a user's YAML would hold)."""
     return {

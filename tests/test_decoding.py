@@ -12,7 +12,7 @@ from orpo_distill.generators.base import Request
 from orpo_distill.generators.decoding import decode, left_padded, unsupported_reason
 from orpo_distill.generators.hf import HFGenerator
 from orpo_distill.generators.row_sampling import RowSeededSampler
-from orpo_distill.models import load_model, load_tokenizer
+from orpo_distill.models import load_tokenizer
 
 PROMPTS = ["Count the apples in the big basket on the kitchen table, then say how many are left.", "Hi",
            "What is two plus two?"]
@@ -25,16 +25,8 @@ def tokenizer(tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
-def model(tiny_model_dir):
-    """The tiny model with larger block weights, so that continuations depend on the prompt and the
-    seed (at the usual init a random model repeats one token)."""
-    m = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if p.dim() == 2 and "embed" not in name:
-                p.normal_(0.0, 0.3, generator=g)
-    return m.eval()
+def model(prompt_sensitive_model):
+    return prompt_sensitive_model
 
 
 def encoded(tokenizer) -> list[list[int]]:

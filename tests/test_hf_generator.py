@@ -5,14 +5,13 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import pytest
-import torch
 
 from orpo_distill.config import generator_config
 from orpo_distill.generators import build_generator
 from orpo_distill.generators import hf as hf_module
 from orpo_distill.generators.base import Generator, Request
 from orpo_distill.generators.hf import HFGenerator
-from orpo_distill.models import load_model, load_tokenizer
+from orpo_distill.models import load_tokenizer
 
 PROMPTS = [  # deliberately not in length order
     "Count the apples in the big basket on the kitchen table, then tell me how many are left after Tom eats three.",
@@ -27,20 +26,8 @@ def tokenizer(tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
-def model(tiny_model_dir):
-    """The tiny model with larger random weights in its blocks.
-
-    At the usual 0.02 init with tied embeddings a random model just repeats the last prompt token, so
-    every prompt would get the same continuation and a mix-up of requests could not be seen. Larger
-    block weights make the continuation depend on the whole prompt.
-    """
-    m = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if p.dim() == 2 and "embed" not in name:
-                p.normal_(0.0, 0.3, generator=g)
-    return m
+def model(prompt_sensitive_model):
+    return prompt_sensitive_model
 
 
 @pytest.fixture
