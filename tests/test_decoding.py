@@ -114,5 +114,11 @@ def test_a_generation_config_with_a_processor_decodes_with_generate(model, token
         assert fast == plain.generate([Request(key="q", messages=({"role": "user", "content": "Hi"},), max_tokens=6)])
     finally:
         model.generation_config.repetition_penalty = 1.0
+    model.config.layer_types = ["full_attention", "linear_attention"]
+    try:
+        assert unsupported_reason(model) == "its layers keep linear_attention states"
+    finally:
+        del model.config.layer_types
+    assert unsupported_reason(model) is None
     with pytest.raises(ValueError, match="fast or generate"):
         HFGenerator.from_model(model, tokenizer, name="hf:tiny", decoding="beam")

@@ -39,6 +39,10 @@ _PROCESSOR_FIELDS: dict[str, Any] = {
 }
 
 
+# layer types whose DynamicCache layer is a per-token KV cache (rows can be selected and repeated)
+_KV_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attention"}
+
+
 def unsupported_reason(model: Any) -> str | None:
     """Why :func:`decode` cannot stand in for ``model.generate`` on ``model``, or ``None`` when it can."""
     config = getattr(model, "config", None)
@@ -47,6 +51,10 @@ def unsupported_reason(model: Any) -> str | None:
     supports = getattr(type(model), "_supports_default_dynamic_cache", None)
     if supports is None or not supports():
         return f"{type(model).__name__} keeps its own cache type"
+    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    other = sorted(set(getattr(text_config, "layer_types", None) or []) - _KV_LAYER_TYPES)
+    if other:  # recurrent states (linear attention, conv): not known to drop rows like a KV cache
+        return f"its layers keep {', '.join(map(str, other))} states"
     params = inspect.signature(model.forward).parameters
     missing = [p for p in ("position_ids", "attention_mask") if p not in params]
     if cache_argument(model) is None:
