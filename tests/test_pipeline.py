@@ -108,6 +108,11 @@ def test_run_end_to_end_writes_every_artifact_and_a_rerun_does_nothing(tiny_conf
     # the rate each step used: cosine over 2 steps without warmup is lr, then lr / 2
     assert [e["lr"] for e in train] == pytest.approx([cfg.train.lr, cfg.train.lr / 2])
     assert {e["event"] for e in events} >= {"sampling", "pairs", "train", "epoch", "refresh", "eval"}
+    # each epoch says what computed it: a comparison carried between machines tells its arms apart by these
+    from orpo_distill.models import cpu_name, cpu_supports_bf16
+    expected = "bf16" if cfg.train.precision != "fp32" and cpu_supports_bf16() else "fp32"
+    for e in (e for e in events if e["event"] == "epoch"):
+        assert (e["precision"], e["device"], e["cpu"]) == (expected, "cpu", cpu_name()) and e["cpu"]
 
     # eval: before training, after each epoch, and the summary
     split = cfg.eval.split

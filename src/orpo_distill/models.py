@@ -209,6 +209,21 @@ def cpu_supports_bf16() -> bool:
     return bool((fn and fn()) or (amx and amx()))
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo; the platform's processor string elsewhere), recorded with
+    each epoch so that runs of one comparison made on different machines say which computed what."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def autocast(device: torch.device, enabled: bool = True) -> ContextManager[Any]:
     """bf16 autocast on GPUs and on CPUs with bf16 units; a no-op elsewhere or when disabled."""
     if not enabled:

@@ -33,7 +33,7 @@ from .generators.base import Generator
 from .generators.hf import HFGenerator, autocast_for
 from .layout import RunLayout, student_generator_name
 from .metrics import MetricsLog
-from .models import load_tokenizer, pick_device, render_prompt
+from .models import cpu_name, load_tokenizer, pick_device, render_prompt
 from .pairs import NegativeBuffer, choose_refresh, phi_for_epoch, positives, teacher_negatives
 from .provenance import conflict, training_settings, uses_student_negatives
 from .records import Record
@@ -248,7 +248,9 @@ class Distiller:
             global_step += result.steps
             self.metrics.log("epoch", epoch=epoch, steps=result.steps, examples=result.examples, tokens=result.tokens,
                              seconds=result.seconds, processes=acc.num_processes,
-                             distributed=str(getattr(acc.distributed_type, "value", acc.distributed_type)))
+                             distributed=str(getattr(acc.distributed_type, "value", acc.distributed_type)),
+                             precision=result.precision,
+                             device=acc.device.type, cpu=cpu_name())
             full_state = acc.get_state_dict(model) if gather_weights else None
             optimizer_state = full_optimizer_state(model, optimizer) if is_fsdp2(model) else None  # collective
             if acc.is_main_process:

@@ -127,6 +127,7 @@ class EpochResult:
     tokens: int = 0
     seconds: float = 0.0
     last: dict[str, float] = field(default_factory=dict)
+    precision: str = "fp32"  # what the matrix products ran in: bf16 (autocast) or fp32
 
 
 def example_tokens(e: Example) -> int:
@@ -277,7 +278,7 @@ def train_epoch(
     # divides each backward by the gradient_accumulation_steps of its own config.
     scale = float(world) * (deepspeed_accumulation(accelerator) if deepspeed else 1)
     pad_steps = world > 1 or deepspeed
-    result = EpochResult()
+    result = EpochResult(precision="bf16" if bf16 else "fp32")
     model.train()
     bar = tqdm(total=len(plan), desc=f"epoch {epoch} ({cfg.method})", unit="step",
                disable=not (progress and accelerator.is_main_process))
