@@ -6,6 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH_CPU_VERSION ?= 2.13.0
+DEEPSPEED_VERSION ?= 0.19.8
 # llama.cpp's OpenAI-compatible server (tests/test_llama_server.py: the teacher against a real server).
 LLAMA_CPP_VERSION ?= 0.3.36
 # GGML_NATIVE=OFF: a portable AVX2 build rather than -march=native, so that a wheel from pip's cache
@@ -63,10 +64,18 @@ $(VENV)/.llama-server: $(VENV)/.installed
 
 llama-server: $(VENV)/.llama-server
 
+# Only `make test` needs it: the ZeRO-2/3 tests on CPU processes (tests/test_distributed.py). Its setup.py
+# imports torch: without build isolation it sees the venv's torch instead of pulling a CUDA build to build
+# with. Python only (about 15 s); DeepSpeed compiles its CPU communication op with ninja on first use.
+$(VENV)/.deepspeed: $(VENV)/.installed
+	$(PIP) install --quiet setuptools wheel
+	$(PIP) install --quiet --no-build-isolation "deepspeed==$(DEEPSPEED_VERSION)"
+	touch $@
+
 demo: env
 	$(VENV)/bin/orpo-distill demo
 
-test: env llama-server
+test: env llama-server $(VENV)/.deepspeed
 	$(VENV)/bin/python -m pytest -q -rs
 
 bench: env

@@ -10,6 +10,7 @@ share, and build the same negative buffer on both ranks.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -30,6 +31,11 @@ from orpo_distill.metrics import read_metrics
 from orpo_distill.pairs import choose_refresh
 from conftest import FAST_TRAIN
 from test_resume import write_config
+
+deepspeed_installed = pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None,
+    reason="DeepSpeed is not installed (make test installs it: pip install --no-build-isolation deepspeed)")
+
 
 # ---- the step plan -----------------------------------------------------------------------------
 
@@ -181,17 +187,24 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tiny_config: An
         torch.testing.assert_close(w_resumed[k], w_one[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
-def test_lora_under_two_processes_trains_and_refreshes_like_one(tiny_config: Any, tmp_path: Path) -> None:
-    """A LoRA student (PEFT adapter) under DDP with the mixed-policy refresh: the same per-step losses, the
-    same refreshed samples and the same adapter in model/adapter as one process with the same global batch."""
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("zero3", marks=deepspeed_installed)])
+def test_lora_under_two_processes_trains_and_refreshes_like_one(tiny_config: Any, tmp_path: Path, strategy: str) -> None:
+    """A LoRA student (PEFT adapter) under DDP and under DeepSpeed ZeRO-3 (the frozen base and the adapter
+    both partitioned; gathered in place for the refresh and for the export's merge) with the mixed-policy
+    refresh: the same per-step losses, the same refreshed samples and the same adapter in model/adapter as
+    one process with the same global batch."""
     lora = {"train.lora.enabled": True, "train.lora.r": 4, "train.lora.alpha": 8, "train.lr": 5e-3,
             "train.precision": "fp32", "train.phi": 0.5}
     _, prepared = sampled_base(tiny_config, tmp_path, {**DIST, **lora})
     two = prepared("two", **{"train.grad_accum": 1})
     one = prepared("one", **{"train.grad_accum": 2})
-    launch(["-m", "orpo_distill.cli", "train", str(two), "--no-progress"], tmp_path / "two.log")
+    script = (["-m", "orpo_distill.cli"] if strategy == "ddp" else
+              [str(Path(__file__).with_name("dist_deepspeed_train.py")), "3"])
+    launch([*script, "train", str(two), "--no-progress"], tmp_path / "two.log")
     assert cli.main(["train", str(one), "--no-progress"]) == 0
 
+    epochs = [r for r in read_metrics(tmp_path / "two" / "metrics.jsonl") if r["event"] == "epoch"]
+    assert {r["distributed"] for r in epochs} == {"MULTI_CPU" if strategy == "ddp" else "DEEPSPEED"}
     rows_two, rows_one = train_rows(tmp_path / "two"), train_rows(tmp_path / "one")
     assert len(rows_two) == len(rows_one) >= 4
     for a, b in zip(rows_two, rows_one):
@@ -205,6 +218,10 @@ def test_lora_under_two_processes_trains_and_refreshes_like_one(tiny_config: Any
         torch.testing.assert_close(a_two[k], a_one[k], rtol=1e-4, atol=1e-5, msg=k)
     # LoRA's B matrices start at zero: a non-zero one shows that the adapter compared above learned
     assert any("lora_B" in k and a_one[k].abs().max() > 0 for k in a_one)
+    m_two, m_one = (load_file(str(tmp_path / d / "model" / "model.safetensors")) for d in ("two", "one"))
+    assert m_two.keys() == m_one.keys() and not any("lora" in k for k in m_one)  # merged into whole weights
+    for k in m_one:
+        torch.testing.assert_close(m_two[k], m_one[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
 def prepared_from(tiny_config: Any, tmp_path: Path, name: str, **over: Any) -> Path:
@@ -275,13 +292,14 @@ def _launch_cmd(args: list[str], processes: int = 2) -> tuple[list[str], dict[st
     return cmd, {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 
 
-def test_fsdp2_training_with_the_refresh_matches_one_process_and_resumes_after_kill_9(tiny_config: Any,
-                                                                                     tmp_path: Path) -> None:
-    """The trainer under Accelerate's FSDP2 plugin on two gloo ranks (dist_fsdp_train.py: the plugin set up
-    as on GPUs), a mixed-policy run (phi 0.5) with a refresh and per-epoch evaluation: the same per-step
-    losses, the same refreshed samples and the same final weights as one unsharded process with the same
-    global batch. Then the FSDP2 run again, SIGKILLed during epoch 2 and relaunched: it resumes from its
-    epoch-1 checkpoint (full weights and full optimizer state) and ends with the same weights."""
+def _sharded_run_matches_one_and_resumes_after_kill_9(tiny_config: Any, tmp_path: Path, script: list[str],
+                                                     distributed: str, accum: int = 1) -> Path:
+    """A sharded trainer (``script``: a harness that sets up Accelerate's plugin, then the CLI) on two gloo
+    ranks, a mixed-policy run (phi 0.5) with a refresh and per-epoch evaluation: the same per-step losses,
+    the same refreshed samples and the same final weights as one unsharded process with the same global
+    batch (``accum`` micro-batches a rank a step against ``2 x accum`` in the one process). Then again,
+    SIGKILLed during epoch 2 and relaunched: it resumes from its epoch-1 checkpoint (full weights and the
+    optimizer state) and ends with the same weights. Returns the epoch-1 checkpoint."""
     import signal
     import time
 
@@ -290,35 +308,32 @@ def test_fsdp2_training_with_the_refresh_matches_one_process_and_resumes_after_k
     _, prepared = sampled_base(tiny_config, tmp_path, {**DIST, "train.policy": "mixed", "train.phi": 0.5,
                                                        "dataset.train_size": 12})
 
-    script = str(Path(__file__).with_name("dist_fsdp_train.py"))
-    fsdp = prepared("fsdp", **{"train.grad_accum": 1, "eval.every_epoch": True})
-    one = prepared("one", **{"train.grad_accum": 2, "eval.every_epoch": True})
-    killed = prepared("killed", **{"train.grad_accum": 1, "eval.every_epoch": True})
-    launch([script, "train", str(fsdp), "--no-progress"], tmp_path / "fsdp.log")
+    sharded = prepared("sharded", **{"train.grad_accum": accum, "eval.every_epoch": True})
+    one = prepared("one", **{"train.grad_accum": 2 * accum, "eval.every_epoch": True})
+    killed = prepared("killed", **{"train.grad_accum": accum, "eval.every_epoch": True})
+    launch([*script, "train", str(sharded), "--no-progress"], tmp_path / "sharded.log")
     assert cli.main(["train", str(one), "--no-progress"]) == 0
 
-    epochs = [r for r in read_metrics(tmp_path / "fsdp" / "metrics.jsonl") if r["event"] == "epoch"]
-    assert {r["distributed"] for r in epochs} == {"FSDP"} and {r["processes"] for r in epochs} == {2}
-    rows_fsdp, rows_one = train_rows(tmp_path / "fsdp"), train_rows(tmp_path / "one")
-    assert len(rows_fsdp) == len(rows_one) >= 6
-    for a, b in zip(rows_fsdp, rows_one):
+    epochs = [r for r in read_metrics(tmp_path / "sharded" / "metrics.jsonl") if r["event"] == "epoch"]
+    assert {r["distributed"] for r in epochs} == {distributed} and {r["processes"] for r in epochs} == {2}
+    rows_sharded, rows_one = train_rows(tmp_path / "sharded"), train_rows(tmp_path / "one")
+    assert len(rows_sharded) == len(rows_one) >= 6 // accum
+    for a, b in zip(rows_sharded, rows_one):
         for k in ("loss", "nll", "or_loss", "reward_accuracy", "lr"):
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (a["step"], k)
     refreshed = {name: sorted((x["id"], x["sample"], x["text"]) for x in map(json.loads, (
-        tmp_path / name / "student" / "epoch_2.jsonl").read_text().splitlines())) for name in ("fsdp", "one")}
-    assert refreshed["fsdp"] == refreshed["one"] and refreshed["one"]
-    summary = json.loads((tmp_path / "fsdp" / "eval" / "summary.json").read_text())
+        tmp_path / name / "student" / "epoch_2.jsonl").read_text().splitlines())) for name in ("sharded", "one")}
+    assert refreshed["sharded"] == refreshed["one"] and refreshed["one"]
+    summary = json.loads((tmp_path / "sharded" / "eval" / "summary.json").read_text())
     assert sorted(summary) == ["eval_epoch_1", "eval_epoch_2"]
-    w_fsdp, w_one = (load_file(str(tmp_path / d / "model" / "model.safetensors")) for d in ("fsdp", "one"))
-    assert w_fsdp.keys() == w_one.keys()
+    w_sharded, w_one = (load_file(str(tmp_path / d / "model" / "model.safetensors")) for d in ("sharded", "one"))
+    assert w_sharded.keys() == w_one.keys()
     for k in w_one:
-        torch.testing.assert_close(w_fsdp[k], w_one[k], rtol=1e-4, atol=1e-5, msg=k)
-    state = torch.load(tmp_path / "fsdp" / "checkpoints" / "epoch_1" / "optimizer.pt", weights_only=False)
-    assert state["state"], "the FSDP2 checkpoint holds the optimizer's state"
+        torch.testing.assert_close(w_sharded[k], w_one[k], rtol=1e-4, atol=1e-5, msg=k)
 
     # kill -9 in epoch 2 (its refresh: epoch 1's checkpoint and evaluation are done; the tiny model's six
     # training steps are too quick to hit), then relaunch: resumes from epoch 1
-    cmd, env = _launch_cmd([script, "train", str(killed), "--no-progress"])
+    cmd, env = _launch_cmd([*script, "train", str(killed), "--no-progress"])
     metrics = tmp_path / "killed" / "metrics.jsonl"
     with (tmp_path / "killed.log").open("wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -334,11 +349,41 @@ def test_fsdp2_training_with_the_refresh_matches_one_process_and_resumes_after_k
     assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text(errors="replace")[-3000:]
     assert not (tmp_path / "killed" / "checkpoints" / "epoch_2").exists()
     assert (tmp_path / "killed" / "checkpoints" / "epoch_1" / "state.json").is_file()
-    launch([script, "train", str(killed), "--no-progress"], tmp_path / "resumed.log")
+    launch([*script, "train", str(killed), "--no-progress"], tmp_path / "resumed.log")
     assert any(r["event"] == "resume" for r in read_metrics(tmp_path / "killed" / "metrics.jsonl"))
+    assert not list((tmp_path / "killed" / "checkpoints").glob(".*")), "a staging folder was left behind"
     w_killed = load_file(str(tmp_path / "killed" / "model" / "model.safetensors"))
     for k in w_one:
-        torch.testing.assert_close(w_killed[k], w_fsdp[k], rtol=1e-5, atol=1e-6, msg=k)
+        torch.testing.assert_close(w_killed[k], w_sharded[k], rtol=1e-5, atol=1e-6, msg=k)
+    return tmp_path / "sharded" / "checkpoints" / "epoch_1"
+
+
+def test_fsdp2_training_with_the_refresh_matches_one_process_and_resumes_after_kill_9(tiny_config: Any,
+                                                                                     tmp_path: Path) -> None:
+    """The trainer under Accelerate's FSDP2 plugin (dist_fsdp_train.py: the plugin set up as on GPUs); its
+    checkpoint holds the gathered full optimizer state."""
+    ckpt = _sharded_run_matches_one_and_resumes_after_kill_9(
+        tiny_config, tmp_path, [str(Path(__file__).with_name("dist_fsdp_train.py"))], "FSDP")
+    state = torch.load(ckpt / "optimizer.pt", weights_only=False)
+    assert state["state"], "the FSDP2 checkpoint holds the optimizer's state"
+
+
+@deepspeed_installed
+@pytest.mark.parametrize("stage, accum", [(2, 2), (3, 1)])
+def test_deepspeed_training_with_the_refresh_matches_one_process_and_resumes_after_kill_9(
+        tiny_config: Any, tmp_path: Path, stage: int, accum: int) -> None:
+    """The trainer under Accelerate's DeepSpeed plugin, ZeRO-2 and ZeRO-3 (dist_deepspeed_train.py: the
+    plugin set up as on GPUs; DeepSpeed's CPU accelerator over gloo). ZeRO-2 accumulates two micro-batches a
+    rank a step (DeepSpeed steps only on the last: the sync flag the loop sets). Under ZeRO-3 the refresh
+    and the per-epoch evaluation sample with the weights gathered in place (whole_weights). The checkpoint
+    holds every rank's partition of the optimizer state in DeepSpeed's layout, and the full weights."""
+    ckpt = _sharded_run_matches_one_and_resumes_after_kill_9(
+        tiny_config, tmp_path, [str(Path(__file__).with_name("dist_deepspeed_train.py")), str(stage)], "DEEPSPEED",
+        accum=accum)
+    assert not (ckpt / "optimizer.pt").exists()
+    partitions = sorted(p.name for p in (ckpt / "deepspeed" / "state").glob("*optim_states.pt"))
+    assert len(partitions) == 2, partitions  # one a rank
+    assert (ckpt / "model.safetensors").is_file()
 
 
 def test_an_fsdp2_checkpoint_resumes_to_the_weights_of_an_uninterrupted_run(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -361,7 +406,7 @@ def test_an_fsdp2_checkpoint_resumes_to_the_weights_of_an_uninterrupted_run(tiny
 @pytest.mark.parametrize("kind, stage, over, refused", [
     ("FSDP", None, {}, True),  # FSDP1: mixed policy refreshes and per-epoch eval both need whole weights
     ("FSDP", "fsdp2", {}, False),  # FSDP2: gathered for sampling (the test above)
-    ("DEEPSPEED", 3, {}, True),
+    ("DEEPSPEED", 3, {}, False),  # ZeRO-3: gathered in place for sampling (the DeepSpeed test above)
     ("DEEPSPEED", 2, {}, False),  # ZeRO-2 keeps whole weights on every rank
     ("MULTI_GPU", None, {}, False),
     ("FSDP", None, {"train.phi": 0.0, "eval.every_epoch": False}, False),
@@ -382,7 +427,7 @@ def test_sharded_weights_are_refused_where_training_samples_from_the_model(tiny_
                           state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage)))
     distiller = SimpleNamespace(cfg=cfg, tcfg=cfg.train)
     if refused:
-        with pytest.raises(UserError, match="FSDP1 shards|ZeRO-3 shards"):
+        with pytest.raises(UserError, match="FSDP1 shards"):
             Distiller._check_sharding(distiller, acc)
     else:
         Distiller._check_sharding(distiller, acc)
@@ -480,3 +525,17 @@ def test_one_and_two_processes_sample_the_same_store(tiny_config: Any, tmp_path:
     for (qid, _), text in one.items():
         by_question.setdefault(qid, set()).add(text)
     assert all(len(texts) == 3 for texts in by_question.values())  # K distinct samples per question
+
+
+@pytest.mark.parametrize("value, expected", [("auto", 0.5), (None, 0.5), (0.5, 0.5), ("missing", 0.5), (1.0, None)])
+def test_deepspeed_clips_at_train_max_grad_norm_or_the_run_is_refused(value: Any, expected: Any) -> None:
+    from orpo_distill.distributed import align_deepspeed_clipping
+    from orpo_distill.errors import UserError
+
+    config: dict[str, Any] = {} if value == "missing" else {"gradient_clipping": value}
+    if expected is None:
+        with pytest.raises(UserError, match="gradient_clipping.*train.max_grad_norm"):
+            align_deepspeed_clipping(config, 0.5)
+    else:
+        align_deepspeed_clipping(config, 0.5)
+        assert config["gradient_clipping"] == expected

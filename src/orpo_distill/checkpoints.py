@@ -6,6 +6,13 @@ adapter), the tokenizer, the optimizer and scheduler states, every RNG state, th
 mid-write leaves either the previous checkpoint or the complete new one, never half of one; leftover
 temp folders are removed on the next start (and at once when the write fails, a full disk say, to give the
 space back).
+
+Under DeepSpeed (ZeRO-1/2/3) no rank holds the optimizer state (ZeRO-3: nor the weights): every rank writes
+its partition with DeepSpeed's own ``save_checkpoint`` into a staging folder beside the temp folder
+(:func:`save_deepspeed_state`), which the main process moves into the checkpoint as ``deepspeed/`` before
+the rename; a resume under DeepSpeed with the same number of processes loads it back
+(:func:`load_deepspeed_state`). The full weights are saved beside it as for any run, so ``student.model``
+can start a new run from them on any setup.
 """
 
 from __future__ import annotations
@@ -43,17 +50,57 @@ def checkpoint_dir(run_dir: Path, epoch: int) -> Path:
     return RunLayout(run_dir).checkpoint(epoch)
 
 
+DEEPSPEED_DIR = "deepspeed"  # a checkpoint's DeepSpeed state: every rank's partition, DeepSpeed's own layout
+_DEEPSPEED_TAG = "state"
+
+
+def deepspeed_staging(run_dir: Path, epoch: int) -> Path:
+    """Where the ranks write epoch ``epoch``'s DeepSpeed state before it moves into the checkpoint."""
+    final = checkpoint_dir(run_dir, epoch)
+    return final.with_name(f".{final.name}.deepspeed.tmp")
+
+
+def save_deepspeed_state(engine: Any, run_dir: Path, epoch: int) -> Path:
+    """Every rank writes its partition of the model and optimizer state (DeepSpeed's ``save_checkpoint``,
+    a collective every rank enters) into :func:`deepspeed_staging`; returns that folder."""
+    staging = deepspeed_staging(run_dir, epoch)
+    engine.save_checkpoint(str(staging), tag=_DEEPSPEED_TAG, save_latest=False)
+    return staging
+
+
+def load_deepspeed_state(engine: Any, checkpoint: Path, world_size: int) -> None:
+    """Load the partitions :func:`save_deepspeed_state` wrote back into ``engine`` (every rank, its own),
+    refusing a checkpoint written by another number of processes (ZeRO partitions by rank)."""
+    folder = checkpoint / DEEPSPEED_DIR
+    if not folder.is_dir():
+        raise UserError(f"{checkpoint} holds no DeepSpeed state (it was written by a run without DeepSpeed), so "
+                        "a DeepSpeed run cannot resume its optimizer from it. Resume it as it was trained, or start "
+                        f"a new run with student.model={checkpoint} to go on training from these weights.")
+    saved = json.loads((checkpoint / STATE).read_text(encoding="utf-8")).get("world_size")
+    if saved is not None and saved != world_size:
+        raise UserError(f"{checkpoint} was written by {saved} DeepSpeed processes and this run has {world_size}: "
+                        "ZeRO splits the optimizer state by rank, so resume it with the same number of processes, or "
+                        f"start a new run with student.model={checkpoint} to go on from its weights.")
+    path, _ = engine.load_checkpoint(str(folder), tag=_DEEPSPEED_TAG, load_optimizer_states=True,
+                                     load_lr_scheduler_states=False)
+    if path is None:
+        raise UserError(f"DeepSpeed could not load the state in {folder}")
+
+
 def save_checkpoint(run_dir: Path, epoch: int, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any,
                     buffer: dict[str, Any], state: dict[str, Any], state_dict: dict[str, Any] | None = None,
-                    optimizer_state: dict[str, Any] | None = None) -> Path:
+                    optimizer_state: dict[str, Any] | None = None, deepspeed_state: Path | None = None) -> Path:
     """Write ``checkpoints/epoch_E`` whole. ``state_dict``: the full weights gathered from a sharded
     model (FSDP, ZeRO-3); None saves ``model``'s own. ``optimizer_state``: the optimizer's full state
-    gathered from an FSDP2 model (:func:`full_optimizer_state`), saved instead of ``optimizer``'s."""
+    gathered from an FSDP2 model (:func:`full_optimizer_state`), saved instead of ``optimizer``'s.
+    ``deepspeed_state``: the folder :func:`save_deepspeed_state` wrote, moved in as ``deepspeed/``."""
     final = checkpoint_dir(run_dir, epoch)
     tmp = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
+        if deepspeed_state is not None:
+            os.replace(deepspeed_state, tmp / DEEPSPEED_DIR)
         state_dict = without_tied_copies(model, state_dict)
         model.save_pretrained(tmp, **({} if state_dict is None else {"state_dict": state_dict}))
         tokenizer.save_pretrained(tmp)
@@ -65,9 +112,10 @@ def save_checkpoint(run_dir: Path, epoch: int, model: Any, tokenizer: Any, optim
         _torch_save(rng_state(), tmp / "rng.pt")
         (tmp / "buffer.json").write_text(json.dumps(buffer), encoding="utf-8")
         (tmp / STATE).write_text(json.dumps({**state, "epoch": epoch}, indent=2), encoding="utf-8")
-        for f in tmp.iterdir():  # make the contents durable before the rename publishes them
-            with f.open("rb") as fh:
-                os.fsync(fh.fileno())
+        for f in tmp.rglob("*"):  # make the contents durable before the rename publishes them
+            if f.is_file():
+                with f.open("rb") as fh:
+                    os.fsync(fh.fileno())
     except Exception as e:  # a full disk, say: free what was written; the previous checkpoint stands
         shutil.rmtree(tmp, ignore_errors=True)
         disk = storage_error(e)
@@ -101,7 +149,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     root = RunLayout(run_dir).checkpoints
     if not root.is_dir():
         return None
-    for stale in root.glob(".epoch_*.tmp"):
+    for stale in root.glob(".epoch_*.tmp"):  # .epoch_E.tmp and .epoch_E.deepspeed.tmp
         shutil.rmtree(stale, ignore_errors=True)
     done = [p for p in root.glob("epoch_*") if (p / STATE).is_file() and epoch_of(p) is not None]
     if not done:
@@ -118,16 +166,30 @@ def full_optimizer_state(model: Any, optimizer: Any) -> dict[str, Any]:
     return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def load_training_state(path: Path, optimizer: Any, scheduler: Any,
-                        model: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
+def load_training_state(path: Path, optimizer: Any, scheduler: Any, model: Any = None, deepspeed_engine: Any = None,
+                        world_size: int = 1) -> tuple[dict[str, Any], dict[str, Any]]:
     """Restore optimizer, scheduler and RNG from a checkpoint; returns (state, buffer). ``model``: the
-    FSDP2 model whose shards take the saved full optimizer state (every rank reads it and keeps its share)."""
-    if not (path / "optimizer.pt").is_file():
-        raise UserError(
-            f"{path} holds the model but not the optimizer state (it was written by a sharded FSDP1/DeepSpeed run, "
-            "whose optimizer state is split over the ranks; resuming those is not supported yet: FSDP2 runs "
-            f"resume). Start a new run with student.model={path} to go on training from these weights."
-        )
+    FSDP2 model whose shards take the saved full optimizer state (every rank reads it and keeps its share).
+    ``deepspeed_engine``: the DeepSpeed engine that loads its partitions back (:func:`load_deepspeed_state`)."""
+    if deepspeed_engine is not None:
+        load_deepspeed_state(deepspeed_engine, path, world_size)
+    elif not (path / "optimizer.pt").is_file():
+        how = ("a DeepSpeed run, whose optimizer state is split over its ranks: resume it under DeepSpeed with the "
+               "same number of processes" if (path / DEEPSPEED_DIR).is_dir() else
+               "a sharded FSDP1 run, whose optimizer state is split over the ranks: resuming those is not supported "
+               "yet (FSDP2, DDP and DeepSpeed runs resume)")
+        raise UserError(f"{path} holds the model but not the optimizer state (it was written by {how}). Start a new "
+                        f"run with student.model={path} to go on training from these weights.")
+    else:
+        _load_optimizer(path, optimizer, model)
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+    state = json.loads((path / STATE).read_text(encoding="utf-8"))
+    buffer = json.loads((path / "buffer.json").read_text(encoding="utf-8"))
+    return state, buffer
+
+
+def _load_optimizer(path: Path, optimizer: Any, model: Any) -> None:
     saved = torch.load(path / "optimizer.pt", weights_only=False)
     if model is not None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -136,8 +198,3 @@ def load_training_state(path: Path, optimizer: Any, scheduler: Any,
                                  options=StateDictOptions(full_state_dict=True))
     else:
         optimizer.load_state_dict(saved)
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
-    state = json.loads((path / STATE).read_text(encoding="utf-8"))
-    buffer = json.loads((path / "buffer.json").read_text(encoding="utf-8"))
-    return state, buffer

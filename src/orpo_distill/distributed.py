@@ -141,3 +141,19 @@ def step_plan(num_micro_batches: int, grad_accum: int, rank_: int, world: int) -
     then runs a zero-weight copy so that the gradient all-reduce stays in step)."""
     lo, hi = rank_ * grad_accum, (rank_ + 1) * grad_accum
     return [members[lo:hi] for members in step_members(num_micro_batches, grad_accum, world)]
+
+
+def align_deepspeed_clipping(ds_config: dict[str, Any], max_grad_norm: float) -> None:
+    """Under DeepSpeed the clipping is DeepSpeed's own (its ``gradient_clipping``; Accelerate's
+    ``clip_grad_norm_`` only reads the norm back), so the run clips at ``train.max_grad_norm`` only if the two
+    agree: fill an ``auto`` or missing value with it, and refuse a config that says otherwise."""
+    value = ds_config.get("gradient_clipping", "auto")
+    if value in ("auto", None):
+        ds_config["gradient_clipping"] = max_grad_norm
+        return
+    from .errors import UserError
+
+    if float(value) != float(max_grad_norm):
+        raise UserError(f"the DeepSpeed config clips gradients at {value} (gradient_clipping) and train.max_grad_norm "
+                        f"is {max_grad_norm}: DeepSpeed clips inside its own step, so set one to the other (or "
+                        "gradient_clipping to \"auto\", which takes train.max_grad_norm)")

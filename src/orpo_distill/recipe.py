@@ -25,7 +25,8 @@ import torch
 
 from . import distributed
 from .batching import group_pairs, tokenize_pair
-from .checkpoints import full_optimizer_state, latest_checkpoint, load_training_state, save_checkpoint
+from .checkpoints import (full_optimizer_state, latest_checkpoint, load_training_state, save_checkpoint,
+                          save_deepspeed_state)
 from .config import PhiRamp, RunConfig
 from .epoch_rows import EpochData, Messages, chosen_texts, epoch_rows, examples_upper_bound, group_traces, largest_group
 from .errors import UserError
@@ -40,7 +41,7 @@ from .records import Record
 from .store import atomic_write_jsonl, settings_hash
 from .student_weights import export_student, load_trainable_student
 from .training import SftExample, make_optimizer, make_scheduler, steps_per_epoch, train_epoch
-from .whole_weights import is_fsdp2, whole_model
+from .whole_weights import is_fsdp2, weights_to_save, whole_model
 
 __all__ = ["Distiller", "TrainingInputs", "EpochData", "chosen_texts", "tokenize_rows", "uses_student_negatives"]
 
@@ -201,8 +202,12 @@ class Distiller:
         acc = Accelerator(cpu=pick_device(self.cfg.local_student.device).type == "cpu")
         self._check_sharding(acc)
         # FSDP and DeepSpeed split weights or optimizer state over the ranks: the full weights are gathered
-        # (a collective, so every rank calls get_state_dict) and the optimizer state is not saved
+        # (a collective, so every rank calls get_state_dict); the optimizer state is gathered whole (FSDP2) or
+        # saved by every rank, its own partition (DeepSpeed, in DeepSpeed's layout)
         gather_weights = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
+        if deepspeed:
+            distributed.align_deepspeed_clipping(acc.state.deepspeed_plugin.deepspeed_config, t.max_grad_norm)
         ckpt = latest_checkpoint(self.layout.root)
         state: dict[str, Any] = {"global_step": 0}
         settings = training_settings(self.cfg)
@@ -225,7 +230,9 @@ class Distiller:
         model, optimizer = acc.prepare(model, optimizer)
         start = 1
         if ckpt is not None:
-            state, buffer = load_training_state(ckpt, optimizer, scheduler, model=model if is_fsdp2(model) else None)
+            state, buffer = load_training_state(ckpt, optimizer, scheduler, model=model if is_fsdp2(model) else None,
+                                                deepspeed_engine=model if deepspeed else None,
+                                                world_size=acc.num_processes)
             self.buffer = NegativeBuffer.from_dict(buffer)
             start = state["epoch"] + 1
             self.metrics.log("resume", checkpoint=str(ckpt), epoch=state["epoch"])
@@ -251,36 +258,35 @@ class Distiller:
                              distributed=str(getattr(acc.distributed_type, "value", acc.distributed_type)),
                              precision=result.precision,
                              device=acc.device.type, cpu=cpu_name())
-            full_state = acc.get_state_dict(model) if gather_weights else None
             optimizer_state = full_optimizer_state(model, optimizer) if is_fsdp2(model) else None  # collective
-            if acc.is_main_process:
-                save_checkpoint(self.layout.root, epoch, acc.unwrap_model(model), self.tokenizer,
-                                None if gather_weights else optimizer, scheduler, self.buffer.to_dict(),
-                                {"global_step": global_step, "world_size": acc.num_processes, **record},
-                                state_dict=full_state, optimizer_state=optimizer_state)
+            staged = save_deepspeed_state(model, self.layout.root, epoch) if deepspeed else None  # collective
+            with weights_to_save(acc, model, gather_weights) as (module, full_state):  # collective
+                if acc.is_main_process:
+                    save_checkpoint(self.layout.root, epoch, module, self.tokenizer,
+                                    None if gather_weights else optimizer, scheduler, self.buffer.to_dict(),
+                                    {"global_step": global_step, "world_size": acc.num_processes, **record},
+                                    state_dict=full_state, optimizer_state=optimizer_state, deepspeed_state=staged)
             acc.wait_for_everyone()
             if self.cfg.eval.every_epoch and self.inputs.evaluate is not None:
                 with whole_model(acc.unwrap_model(model)) as whole:
                     self.inputs.evaluate(epoch, whole, self.tokenizer)
-        full_state = acc.get_state_dict(model) if gather_weights else None
-        if acc.is_main_process:
-            self.export(acc.unwrap_model(model), full_state)
+        with weights_to_save(acc, model, gather_weights) as (module, full_state):  # collective
+            if acc.is_main_process:
+                self.export(module, full_state)
         acc.wait_for_everyone()
         return {"epochs": t.epochs, "resumed_from": start - 1, "trained": True, "global_step": global_step}
 
     def _check_sharding(self, acc: Any) -> None:
         """Sampling during training (the refresh, per-epoch evaluation) needs the whole weights on every
-        rank: FSDP2 gathers them (``whole_weights``); FSDP1 and ZeRO-3, which this trainer cannot gather
-        for generation yet, are refused before training starts."""
+        rank: FSDP2 and ZeRO-3 gather them (``whole_weights``); FSDP1, which this trainer cannot gather for
+        generation, is refused before training starts."""
         from accelerate.utils import DistributedType
 
-        plugin = getattr(acc.state, "deepspeed_plugin", None)
         fsdp1 = acc.distributed_type == DistributedType.FSDP and not getattr(acc, "is_fsdp2", False)
-        zero3 = acc.distributed_type == DistributedType.DEEPSPEED and getattr(plugin, "zero_stage", 0) == 3
-        if (fsdp1 or zero3) and (refreshes(self.cfg) or self.cfg.eval.every_epoch):
+        if fsdp1 and (refreshes(self.cfg) or self.cfg.eval.every_epoch):
             raise UserError(
-                f"{'FSDP1' if fsdp1 else 'DeepSpeed ZeRO-3'} shards the weights over the ranks, and the mixed-policy "
-                "refresh and per-epoch evaluation sample from the whole model during training, which this trainer "
-                "gathers only under FSDP2. Use FSDP2 (fsdp_version: 2, configs/accelerate/fsdp.yaml), DDP or ZeRO-2 "
-                "(configs/accelerate/ddp.yaml, deepspeed-zero2.yaml), or set "
+                "FSDP1 shards the weights over the ranks as flat parameters, and the mixed-policy refresh and "
+                "per-epoch evaluation sample from the whole model during training, which this trainer gathers only "
+                "under FSDP2 and DeepSpeed ZeRO-3. Use FSDP2 (fsdp_version: 2, configs/accelerate/fsdp.yaml), "
+                "ZeRO-3 (deepspeed-zero3.yaml), DDP or ZeRO-2 (ddp.yaml, deepspeed-zero2.yaml), or set "
                 "eval.every_epoch=false with train.phi=0 or pairs.negatives=teacher.")

@@ -10,8 +10,15 @@ rank enters, as the refresh does), builds a plain copy of the model from it on t
 yields it for sampling and frees it: the gather costs one extra copy of the weights per rank (in the
 training dtype) for the length of the refresh; docs/scaling.md says when to prefer the vllm path.
 
-FSDP1 (flat parameters) and DeepSpeed ZeRO-3 are not handled here: the trainer refuses to sample from
-them (``Distiller._check_sharding``).
+Under DeepSpeed ZeRO-3 (every parameter a placeholder with a ``ds_id``, its data partitioned over the
+ranks) the weights are gathered in place instead, as TRL's ``unwrap_model_for_generation`` does:
+DeepSpeed's ``GatheredParameters`` all-gathers every parameter once on entry (a collective every rank
+enters) and re-partitions on exit; inside it ZeRO-3's forward hooks find each parameter present and
+fetch nothing, so ranks may decode different numbers of steps. The cost is the same: the whole weights
+on every rank for the length of the refresh.
+
+FSDP1 (flat parameters) is not handled here: the trainer refuses to sample from it
+(``Distiller._check_sharding``).
 """
 
 from __future__ import annotations
@@ -28,10 +35,22 @@ def is_fsdp2(model: nn.Module) -> bool:
     return any(type(p).__name__ == "DTensor" for p in model.parameters())
 
 
+def is_zero3(model: nn.Module) -> bool:
+    """Whether ``model``'s parameters are DeepSpeed ZeRO-3 placeholders (they carry a ``ds_id``)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
 @contextmanager
 def whole_model(model: nn.Module) -> Iterator[nn.Module]:
-    """``model`` itself when this rank holds all of it; under FSDP2 a plain copy with the gathered weights
-    (every rank must enter: the gather is a collective), in eval mode, freed on exit."""
+    """``model`` itself when this rank holds all of it; under FSDP2 a plain copy with the gathered weights,
+    in eval mode, freed on exit; under ZeRO-3 ``model`` itself with its weights gathered in place until exit
+    (every rank must enter either: the gather is a collective)."""
+    if is_zero3(model):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            yield model
+        return
     if not is_fsdp2(model):
         yield model
         return
@@ -42,6 +61,21 @@ def whole_model(model: nn.Module) -> Iterator[nn.Module]:
         del copy
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+@contextmanager
+def weights_to_save(accelerator: Any, model: nn.Module, sharded: bool) -> Iterator[tuple[nn.Module, Any]]:
+    """``(module, state_dict)`` for a checkpoint or the export, entered by every rank (the gathers are
+    collectives; the main process writes). Unsharded: the module, None (it saves its own weights). FSDP,
+    ZeRO-1/2: the module and the full state dict gathered by Accelerate. ZeRO-3: the module with its
+    weights gathered in place (``whole_model``) and None, so that it saves, or merges a LoRA adapter into,
+    whole weights itself."""
+    unwrapped = accelerator.unwrap_model(model)
+    if is_zero3(unwrapped):
+        with whole_model(unwrapped) as whole:
+            yield whole, None
+    else:
+        yield unwrapped, accelerator.get_state_dict(model) if sharded else None
 
 
 def gathered_copy(model: nn.Module) -> nn.Module:
