@@ -187,24 +187,25 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tiny_config: An
         torch.testing.assert_close(w_resumed[k], w_one[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", pytest.param("zero3", marks=deepspeed_installed)])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", pytest.param("zero3", marks=deepspeed_installed)])
 def test_lora_under_two_processes_trains_and_refreshes_like_one(tiny_config: Any, tmp_path: Path, strategy: str) -> None:
-    """A LoRA student (PEFT adapter) under DDP and under DeepSpeed ZeRO-3 (the frozen base and the adapter
-    both partitioned; gathered in place for the refresh and for the export's merge) with the mixed-policy
-    refresh: the same per-step losses, the same refreshed samples and the same adapter in model/adapter as
-    one process with the same global batch."""
+    """A LoRA student (PEFT adapter) under DDP, FSDP2 (a gathered PEFT copy for the refresh, the
+    checkpoints and the export's merge) and DeepSpeed ZeRO-3 (the frozen base and the adapter both
+    partitioned; gathered in place) with the mixed-policy refresh: the same per-step losses, the same
+    refreshed samples, the same adapter in model/adapter and merged model as one process with the same
+    global batch; and a resume from the epoch-1 checkpoint that ends with the same adapter."""
     lora = {"train.lora.enabled": True, "train.lora.r": 4, "train.lora.alpha": 8, "train.lr": 5e-3,
             "train.precision": "fp32", "train.phi": 0.5}
     _, prepared = sampled_base(tiny_config, tmp_path, {**DIST, **lora})
     two = prepared("two", **{"train.grad_accum": 1})
     one = prepared("one", **{"train.grad_accum": 2})
-    script = (["-m", "orpo_distill.cli"] if strategy == "ddp" else
-              [str(Path(__file__).with_name("dist_deepspeed_train.py")), "3"])
+    script = {"ddp": ["-m", "orpo_distill.cli"], "fsdp2": [str(Path(__file__).with_name("dist_fsdp_train.py"))],
+              "zero3": [str(Path(__file__).with_name("dist_deepspeed_train.py")), "3"]}[strategy]
     launch([*script, "train", str(two), "--no-progress"], tmp_path / "two.log")
     assert cli.main(["train", str(one), "--no-progress"]) == 0
 
     epochs = [r for r in read_metrics(tmp_path / "two" / "metrics.jsonl") if r["event"] == "epoch"]
-    assert {r["distributed"] for r in epochs} == {"MULTI_CPU" if strategy == "ddp" else "DEEPSPEED"}
+    assert {r["distributed"] for r in epochs} == {{"ddp": "MULTI_CPU", "fsdp2": "FSDP", "zero3": "DEEPSPEED"}[strategy]}
     rows_two, rows_one = train_rows(tmp_path / "two"), train_rows(tmp_path / "one")
     assert len(rows_two) == len(rows_one) >= 4
     for a, b in zip(rows_two, rows_one):
@@ -222,6 +223,16 @@ def test_lora_under_two_processes_trains_and_refreshes_like_one(tiny_config: Any
     assert m_two.keys() == m_one.keys() and not any("lora" in k for k in m_one)  # merged into whole weights
     for k in m_one:
         torch.testing.assert_close(m_two[k], m_one[k], rtol=1e-4, atol=1e-5, msg=k)
+
+    # resume: without epoch 2's checkpoint and the export, the sharded run trains epoch 2 again from epoch 1's
+    # (the adapter and the optimizer state) and ends with the same adapter
+    shutil.rmtree(tmp_path / "two" / "checkpoints" / "epoch_2")
+    shutil.rmtree(tmp_path / "two" / "model")
+    launch([*script, "train", str(two), "--no-progress"], tmp_path / "resumed.log")
+    assert [r["epoch"] for r in read_metrics(tmp_path / "two" / "metrics.jsonl") if r["event"] == "resume"] == [1]
+    a_resumed = load_file(str(tmp_path / "two" / "model" / "adapter" / "adapter_model.safetensors"))
+    for k in a_one:
+        torch.testing.assert_close(a_resumed[k], a_two[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
 def prepared_from(tiny_config: Any, tmp_path: Path, name: str, **over: Any) -> Path:

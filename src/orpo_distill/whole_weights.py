@@ -67,11 +67,11 @@ def whole_model(model: nn.Module) -> Iterator[nn.Module]:
 def weights_to_save(accelerator: Any, model: nn.Module, sharded: bool) -> Iterator[tuple[nn.Module, Any]]:
     """``(module, state_dict)`` for a checkpoint or the export, entered by every rank (the gathers are
     collectives; the main process writes). Unsharded: the module, None (it saves its own weights). FSDP,
-    ZeRO-1/2: the module and the full state dict gathered by Accelerate. ZeRO-3: the module with its
-    weights gathered in place (``whole_model``) and None, so that it saves, or merges a LoRA adapter into,
-    whole weights itself."""
+    ZeRO-1/2: the module and the full state dict gathered by Accelerate. ZeRO-3, and a LoRA student under
+    FSDP2: the whole model (``whole_model``: gathered in place, or a gathered copy) and None, so that it
+    saves its adapter, or merges it into whole weights, itself."""
     unwrapped = accelerator.unwrap_model(model)
-    if is_zero3(unwrapped):
+    if is_zero3(unwrapped) or (is_fsdp2(unwrapped) and getattr(unwrapped, "peft_config", None)):
         with whole_model(unwrapped) as whole:
             yield whole, None
     else:
@@ -79,14 +79,22 @@ def weights_to_save(accelerator: Any, model: nn.Module, sharded: bool) -> Iterat
 
 
 def gathered_copy(model: nn.Module) -> nn.Module:
-    """A plain (unsharded) model of ``model``'s class and config holding its full weights on this rank."""
+    """A plain (unsharded) model of ``model``'s class and config holding its full weights on this rank; for
+    a LoRA student (a PEFT model) the same adapter wrapped around a plain base, so the names match."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from transformers import AutoModelForCausalLM
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
     device = next(iter(full.values())).device if full else torch.device("cpu")
+    peft_config = getattr(model, "peft_config", None)
     with torch.device("meta"):
-        copy: Any = AutoModelForCausalLM.from_config(model.config)
+        if peft_config:
+            from peft import get_peft_model
+
+            base = AutoModelForCausalLM.from_config(model.get_base_model().config)
+            copy: Any = get_peft_model(base, peft_config[model.active_adapter])
+        else:
+            copy = AutoModelForCausalLM.from_config(model.config)
     copy.load_state_dict(full, strict=False, assign=True)
     # what the state dict does not hold: tied weights (one tensor under two names) and non-persistent
     # buffers (rotary frequencies), which FSDP does not shard
