@@ -289,6 +289,12 @@ def test_comparison_generates_shared_traces_once_and_reuses_them(tiny_config: An
     assert {("orpo-mixed", "sft-single"), ("orpo-mixed", "base"), ("sft-single", "base")} <= pairs
     md = (out / "comparison.md").read_text()
     assert "| sft-single |" in md and "| orpo-mixed |" in md and "base model (epoch 0)" in md
+    # the paper's claims the comparison's arms can speak to: claim 3 against the one SFT baseline it ran
+    assert [c["claim"] for c in saved["claims"]] == ["3. ORPO > SFT on CoT"]
+    (only,) = saved["claims"][0]["differences"]
+    assert (only["variant"], only["reference"]) == ("orpo-mixed", "sft-single") and only["ci95"] is not None
+    assert saved["claims"][0]["reading"] in ("held", "not held", "inconclusive")
+    assert "The paper's claims" in md and "orpo-mixed - sft-single" in md
     assert (out / "report.md").is_file() and (out / "report.html").is_file()
 
     # a rerun generates and trains nothing
@@ -470,3 +476,33 @@ def test_orpo_mixed_keeps_the_configs_phi_and_refuses_one_that_is_not_mixed(tmp_
     assert variant_config(off, tmp_path, "orpo-mixed@0.25", 0).train.phi == 0.25
     with pytest.raises(UserError, match=r"orpo-mixed\+lambda=0 keeps the config's train.phi, which is 0.0"):
         variant_config(off, tmp_path, "orpo-mixed+lambda=0", 0)
+
+
+def test_the_claims_are_read_from_their_paired_intervals_by_one_rule() -> None:
+    from orpo_distill.compare.claims import read_claims, reading
+
+    assert reading([[0.01, 0.05], [0.02, 0.10]]) == "held"
+    assert reading([[0.01, 0.05], [-0.02, 0.10]]) == "inconclusive"
+    assert reading([[0.01, 0.05], [-0.10, -0.02]]) == "not held"
+    assert reading([[0.01, 0.05], None]) == "incomplete"
+    assert reading([None, [-0.10, -0.01]]) == "not held"  # a contradiction needs no other figure
+
+    def row(a: str, b: str, lo: float, hi: float) -> dict:
+        return {"variant": a, "reference": b, "diff": (lo + hi) / 2, "ci95": [lo, hi], "seeds": 3, "questions": 200}
+
+    six = ["sft-single", "sft-diverse", "orpo-teacher-neg", "orpo-off", "orpo-on", "orpo-mixed"]
+    paired = [row("orpo-mixed", "orpo-off", 0.01, 0.04), row("orpo-off", "orpo-on", -0.03, 0.05),
+              row("orpo-mixed", "orpo-teacher-neg", 0.05, 0.2), row("orpo-off", "orpo-teacher-neg", 0.04, 0.1),
+              row("orpo-on", "orpo-teacher-neg", 0.01, 0.09), row("orpo-mixed", "sft-single", -0.02, 0.02),
+              row("orpo-mixed", "sft-diverse", -0.25, -0.08), row("orpo-mixed", "base", 0.3, 0.4)]
+    claims = {c["claim"][:2]: c for c in read_claims(paired, six)}
+    assert {k: c["reading"] for k, c in claims.items()} == {"1.": "inconclusive", "2.": "held", "3.": "not held"}
+    assert [(d["variant"], d["reference"], d["ci95"]) for d in claims["1."]["differences"]] == [
+        ("orpo-mixed", "orpo-off", [0.01, 0.04]), ("orpo-off", "orpo-on", [-0.03, 0.05])]
+    # a comparison still running: the arms are planned, a difference not measured yet
+    partial = read_claims(paired[:1], six)
+    assert partial[0]["reading"] == "incomplete" and partial[0]["differences"][1]["ci95"] is None
+    # claim 1 needs all three policies; claims 2 and 3 read the arms the comparison has
+    assert [c["claim"][:2] for c in read_claims(paired, ["sft-diverse", "orpo-off", "orpo-mixed"])] == ["3."]
+    assert [c["claim"][:2] for c in read_claims(paired, ["orpo-teacher-neg", "orpo-on"])] == ["2."]
+    assert ("orpo-off", "orpo-on") in compare.comparison_pairs(six)

@@ -15,6 +15,7 @@ from ..layout import CompareLayout, RunLayout, eval_key_epoch
 from ..metrics import read_metrics
 from ..report import comparison_blocks, render_markdown
 from ..store import atomic_write_json, atomic_write_text, read_jsonl
+from .claims import read_claims
 from .plan import Plan, is_finished
 from .statistics import Correct, paired_rows, summarise
 from .variants import comparison_pairs, variant_config, variant_overrides
@@ -129,6 +130,7 @@ def aggregate(plan: Plan) -> dict[str, Any]:
         result["variants"][variant] = summary
         correct_by_variant[variant] = correct
     result["paired"] = paired_rows(comparison_pairs(plan.variants), correct_by_variant)
+    result["claims"] = read_claims(result["paired"], plan.variants)
     return result
 
 

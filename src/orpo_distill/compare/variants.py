@@ -98,7 +98,7 @@ def parse_variants(specs: Iterable[str] | None) -> list[str]:
 def comparison_pairs(variants: Sequence[str]) -> list[tuple[str, str]]:
     """The questions the paper asks, as (variant, reference) pairs: every variant against SFT on one
     trace (black-box CoT distillation); student negatives against teacher negatives; mixed policy
-    against off- and on-policy; and every variant against the base model."""
+    against off- and on-policy, and off- against on-policy; and every variant against the base model."""
     pairs: list[tuple[str, str]] = []
     student_neg = [v for v in variants if v in ("orpo-off", "orpo-on") or v.startswith("orpo-mixed")]
     for v in variants:
@@ -110,6 +110,8 @@ def comparison_pairs(variants: Sequence[str]) -> list[tuple[str, str]]:
         pairs += [(v, "sft-diverse") for v in variants if v.startswith("orpo")]
     for v in (v for v in variants if v.startswith("orpo-mixed") and "+" not in v):
         pairs += [(v, ref) for ref in ("orpo-off", "orpo-on") if ref in variants]
+    if "orpo-off" in variants and "orpo-on" in variants:  # the paper's mixed > off > on: its second step
+        pairs.append(("orpo-off", "orpo-on"))
     for v in (v for v in variants if v.startswith("orpo-mixed@")):  # another phi against the configured one
         if "orpo-mixed" in variants:
             pairs.append((v, "orpo-mixed"))

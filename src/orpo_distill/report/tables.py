@@ -19,6 +19,13 @@ def verdict(ci: Sequence[float]) -> str:
     return "no clear difference"
 
 
+def _claim_difference(d: Mapping[str, Any]) -> str:
+    name = f"{d['variant']} - {d['reference']}"
+    if d.get("ci95") is None:
+        return f"{name}: not measured yet"
+    return f"{name} {_pp(d['diff'])} ({_pp(d['ci95'][0])} to {_pp(d['ci95'][1])})"
+
+
 def comparison_blocks(result: Mapping[str, Any]) -> list[Block]:
     """comparison.md: the accuracy table and the paired differences (also the core of report.md)."""
     cfg = result.get("config", {})
@@ -71,6 +78,16 @@ def comparison_blocks(result: Mapping[str, Any]) -> list[Block]:
                   [[p["variant"], "base model" if p["reference"] == "base" else p["reference"], _pp(p["diff"]),
                     f"{_pp(p['ci95'][0])} to {_pp(p['ci95'][1])}", f"{p['seeds']} x {p['questions']}",
                     verdict(p["ci95"])] for p in result["paired"]]),
+        ]
+    if result.get("claims"):
+        blocks += [
+            Heading("The paper's claims"),
+            Para("Each claim needs every difference listed to be positive. Held: every 95% interval above zero; "
+                 "not held: some interval below zero; inconclusive: some interval holds zero; incomplete: some "
+                 "difference not measured yet (see `orpo_distill.compare.claims`)."),
+            Table(["claim", "differences (pp, 95% interval)", "reading"],
+                  [[c["claim"], "; ".join(_claim_difference(d) for d in c["differences"]), c["reading"]]
+                   for c in result["claims"]]),
         ]
     if result.get("missing"):
         blocks.append(Para("Not finished yet (rerun `orpo-distill compare` to complete): "
