@@ -173,3 +173,60 @@ def test_a_checkpoint_write_that_dies_midway_leaves_the_previous_one(tmp_path: P
     assert latest_checkpoint(tmp_path) == root / "epoch_2"
     assert {p.name for p in (root / "epoch_2").iterdir()} == {
         "model.json", "tokenizer.json", "optimizer.pt", "scheduler.pt", "rng.pt", "buffer.json", "state.json"}
+
+
+class _FakeDeepSpeedEngine:
+    """DeepSpeed's checkpoint calls as the engine makes them: each rank writes its partition under
+    ``save_dir/tag``; ``load_checkpoint`` returns (path, client state), or (None, None) when it finds nothing."""
+
+    def __init__(self, rank: int = 0):
+        self.rank, self.loaded = rank, []
+
+    def save_checkpoint(self, save_dir: str, tag: str, save_latest: bool = True) -> None:
+        folder = Path(save_dir) / tag
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"zero_pp_rank_{self.rank}_mp_rank_00_optim_states.pt").write_bytes(b"partition")
+
+    def load_checkpoint(self, load_dir: str, tag: str, **kw: Any) -> tuple[Any, Any]:
+        found = (Path(load_dir) / tag / f"zero_pp_rank_{self.rank}_mp_rank_00_optim_states.pt").is_file()
+        self.loaded.append((load_dir, tag, kw))
+        return (load_dir, {}) if found else (None, None)
+
+
+def test_a_deepspeed_checkpoint_holds_every_ranks_partition_and_resumes_only_with_the_same_world_size(
+        tmp_path: Path) -> None:
+    """Every rank stages its partition beside the checkpoint; the main process moves the staging folder in
+    as ``deepspeed/`` with the rest, and a resume loads it back with the optimizer states. A staging folder a
+    kill left behind is removed like a temp folder; another world size, a checkpoint without DeepSpeed state,
+    and a load that finds nothing are refused with what to do."""
+    from orpo_distill.errors import UserError
+
+    for rank in (0, 1):
+        staged = checkpoints.save_deepspeed_state(_FakeDeepSpeedEngine(rank), tmp_path, 1)
+    assert staged == tmp_path / "checkpoints" / ".epoch_1.deepspeed.tmp"
+    ckpt = save_checkpoint(tmp_path, 1, _Saveable("model"), _Saveable("tokenizer"), None, _Saveable("sched"),
+                           {"q": []}, {"global_step": 3, "world_size": 2}, deepspeed_state=staged)
+    assert not staged.exists() and not (ckpt / "optimizer.pt").exists()
+    assert sorted(p.name for p in (ckpt / "deepspeed" / "state").iterdir()) == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+
+    engine = _FakeDeepSpeedEngine(1)
+    checkpoints.load_deepspeed_state(engine, ckpt, world_size=2)
+    assert engine.loaded == [(str(ckpt / "deepspeed"), "state", {"load_optimizer_states": True,
+                                                                 "load_lr_scheduler_states": False})]
+    with pytest.raises(UserError, match="written by 2 DeepSpeed processes and this run has 4"):
+        checkpoints.load_deepspeed_state(_FakeDeepSpeedEngine(0), ckpt, world_size=4)
+    with pytest.raises(UserError, match="could not load"):
+        checkpoints.load_deepspeed_state(_FakeDeepSpeedEngine(2), ckpt, world_size=2)  # no partition 2
+    # a plain (one-process) run cannot resume a DeepSpeed checkpoint's optimizer, and says how to
+    with pytest.raises(UserError, match="resume it under DeepSpeed with the same number of processes"):
+        checkpoints.load_training_state(ckpt, None, None)
+    # a DeepSpeed run cannot resume a checkpoint without DeepSpeed state
+    plain = _save(tmp_path / "plain", 1)
+    with pytest.raises(UserError, match="holds no DeepSpeed state"):
+        checkpoints.load_deepspeed_state(_FakeDeepSpeedEngine(0), plain, world_size=2)
+
+    # a kill after the ranks staged epoch 2 but before the rename: the next start removes the staging
+    leftover = checkpoints.save_deepspeed_state(_FakeDeepSpeedEngine(0), tmp_path, 2)
+    assert leftover.is_dir()
+    assert latest_checkpoint(tmp_path) == ckpt and not leftover.exists()
