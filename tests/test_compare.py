@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from orpo_distill import cli, compare, pipeline
@@ -506,3 +507,41 @@ def test_the_claims_are_read_from_their_paired_intervals_by_one_rule() -> None:
     assert [c["claim"][:2] for c in read_claims(paired, ["sft-diverse", "orpo-off", "orpo-mixed"])] == ["3."]
     assert [c["claim"][:2] for c in read_claims(paired, ["orpo-teacher-neg", "orpo-on"])] == ["2."]
     assert ("orpo-off", "orpo-on") in compare.comparison_pairs(six)
+
+
+def test_arms_that_differ_only_in_their_refresh_share_their_first_epoch_exactly(tiny_config: Any,
+                                                                                 tmp_path: Path) -> None:
+    """orpo-off, orpo-mixed and orpo-on train the same epoch 1 (the refresh first runs before epoch 2): with
+    sharing, the first trains it and the others start from its epoch-1 checkpoint, and every arm ends with
+    the weights, evaluation and training curve it has when each trains whole (fp32: to the bit)."""
+    from safetensors.torch import load_file
+
+    from orpo_distill.metrics import read_metrics
+
+    base = tiny_config(**{**FAST, "train.precision": "fp32", "student.dtype": "float32", "train.phi": 0.5})
+    variants = ["orpo-off", "orpo-mixed", "orpo-on"]
+    outs = {share: tmp_path / f"share-{share}" for share in (True, False)}
+    for share, out in outs.items():
+        run_comparison(base, variants, [0], out, progress=False, log=lambda _: None, keep_models=True,
+                       share_first_epoch=share)
+    shared = {v: read_metrics(run_dir(outs[True], v, 0) / "metrics.jsonl") for v in variants}
+    assert not any("shared_from" in e for e in shared["orpo-off"])  # the first arm trains epoch 1 itself
+    for v in ("orpo-mixed", "orpo-on"):
+        copied = [e for e in shared[v] if "shared_from" in e]
+        assert {e["event"] for e in copied} == {"pairs", "train", "epoch"} and {e["epoch"] for e in copied} == {1}
+        assert [e["epoch"] for e in shared[v] if e["event"] == "resume"] == [1]
+    assert not (outs[True] / "first-epoch" / "seed_0").exists() or not any((outs[True] / "first-epoch" / "seed_0").iterdir())
+    for v in variants:
+        a, b = (run_dir(outs[s], v, 0) for s in (True, False))
+        wa, wb = load_file(str(a / "model" / "model.safetensors")), load_file(str(b / "model" / "model.safetensors"))
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), v
+        assert (a / "eval" / "eval_epoch_2.jsonl").read_bytes() == (b / "eval" / "eval_epoch_2.jsonl").read_bytes()
+        losses = {s: [(e["step"], e["loss"]) for e in read_metrics(run_dir(outs[s], v, 0) / "metrics.jsonl")
+                      if e["event"] == "train"] for s in (True, False)}
+        assert losses[True] == losses[False] and len(losses[True]) >= 2, v
+    # the arms part at epoch 2: orpo-on pairs with negatives its epoch-1 weights drew, orpo-off with the initial ones
+    def rejected_epochs(v: str) -> set[int]:
+        rows = (run_dir(outs[True], v, 0) / "pairs" / "epoch_2.jsonl").read_text().splitlines()
+        return {json.loads(r)["rejected_epoch"] for r in rows}
+
+    assert rejected_epochs("orpo-off") == {1} and rejected_epochs("orpo-on") == {2}

@@ -228,6 +228,9 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-models", action="store_true",
                    help="keep every finished run's exported weights in model/ (default: replaced by model/removed.json; "
                         "the table and the report read only the evaluations and metrics)")
+    p.add_argument("--no-share-first-epoch", action="store_true",
+                   help="train every arm whole (default: arms that differ only in their refresh, orpo-off, orpo-on, "
+                        "orpo-mixed@PHI, train their common first epoch once per seed and start from it)")
     p.add_argument("--archive", default=None, metavar="DIR",
                    help="run nothing: copy what the table, the report and a later resume need (plan.json, the shared "
                         "runs, the finished runs without weights) to DIR, e.g. to keep in git or carry to another "
@@ -258,7 +261,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
         tabulate(load_plan(out))
     else:
         run_comparison(cfg, args.variants, [cfg.seed + i for i in range(n)], out, progress=not args.no_progress,
-                       overwrite=args.overwrite, keep_checkpoints=args.keep_checkpoints, keep_models=args.keep_models)
+                       overwrite=args.overwrite, keep_checkpoints=args.keep_checkpoints, keep_models=args.keep_models,
+                       share_first_epoch=not args.no_share_first_epoch)
     from .layout import CompareLayout
 
     print(CompareLayout(out).comparison_md.read_text(encoding="utf-8"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -44,6 +45,19 @@ def atomic_write_text(path: Path, text: str) -> None:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(e, OSError) and not e.filename:
             raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
+
+
+def copy_atomic(src: Path, dst: Path) -> None:
+    """Copy through a temp file and a rename: a kill mid-copy leaves no half file for a store to trust."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
         raise
 
 

@@ -18,9 +18,7 @@ never read them). See docs/architecture.md.
 from __future__ import annotations
 
 import gc
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -30,23 +28,11 @@ from ..errors import UserError
 from ..layout import MODEL_REMOVED, MODEL_SETTINGS, RunLayout, eval_key
 from ..provenance import uses_student_negatives
 from ..report import write_report
-from ..store import atomic_write_json
+from ..store import atomic_write_json, copy_atomic
 from .aggregate import aggregate, write_comparison
+from .first_epoch import cache_dir, first_epoch_key, keep_first_epoch, start_from_first_epoch
 from .plan import Plan, is_finished, open_plan
 from .variants import parse_variants, shared_config, variant_config
-
-
-def copy_atomic(src: Path, dst: Path) -> None:
-    """Copy through a temp file and a rename: a kill mid-copy leaves no half file for a store to trust."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def seed_from_shared(shared: RunLayout, target: RunLayout, files: Sequence[Path], key: str | None) -> None:
@@ -141,32 +127,47 @@ def prepare_shared(plan: Plan, seed: int, variants: Sequence[str], progress: boo
 
 
 def run_variant(plan: Plan, variant: str, seed: int, shared_run: Any, progress: bool, overwrite: bool,
-                keep_checkpoints: bool, keep_models: bool = False) -> bool:
-    """One variant and seed, resumed where it stopped. Returns False when it was already finished."""
+                keep_checkpoints: bool, keep_models: bool = False, share_first_epoch: bool = True) -> bool:
+    """One variant and seed, resumed where it stopped. Returns False when it was already finished.
+    ``share_first_epoch``: start from, or keep for its siblings, the epoch 1 that arms differing only in
+    their refresh have in common (``first_epoch``)."""
     from ..pipeline import Run
 
     cfg = variant_config(plan.base, plan.dir, variant, seed)
     target = RunLayout(cfg.run_dir)
+    key = first_epoch_key(cfg) if share_first_epoch else None
+    siblings = [v for v in plan.variants if v != variant and key is not None
+                and first_epoch_key(variant_config(plan.base, plan.dir, v, seed)) == key]
+    cache = cache_dir(plan.dir, seed, key) if key and siblings else None  # nothing to share with: no cache
     if is_finished(target.root, cfg):
+        if cache is not None:  # killed after finishing, before its epoch 1 was kept
+            keep_first_epoch(target, cache)
         _drop_finished_outputs(target, keep_checkpoints, keep_models)  # a kill may have come in the middle of it
         return False
     files = [target.teacher_traces, target.eval_rows(cfg.eval.split, 0)]
     if uses_student_negatives(cfg):
         files.append(target.student_samples(1))
     seed_from_shared(RunLayout(shared_run.dir), target, files, eval_key(cfg.eval.split, 0))
+    if cache is not None and not cfg.eval.every_epoch and start_from_first_epoch(cache, target, cfg):
+        print(f"[compare] {variant}, seed {seed}: starts from the shared epoch 1 in {cache}")
     run = Run(cfg, overwrite=overwrite, progress=progress)
     _check_same_settings(shared_run, run, variant)
     run.run_all()
     del run
     gc.collect()
+    if cache is not None:
+        keep_first_epoch(target, cache)
     if is_finished(target.root, cfg):
         _drop_finished_outputs(target, keep_checkpoints, keep_models)
+    if cache is not None and all(is_finished(RunLayout(c.run_dir).root, c) for c in
+                                 (variant_config(plan.base, plan.dir, v, seed) for v in [variant, *siblings])):
+        shutil.rmtree(cache, ignore_errors=True)  # every arm of the key is done: give the disk back
     return True
 
 
 def run_comparison(base: RunConfig, variants: Sequence[str], seeds: Sequence[int], compare_dir: Path | None = None,
                    progress: bool = True, overwrite: bool = False, keep_checkpoints: bool = False,
-                   keep_models: bool = False, log: Any = print) -> dict[str, Any]:
+                   keep_models: bool = False, log: Any = print, share_first_epoch: bool = True) -> dict[str, Any]:
     """Run every requested variant and seed not yet finished, then write comparison.json/.md and the
     report, which cover everything the folder's plan holds (earlier invocations included)."""
     compare_dir = Path(compare_dir or base.run_dir)
@@ -178,7 +179,8 @@ def run_comparison(base: RunConfig, variants: Sequence[str], seeds: Sequence[int
         for variant in variants:
             i += 1
             log(f"[compare] ({i}/{total}) {variant}, seed {seed}")
-            if not run_variant(plan, variant, seed, shared_run, progress, overwrite, keep_checkpoints, keep_models):
+            if not run_variant(plan, variant, seed, shared_run, progress, overwrite, keep_checkpoints, keep_models,
+                               share_first_epoch):
                 log(f"[compare] ({i}/{total}) {variant}, seed {seed}: finished earlier, skipped")
         del shared_run
         gc.collect()
