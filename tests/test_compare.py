@@ -545,3 +545,30 @@ def test_arms_that_differ_only_in_their_refresh_share_their_first_epoch_exactly(
         return {json.loads(r)["rejected_epoch"] for r in rows}
 
     assert rejected_epochs("orpo-off") == {1} and rejected_epochs("orpo-on") == {2}
+
+
+def test_a_shared_first_epoch_is_given_once_even_when_a_kill_interrupts_it(tiny_config: Any, tmp_path: Path) -> None:
+    """Starting from the shared epoch 1 renames the checkpoint in last; a rerun after a kill before that
+    gives it again without logging the copied events twice, and a run with a checkpoint of its own is left alone."""
+    from orpo_distill.compare.first_epoch import start_from_first_epoch
+    from orpo_distill.layout import RunLayout
+    from orpo_distill.metrics import read_metrics
+
+    cfg = tiny_config(**FAST)
+    cache = tmp_path / "cache"
+    (cache / "checkpoint").mkdir(parents=True)
+    (cache / "checkpoint" / "state.json").write_text(json.dumps({"epoch": 1, "global_step": 2, "settings_hash": "x"}))
+    (cache / "checkpoint" / "model.safetensors").write_bytes(b"weights")
+    (cache / "pairs_epoch_1.jsonl").write_text('{"id": "q"}\n')
+    (cache / "events.jsonl").write_text(json.dumps({"event": "epoch", "epoch": 1, "seconds": 3.0}) + "\n")
+    run = RunLayout(tmp_path / "run")
+    run.root.mkdir()
+    assert start_from_first_epoch(cache, run, cfg)
+    shutil.rmtree(run.checkpoint(1))  # as if killed before the rename
+    assert start_from_first_epoch(cache, run, cfg)
+    assert [e["event"] for e in read_metrics(run.metrics)] == ["epoch"]
+    state = json.loads((run.checkpoint(1) / "state.json").read_text())
+    assert state["epoch"] == 1 and state["settings_hash"] != "x"  # the run's own settings
+    assert json.loads((cache / "checkpoint" / "state.json").read_text())["settings_hash"] == "x"  # cache untouched
+    assert (run.checkpoint(1) / "model.safetensors").read_bytes() == b"weights"
+    assert not start_from_first_epoch(cache, run, cfg)  # it has a checkpoint now

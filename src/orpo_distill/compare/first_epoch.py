@@ -80,10 +80,11 @@ def start_from_first_epoch(cache: Path, run: RunLayout, cfg: RunConfig) -> bool:
                                         indent=2), encoding="utf-8")
     copy_atomic(cache / "pairs_epoch_1.jsonl", run.pairs(1))
     shared_from = str(cache)
-    with run.metrics.open("a", encoding="utf-8") as f:
-        for line in (cache / "events.jsonl").read_text(encoding="utf-8").splitlines():
-            f.write(json.dumps({**json.loads(line), "shared_from": shared_from}) + "\n")
-    os.replace(tmp, final)
+    if not any(e.get("shared_from") == shared_from for e in read_metrics(run.metrics)):  # a kill may have come after
+        with run.metrics.open("a", encoding="utf-8") as f:
+            for line in (cache / "events.jsonl").read_text(encoding="utf-8").splitlines():
+                f.write(json.dumps({**json.loads(line), "shared_from": shared_from}) + "\n")
+    os.replace(tmp, final)  # last: until here the run has no checkpoint, and a rerun starts this over
     return True
 
 
