@@ -67,7 +67,8 @@ def keep_first_epoch(run: RunLayout, cache: Path) -> bool:
 
 def start_from_first_epoch(cache: Path, run: RunLayout, cfg: RunConfig) -> bool:
     """Give ``run`` the shared epoch 1 from ``cache`` when it has no checkpoint of its own; True if it did."""
-    if not (cache / "checkpoint" / STATE).is_file() or run.checkpoints.is_dir() and any(run.checkpoints.iterdir()):
+    own = run.checkpoints.is_dir() and any(not p.name.endswith(".tmp") for p in run.checkpoints.iterdir())
+    if own or not (cache / "checkpoint" / STATE).is_file():
         return False
     final = run.checkpoint(1)
     tmp = final.with_name(f".{final.name}.tmp")  # a kill here leaves a temp folder the next start removes
