@@ -11,7 +11,7 @@
 #      the commands end, so that a finished run survives the machine (commit the archive to keep it).
 # Precision is the tool's default (auto: bf16 autocast on a CPU with bf16 units, fp32 elsewhere), as users
 # run it: pinning fp32 made every run 2.6x dearer in matrix products on a CPU with AVX512-BF16 (160 against
-# 419 GFLOP/s, 2-core AMD EPYC, 2026-12-07). Each run's metrics.jsonl records, per epoch, the precision it
+# 419 GFLOP/s, 2-core AMD EPYC, 2026-12-07, `python bench/bf16_weights_probe.py --matmul`). Each run's metrics.jsonl records, per epoch, the precision it
 # trained in and the CPU (`epoch` events), so a comparison carried between machines says what computed each arm.
 # Environment: RUNS (default runs), EVERY (default 600), PYTHON (default .venv/bin/python).
 set -euo pipefail

@@ -127,7 +127,8 @@ def prepare_shared(plan: Plan, seed: int, variants: Sequence[str], progress: boo
 
 
 def run_variant(plan: Plan, variant: str, seed: int, shared_run: Any, progress: bool, overwrite: bool,
-                keep_checkpoints: bool, keep_models: bool = False, share_first_epoch: bool = True) -> bool:
+                keep_checkpoints: bool, keep_models: bool = False, share_first_epoch: bool = True,
+                log: Any = print) -> bool:
     """One variant and seed, resumed where it stopped. Returns False when it was already finished.
     ``share_first_epoch``: start from, or keep for its siblings, the epoch 1 that arms differing only in
     their refresh have in common (``first_epoch``)."""
@@ -136,8 +137,8 @@ def run_variant(plan: Plan, variant: str, seed: int, shared_run: Any, progress: 
     cfg = variant_config(plan.base, plan.dir, variant, seed)
     target = RunLayout(cfg.run_dir)
     key = first_epoch_key(cfg) if share_first_epoch else None
-    siblings = [v for v in plan.variants if v != variant and key is not None
-                and first_epoch_key(variant_config(plan.base, plan.dir, v, seed)) == key]
+    others = [variant_config(plan.base, plan.dir, v, seed) for v in plan.variants if v != variant] if key else []
+    siblings = [c for c in others if first_epoch_key(c) == key]
     cache = cache_dir(plan.dir, seed, key) if key and siblings else None  # nothing to share with: no cache
     if is_finished(target.root, cfg):
         if cache is not None:  # killed after finishing, before its epoch 1 was kept
@@ -149,7 +150,7 @@ def run_variant(plan: Plan, variant: str, seed: int, shared_run: Any, progress: 
         files.append(target.student_samples(1))
     seed_from_shared(RunLayout(shared_run.dir), target, files, eval_key(cfg.eval.split, 0))
     if cache is not None and not cfg.eval.every_epoch and start_from_first_epoch(cache, target, cfg):
-        print(f"[compare] {variant}, seed {seed}: starts from the shared epoch 1 in {cache}")
+        log(f"[compare] {variant}, seed {seed}: starts from the shared epoch 1 in {cache}")
     run = Run(cfg, overwrite=overwrite, progress=progress)
     _check_same_settings(shared_run, run, variant)
     run.run_all()
@@ -159,8 +160,7 @@ def run_variant(plan: Plan, variant: str, seed: int, shared_run: Any, progress: 
         keep_first_epoch(target, cache)
     if is_finished(target.root, cfg):
         _drop_finished_outputs(target, keep_checkpoints, keep_models)
-    if cache is not None and all(is_finished(RunLayout(c.run_dir).root, c) for c in
-                                 (variant_config(plan.base, plan.dir, v, seed) for v in [variant, *siblings])):
+    if cache is not None and all(is_finished(RunLayout(c.run_dir).root, c) for c in [cfg, *siblings]):
         shutil.rmtree(cache, ignore_errors=True)  # every arm of the key is done: give the disk back
     return True
 
@@ -180,7 +180,7 @@ def run_comparison(base: RunConfig, variants: Sequence[str], seeds: Sequence[int
             i += 1
             log(f"[compare] ({i}/{total}) {variant}, seed {seed}")
             if not run_variant(plan, variant, seed, shared_run, progress, overwrite, keep_checkpoints, keep_models,
-                               share_first_epoch):
+                               share_first_epoch, log):
                 log(f"[compare] ({i}/{total}) {variant}, seed {seed}: finished earlier, skipped")
         del shared_run
         gc.collect()
