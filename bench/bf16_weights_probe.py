@@ -15,13 +15,10 @@ from orpo_distill.forward import pair_logps_packed
 from orpo_distill.models import autocast, load_model, load_tokenizer
 from train_step import DEFAULT_MODEL, PAIRS_PER_QUESTION, _orpo, build_questions, demo_config, make_batches, tokenized_batches
 torch.set_num_threads(2)
-if "--matmul" in sys.argv:  # the rates of docs/benchmarks.md's AMD EPYC section
+if "--matmul" in sys.argv:  # the rates of docs/benchmarks.md's AMD EPYC section: train_step.py's measure
+    from train_step import matmul_flops_per_s
     for dt in (torch.float32, torch.bfloat16):
-        a = torch.randn(2048, 2048, dtype=dt); b = torch.randn(2048, 2048, dtype=dt)
-        for _ in range(2): a @ b
-        t = time.perf_counter(); n = 5
-        for _ in range(n): a @ b
-        print(dt, f"{2 * 2048 ** 3 / ((time.perf_counter() - t) / n) / 1e9:.0f} GFLOP/s")
+        print(dt, f"{matmul_flops_per_s(2048, 5, dt) / 1e9:.0f} GFLOP/s")
     sys.exit(0)
 steps, bs, repeats = 3, 8, int(sys.argv[1]) if len(sys.argv) > 1 else 3
 cfg = demo_config()
