@@ -526,3 +526,44 @@ def test_segmented_attention_leaves_what_it_does_not_cover_to_the_dense_mask() -
         assert seg._covers(SimpleNamespace(sliding_window=4), q, 0.0, {}) is None
         assert seg._covers(plain, torch.zeros(1, 4, 8, 8), 0.0, {}) is None  # another width
     assert seg._covers(plain, q, 0.0, {}) is None  # outside the context
+
+
+@pytest.mark.parametrize("rows, width", [
+    (((5, (3, 1, 4)), (2, ()), (7, (6,))), 14),  # prompts of three lengths, a row without responses, padding
+    (((4, (2, 3)), (3, (1, 5))), 9),  # every row filled to the width: no padding
+])
+def test_segmented_sdpa_equals_sdpa_with_the_packed_mask(rows, width) -> None:
+    """Every row at once, grouped keys (2 key heads for 6 query heads): the same outputs and gradients as
+    SDPA over the dense mask ``collate_packed`` builds (prompt causal, each response to the prompt and
+    itself causally, padding to itself), in [B, T, H, D]."""
+    from orpo_distill import segmented_attention as seg
+
+    torch.manual_seed(0)
+    q = torch.randn(len(rows), 6, width, 8, requires_grad=True)
+    k = torch.randn(len(rows), 2, width, 8, requires_grad=True)
+    v = torch.randn(len(rows), 2, width, 8, requires_grad=True)
+    mask = torch.zeros(len(rows), 1, width, width, dtype=torch.bool)
+    for b, (prompt, responses) in enumerate(rows):
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        mask[b, 0, :prompt, :prompt] = causal[:prompt, :prompt]
+        start = prompt
+        for r in responses:
+            mask[b, 0, start:start + r, :prompt] = True
+            mask[b, 0, start:start + r, start:start + r] = causal[:r, :r]
+            start += r
+        mask[b, 0, range(start, width), range(start, width)] = True  # padding: itself
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1), attn_mask=mask).transpose(1, 2)
+    fast = seg.segmented_sdpa(q, k, v, rows)
+    assert fast.shape == (len(rows), width, 6, 8)
+    torch.testing.assert_close(fast, dense, rtol=1e-5, atol=1e-5)
+    weights = torch.randn_like(dense)
+    g_dense = torch.autograd.grad((dense * weights).sum(), (q, k, v))
+    g_fast = torch.autograd.grad((fast * weights).sum(), (q, k, v))
+    for name, a, b in zip("qkv", g_fast, g_dense):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+    # in another dtype: the inputs cast in the layout copy, the output in that dtype
+    assert seg.segmented_sdpa(q.double(), k.double(), v.double(), rows).dtype == torch.float64
+    assert seg.segmented_sdpa(q, k, v, rows, dtype=torch.float64).dtype == torch.float64
+    with pytest.raises(ValueError, match="no prompt"):
+        seg.segmented_sdpa(q, k, v, ((0, (2,)),) + tuple(rows[1:]))

@@ -285,6 +285,13 @@ def test_comparison_generates_shared_traces_once_and_reuses_them(tiny_config: An
         assert row["trained_on"]["questions"] == 4 and row["trained_on"]["positive_tokens"] > 0
     assert saved["variants"]["sft-single"]["trained_on"]["positives"] == 4
     assert "What each arm trained on" in (out / "comparison.md").read_text()
+    # how each arm was computed, from its epoch events: one precision, this CPU, this code
+    from orpo_distill.models import cpu_name
+    from orpo_distill.provenance import code_version
+    for v in variants:
+        (line,) = saved["variants"][v]["computed_with"]
+        assert line.endswith(f" on {cpu_name()}, code {code_version()}") and line.split(" on ")[0] in ("fp32", "bf16")
+    assert "How each arm was computed" in (out / "comparison.md").read_text()
     assert saved["base"]["questions"] == 4
     pairs = {(p["variant"], p["reference"]) for p in saved["paired"]}
     assert {("orpo-mixed", "sft-single"), ("orpo-mixed", "base"), ("sft-single", "base")} <= pairs

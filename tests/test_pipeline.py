@@ -110,9 +110,11 @@ def test_run_end_to_end_writes_every_artifact_and_a_rerun_does_nothing(tiny_conf
     assert {e["event"] for e in events} >= {"sampling", "pairs", "train", "epoch", "refresh", "eval"}
     # each epoch says what computed it: a comparison carried between machines tells its arms apart by these
     from orpo_distill.models import cpu_name, cpu_supports_bf16
+    from orpo_distill.provenance import code_version
     expected = "bf16" if cfg.train.precision != "fp32" and cpu_supports_bf16() else "fp32"
     for e in (e for e in events if e["event"] == "epoch"):
-        assert (e["precision"], e["device"], e["cpu"]) == (expected, "cpu", cpu_name()) and e["cpu"]
+        assert (e["precision"], e["device"], e["cpu"], e["code"]) == (expected, "cpu", cpu_name(), code_version())
+        assert e["cpu"] and e["code"].startswith("0.")
 
     # eval: before training, after each epoch, and the summary
     split = cfg.eval.split

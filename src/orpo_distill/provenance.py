@@ -11,9 +11,12 @@ deleted), says which fields changed, and trains again; ``--reuse`` keeps them on
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,35 @@ from .config import RunConfig, TrainConfig
 from .layout import STATE, RunLayout
 from .sampling import sampling_settings
 from .store import _free_name, settings_hash
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """The code that computes a run: the package's version, and where it runs from a git checkout its commit
+    (``0.1.0+gb857520``; ``.dirty`` when tracked files differ from it). Recorded with each epoch, as the
+    precision and the CPU are, so that a comparison carried between sessions says which code trained each
+    arm: kernels that compute the same values up to rounding (issue 16's) still change bf16 runs' bits."""
+    return describe_code(Path(__file__).resolve().parent)
+
+
+def describe_code(here: Path) -> str:
+    """:func:`code_version` for the package at ``here``: the commit only when ``here`` is tracked by git."""
+    try:
+        version = metadata.version("orpo-distill")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+
+    try:
+        git("ls-files", "--error-unmatch", "__init__.py")  # this code is the checkout's, not a copy inside it
+        commit = git("rev-parse", "--short=7", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", "."))
+    except (OSError, subprocess.SubprocessError):
+        return version
+    return f"{version}+g{commit}{'.dirty' if dirty else ''}"
 
 
 def task_fingerprint(cfg: RunConfig) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from .layout import RunLayout, student_generator_name
 from .metrics import MetricsLog
 from .models import cpu_name, load_tokenizer, pick_device, render_prompt
 from .pairs import NegativeBuffer, choose_refresh, phi_for_epoch, positives, teacher_negatives
-from .provenance import conflict, training_settings, uses_student_negatives
+from .provenance import code_version, conflict, training_settings, uses_student_negatives
 from .records import Record
 from .store import atomic_write_jsonl, settings_hash
 from .student_weights import export_student, load_trainable_student
@@ -257,7 +257,7 @@ class Distiller:
                              seconds=result.seconds, processes=acc.num_processes,
                              distributed=str(getattr(acc.distributed_type, "value", acc.distributed_type)),
                              precision=result.precision,
-                             device=acc.device.type, cpu=cpu_name())
+                             device=acc.device.type, cpu=cpu_name(), code=code_version())
             optimizer_state = full_optimizer_state(model, optimizer) if is_fsdp2(model) else None  # collective
             staged = save_deepspeed_state(model, self.layout.root, epoch) if deepspeed else None  # collective
             with weights_to_save(acc, model, gather_weights) as (module, full_state):  # collective

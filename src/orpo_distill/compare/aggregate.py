@@ -43,6 +43,21 @@ def run_timing(directory: Path) -> dict[str, float]:
     return {"train_seconds": train, "sampling_seconds": sampling}
 
 
+def computed_with(directory: Path) -> list[str]:
+    """How a run's epochs were computed, from its ``epoch`` events: precision, device or CPU, and the code
+    (``provenance.code_version``), each distinct combination once. Older runs lack some of these fields."""
+    epochs = _last_per((e for e in read_metrics(RunLayout(directory).metrics) if e.get("event") == "epoch"),
+                       "epoch")
+    seen: list[str] = []
+    for e in epochs.values():
+        where = e.get("cpu") if e.get("device", "cpu") == "cpu" else e.get("device")
+        line = (f"{e.get('precision', 'precision not recorded')} on {where or 'a machine not recorded'}, "
+                f"code {e.get('code', 'not recorded')}")
+        if line not in seen:
+            seen.append(line)
+    return seen
+
+
 def training_data(directory: Path) -> dict[str, float]:
     """What a run trained on, per epoch (mean over its epochs), from its ``pairs`` events: rows,
     distinct positives on the chosen (or SFT target) side and their tokens, questions covered, and the
@@ -122,6 +137,7 @@ def aggregate(plan: Plan) -> dict[str, Any]:
             summary["trained_on"] = {k: float(np.mean([x[k] for x in data])) for k in data[0]}
         summary["train_minutes"] = float(np.mean([t["train_seconds"] for t in timings])) / 60
         summary["refresh_sampling_minutes"] = float(np.mean([t["sampling_seconds"] for t in timings])) / 60
+        summary["computed_with"] = sorted({line for s in finished for line in computed_with(layout.run(variant, s).root)})
         summary["overrides"] = variant_overrides(variant)
         summary["per_epoch"] = {}
         for e in sorted(per_epoch_rows):

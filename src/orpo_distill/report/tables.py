@@ -89,6 +89,16 @@ def comparison_blocks(result: Mapping[str, Any]) -> list[Block]:
                   [[c["claim"], "; ".join(_claim_difference(d) for d in c["differences"]), c["reading"]]
                    for c in result["claims"]]),
         ]
+    computed = [[name, "; ".join(v["computed_with"])] for name, v in result["variants"].items()
+                if v.get("computed_with")]
+    if computed:
+        blocks += [
+            Heading("How each arm was computed"),
+            Para("From each run's `epoch` events: the precision, the CPU (or device) and the code version "
+                 "(package version and git commit) of its training epochs. A comparison resumed across machines "
+                 "or code changes can mix these: bf16 results differ at rounding level between CPUs and kernels."),
+            Table(["variant", "precision, machine, code"], computed),
+        ]
     if result.get("missing"):
         blocks.append(Para("Not finished yet (rerun `orpo-distill compare` to complete): "
                            + ", ".join(f"`{m}`" for m in result["missing"])))
