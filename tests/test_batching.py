@@ -532,11 +532,14 @@ def test_segmented_attention_leaves_what_it_does_not_cover_to_the_dense_mask() -
     (((5, (3, 1, 4)), (2, ()), (7, (6,))), 14),  # prompts of three lengths, a row without responses, padding
     (((4, (2, 3)), (3, (1, 5))), 9),  # every row filled to the width: no padding
 ])
-def test_segmented_sdpa_equals_sdpa_with_the_packed_mask(rows, width) -> None:
-    """Every row at once, grouped keys (2 key heads for 6 query heads): the same outputs and gradients as
-    SDPA over the dense mask ``collate_packed`` builds (prompt causal, each response to the prompt and
-    itself causally, padding to itself), in [B, T, H, D]."""
+@pytest.mark.parametrize("native_gqa", [True, False])
+def test_segmented_sdpa_equals_sdpa_with_the_packed_mask(rows, width, native_gqa, monkeypatch) -> None:
+    """Every row at once, grouped keys (2 key heads for 6 query heads, taken as they are or repeated as on
+    CUDA): the same outputs and gradients as SDPA over the dense mask ``collate_packed`` builds (prompt
+    causal, each response to the prompt and itself causally, padding to itself), in [B, T, H, D]."""
     from orpo_distill import segmented_attention as seg
+
+    monkeypatch.setattr(seg, "_native_gqa", lambda t: native_gqa)
 
     torch.manual_seed(0)
     q = torch.randn(len(rows), 6, width, 8, requires_grad=True)
@@ -565,5 +568,6 @@ def test_segmented_sdpa_equals_sdpa_with_the_packed_mask(rows, width) -> None:
     # in another dtype: the inputs cast in the layout copy, the output in that dtype
     assert seg.segmented_sdpa(q.double(), k.double(), v.double(), rows).dtype == torch.float64
     assert seg.segmented_sdpa(q, k, v, rows, dtype=torch.float64).dtype == torch.float64
-    with pytest.raises(ValueError, match="no prompt"):
-        seg.segmented_sdpa(q, k, v, ((0, (2,)),) + tuple(rows[1:]))
+    for empty in ((0, (2,)), (3, (2, 0))):
+        with pytest.raises(ValueError, match="empty prompt or response"):
+            seg.segmented_sdpa(q, k, v, (empty,) + tuple(rows[1:]))

@@ -82,8 +82,8 @@ class _Plan:
         prompt_index, query_index, key_index, padding, mask_rows = [], [], [], [], []
         n = 0
         for b, (prompt, responses) in enumerate(rows):
-            if prompt < 1:
-                raise ValueError(f"packed row {b} has no prompt tokens")
+            if prompt < 1 or min(responses, default=1) < 1:
+                raise ValueError(f"packed row {b} has an empty prompt or response: {prompt}, {tuple(responses)}")
             base = b * width
             prompt_keys = [base + min(i, prompt - 1) for i in range(longest_prompt)]
             prompt_index += prompt_keys
@@ -135,6 +135,13 @@ def _flat(t: Tensor) -> Tensor:
     return t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3])
 
 
+def _native_gqa(t: Tensor) -> bool:
+    """Whether SDPA takes grouped keys as they are (``enable_gqa``): on a CPU, whose flash kernel does. On
+    CUDA the memory-efficient kernel, the one that takes a mask, does not support ``enable_gqa`` (SDPA would
+    fall back to the math kernel), so the keys are repeated to the query's heads there."""
+    return t.device.type == "cpu"
+
+
 def segmented_sdpa(query: Tensor, key: Tensor, value: Tensor, rows: RowSpans, scale: float | None = None,
                    plan: _Plan | None = None, dtype: torch.dtype | None = None) -> Tensor:
     """Attention of packed rows by segments: ``query [B, H, T, D]``, ``key``/``value [B, H_kv, T, D]``
@@ -144,26 +151,32 @@ def segmented_sdpa(query: Tensor, key: Tensor, value: Tensor, rows: RowSpans, sc
     calls (the prompts; the responses against their prompt and themselves) reads its segments with one
     ``index_select`` per tensor, and one more puts the outputs back in order. The backward of an
     ``index_select`` is one zero-filled tensor and an ``index_add``, so the whole batch costs a few of
-    those per layer where slicing every row and segment would cost a zero-filled copy per slice. Grouped
-    keys and values stay at their own head count (SDPA's ``enable_gqa``). ``dtype``: compute in it (the
+    those per layer where slicing every row and segment would cost a zero-filled copy per slice. On a CPU
+    grouped keys and values stay at their own head count (SDPA's ``enable_gqa``). ``dtype``: compute in it (the
     inputs are cast while they are laid out, in the same copy); the output is in it too."""
     batch, heads, width, dim = query.shape
     plan = plan or _Plan.build(rows, width, query.device)
     # one copy at most per tensor: a cast lays it out contiguously, else reshape copies only if it must
     q, k, v = (t.transpose(1, 2).to(dtype or t.dtype, memory_format=torch.contiguous_format)
                .reshape(batch * width, t.shape[1], dim) for t in (query, key, value))
-    gqa = key.shape[1] != heads
-    parts = [_flat(F.scaled_dot_product_attention(
-        _segments(q, plan.prompt_index, plan.rows, plan.prompt), _segments(k, plan.prompt_index, plan.rows, plan.prompt),
-        _segments(v, plan.prompt_index, plan.rows, plan.prompt), is_causal=True, scale=scale, enable_gqa=gqa))]
+    groups = heads // key.shape[1]
+
+    def attend(q_: Tensor, k_: Tensor, v_: Tensor, **kw: Any) -> Tensor:
+        native = groups > 1 and _native_gqa(q_)
+        if groups > 1 and not native:
+            k_, v_ = k_.repeat_interleave(groups, dim=1), v_.repeat_interleave(groups, dim=1)
+        return F.scaled_dot_product_attention(q_, k_, v_, scale=scale, enable_gqa=native, **kw)
+
+    parts = [_flat(attend(_segments(q, plan.prompt_index, plan.rows, plan.prompt),
+                          _segments(k, plan.prompt_index, plan.rows, plan.prompt),
+                          _segments(v, plan.prompt_index, plan.rows, plan.prompt), is_causal=True))]
     if plan.responses:
         keys = plan.prompt + plan.response
-        parts.append(_flat(F.scaled_dot_product_attention(
-            _segments(q, plan.query_index, plan.responses, plan.response),
-            _segments(k, plan.key_index, plan.responses, keys), _segments(v, plan.key_index, plan.responses, keys),
-            attn_mask=plan.additive_mask(q), scale=scale, enable_gqa=gqa)))
+        parts.append(_flat(attend(_segments(q, plan.query_index, plan.responses, plan.response),
+                                  _segments(k, plan.key_index, plan.responses, keys),
+                                  _segments(v, plan.key_index, plan.responses, keys), attn_mask=plan.additive_mask(q))))
     if plan.padding.numel():  # padding attends only to itself: its value
-        parts.append(v.index_select(0, plan.padding).repeat_interleave(heads // key.shape[1], dim=1))
+        parts.append(v.index_select(0, plan.padding).repeat_interleave(groups, dim=1))
     return torch.cat(parts).index_select(0, plan.order).view(batch, width, heads, dim)
 
 
