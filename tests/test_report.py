@@ -71,9 +71,16 @@ def test_report_renders_every_plot_of_a_finished_comparison(tiny_config: Any, tm
     md = check_report(out, COMPARISON_PLOTS)
     assert sorted(p.stem for p in (out / "plots").glob("*.png")) == sorted(COMPARISON_PLOTS)
     for heading in ("## Accuracy per variant", "## Paired differences", "## Training", "## Mixed-policy refresh",
-                    "## Teacher traces"):
+                    "## Teacher traces", "## What the odds-ratio term did"):
         assert heading in md
     result = json.loads((out / "comparison.json").read_text())
+    # the odds-ratio table: per epoch for the ORPO arm, the NLL only for the SFT arm
+    orpo, sft = (result["variants"][v]["per_epoch_training"] for v in ("orpo-mixed", "sft-single"))
+    assert sorted(orpo) == sorted(sft) == ["1", "2"]
+    assert {"nll", "or_loss", "reward_accuracy", "log_odds_ratio", "or_loss@end"} <= set(orpo["2"])
+    assert "or_loss" not in sft["1"] and sft["1"]["nll"] > 0
+    assert f"| orpo-mixed | 2 | {orpo['2']['nll']:.3f} | {orpo['2']['or_loss']:.3f} |" in md
+    assert f"| sft-single | 1 | {sft['1']['nll']:.3f} | n/a |" in md
     assert f"| orpo-mixed | 1 | {100 * result['variants']['orpo-mixed']['accuracy']:.1f}%" in md
     assert "| orpo-mixed | 2 | 0.50 | 2 | " in md  # the refresh before epoch 2: round(0.5 * 4) questions, a count
 
@@ -99,6 +106,37 @@ def test_training_curves_follow_epoch_progress_and_skip_duplicates(tmp_path: Pat
     x, rows = report.training_rows(tmp_path)
     assert x == [0.5, 1.0, 1.5, 2.0]
     assert [r["nll"] for r in rows] == [3.0, 2.0, 1.5, 1.0]
+
+
+def test_epoch_means_average_steps_then_runs_and_give_the_epochs_last_quarter(tmp_path: Path) -> None:
+    """Hand-computed: per epoch the mean over its steps (a resumed step counted once), then over the
+    runs; ``@end`` the last quarter of the epoch's steps (at least one)."""
+    from orpo_distill.report.gather import epoch_means
+
+    def write(d: Path, epochs: dict[int, list[float]]) -> Path:
+        d.mkdir()
+        lines, step = [], 0
+        for e, values in epochs.items():
+            for v in values:
+                step += 1
+                lines.append({"event": "train", "epoch": e, "step": step, "or_loss": v, "nll": 2 * v})
+            lines.append({"event": "epoch", "epoch": e, "steps": len(values), "seconds": 1.0})
+        lines.insert(1, {"event": "train", "epoch": 1, "step": 1, "or_loss": 99.0, "nll": 0.0})  # logged, then
+        lines.insert(2, {"event": "resume", "epoch": 0})  # killed: the step's later line is the one kept
+        lines.insert(3, dict(lines[0]))
+        (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+        return d
+
+    a = write(tmp_path / "a", {1: [4.0, 3.0, 2.0, 1.0], 2: [1.0, 0.5]})
+    b = write(tmp_path / "b", {1: [2.0, 2.0, 2.0, 3.0], 2: [0.5, 0.5]})
+    got = epoch_means([a, b], keys=("or_loss", "nll", "reward_accuracy"))
+    assert sorted(got) == [1, 2]
+    assert got[1]["or_loss"] == pytest.approx((2.5 + 2.25) / 2)
+    assert got[1]["or_loss@end"] == pytest.approx((1.0 + 3.0) / 2)  # the last of 4 steps
+    assert got[1]["nll"] == pytest.approx(2 * (2.5 + 2.25) / 2)
+    assert got[2]["or_loss"] == pytest.approx((0.75 + 0.5) / 2)
+    assert got[2]["or_loss@end"] == pytest.approx((0.5 + 0.5) / 2)
+    assert "reward_accuracy" not in got[1]  # not logged: left out, not zero
 
 
 def test_distinct_n_and_similarity_on_known_texts() -> None:

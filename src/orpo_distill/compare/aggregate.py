@@ -14,6 +14,7 @@ import numpy as np
 from ..layout import CompareLayout, RunLayout, eval_key_epoch
 from ..metrics import read_metrics
 from ..report import comparison_blocks, render_markdown
+from ..report.gather import epoch_means
 from ..store import atomic_write_json, atomic_write_text, read_jsonl
 from .claims import read_claims
 from .plan import Plan, is_finished
@@ -137,6 +138,9 @@ def aggregate(plan: Plan) -> dict[str, Any]:
             summary["trained_on"] = {k: float(np.mean([x[k] for x in data])) for k in data[0]}
         summary["train_minutes"] = float(np.mean([t["train_seconds"] for t in timings])) / 60
         summary["refresh_sampling_minutes"] = float(np.mean([t["sampling_seconds"] for t in timings])) / 60
+        # what the odds-ratio term did, epoch by epoch (JSON keys are strings)
+        summary["per_epoch_training"] = {str(e): m for e, m in epoch_means(
+            [layout.run(variant, s).root for s in finished]).items()}
         summary["computed_with"] = sorted({line for s in finished for line in computed_with(layout.run(variant, s).root)})
         summary["overrides"] = variant_overrides(variant)
         summary["per_epoch"] = {}

@@ -63,6 +63,29 @@ def training_series(run_dirs: Sequence[Path]) -> dict[str, Any] | None:
     return {"x": per_seed[0][0][:n], "seeds": len(per_seed), "metrics": metrics}
 
 
+ODDS_RATIO_KEYS = ("nll", "or_loss", "reward_accuracy", "log_odds_ratio")
+
+
+def epoch_means(run_dirs: Sequence[Path], keys: Sequence[str] = ODDS_RATIO_KEYS) -> dict[int, dict[str, float]]:
+    """Per epoch, the mean over its steps of each of ``keys`` (``train`` events), then the mean over the
+    runs (seeds); each epoch's last quarter of steps also on its own (``KEY@end``), where a term that
+    has saturated shows. Epochs or keys a run did not log are left out (an SFT run has no odds ratio)."""
+    per_epoch: dict[int, dict[str, list[float]]] = {}
+    for d in run_dirs:
+        _, steps = training_rows(d)
+        by_epoch: dict[int, list[Mapping[str, Any]]] = {}
+        for r in steps:
+            by_epoch.setdefault(int(r["epoch"]), []).append(r)
+        for e, rows in by_epoch.items():
+            end = rows[len(rows) - max(1, len(rows) // 4):]
+            for k in keys:
+                for name, part in ((k, rows), (f"{k}@end", end)):
+                    values = [float(r[k]) for r in part if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])]
+                    if values:
+                        per_epoch.setdefault(e, {}).setdefault(name, []).append(float(np.mean(values)))
+    return {e: {k: float(np.mean(v)) for k, v in sorted(m.items())} for e, m in sorted(per_epoch.items())}
+
+
 def refresh_counts(run_dirs: Sequence[Path]) -> dict[int, dict[str, float]]:
     """Mean over seeds of each epoch's refresh event (selected, refreshed, all_correct, phi, ...)."""
     per_epoch: dict[int, list[Mapping[str, Any]]] = {}

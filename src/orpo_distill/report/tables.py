@@ -89,6 +89,23 @@ def comparison_blocks(result: Mapping[str, Any]) -> list[Block]:
                   [[c["claim"], "; ".join(_claim_difference(d) for d in c["differences"]), c["reading"]]
                    for c in result["claims"]]),
         ]
+    odds = [[name, e, _num(m.get("nll"), 3), _num(m.get("or_loss"), 3), _num(m.get("or_loss@end"), 3),
+             _pct(m.get("reward_accuracy")), _pct(m.get("reward_accuracy@end")), _num(m.get("log_odds_ratio"), 2),
+             _num(m.get("log_odds_ratio@end"), 2)]
+            for name, v in result["variants"].items() for e, m in (v.get("per_epoch_training") or {}).items()
+            if "nll" in m]
+    if any(v.get("or_loss") is not None for v in (m for row in result["variants"].values()
+                                                   for m in (row.get("per_epoch_training") or {}).values())):
+        blocks += [
+            Heading("What the odds-ratio term did"),
+            Para("Per epoch, from each run's `train` events (mean over the epoch's steps, then over seeds; "
+                 "\"end\": the epoch's last quarter of steps). OR loss is -log sigmoid(log odds ratio of chosen "
+                 "over rejected); its gradient scales with sigmoid(-log odds ratio), so an OR loss near 0 with "
+                 "reward accuracy near 100% means the term has saturated: the pairs are told apart and it "
+                 "no longer pushes, leaving the NLL term, as in SFT on the same positives. SFT arms: their NLL only."),
+            Table(["variant", "epoch", "NLL", "OR loss", "OR loss (end)", "reward accuracy",
+                   "reward accuracy (end)", "log odds ratio", "log odds ratio (end)"], odds),
+        ]
     computed = [[name, "; ".join(v["computed_with"])] for name, v in result["variants"].items()
                 if v.get("computed_with")]
     if computed:
