@@ -94,8 +94,7 @@ def comparison_blocks(result: Mapping[str, Any]) -> list[Block]:
              _num(m.get("log_odds_ratio@end"), 2)]
             for name, v in result["variants"].items() for e, m in (v.get("per_epoch_training") or {}).items()
             if "nll" in m]
-    if any(v.get("or_loss") is not None for v in (m for row in result["variants"].values()
-                                                   for m in (row.get("per_epoch_training") or {}).values())):
+    if any("or_loss" in m for v in result["variants"].values() for m in (v.get("per_epoch_training") or {}).values()):
         blocks += [
             Heading("What the odds-ratio term did"),
             Para("Per epoch, from each run's `train` events (mean over the epoch's steps, then over seeds; "
