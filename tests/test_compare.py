@@ -305,6 +305,15 @@ def test_comparison_generates_shared_traces_once_and_reuses_them(tiny_config: An
     assert "The paper's claims" in md and "orpo-mixed - sft-single" in md
     assert (out / "report.md").is_file() and (out / "report.html").is_file()
 
+    # --table-only --seeds 1: the table of the plan's first seed alone (the plan itself unchanged)
+    config = write_config(base, tmp_path / "cmp.yaml")
+    assert cli.main(["compare", str(config), "--out", str(out), "--table-only", "--seeds", "1"]) == 0
+    first = json.loads((out / "comparison.json").read_text())
+    assert first["seeds"] == [0] and first["missing"] == []
+    assert all(v["seeds"] == [0] for v in first["variants"].values())
+    assert all(p["seeds"] == 1 for p in first["paired"])
+    assert load_plan(out).seeds == [0, 1]
+
     # a rerun generates and trains nothing
     before = {p: p.read_bytes() for p in out.glob("*/seed_*/metrics.jsonl")}
     calls.built.clear()

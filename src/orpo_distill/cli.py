@@ -8,6 +8,7 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from typing import Any, Callable, Sequence
@@ -222,7 +223,8 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
                    help="comparison folder (default: the config's run_dir, plus -quick with --quick)")
     p.add_argument("--table-only", action="store_true",
                    help="run nothing: write comparison.json/.md and the report from the runs finished so far (the "
-                        "others listed as missing), e.g. while the comparison is still going in another process")
+                        "others listed as missing), e.g. while the comparison is still going in another process; "
+                        "with --seeds N, of the plan's first N seeds only")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep every run's checkpoints/ (default: removed once the run is finished)")
     p.add_argument("--keep-models", action="store_true",
@@ -257,8 +259,9 @@ def cmd_compare(args: argparse.Namespace) -> None:
         print(f"archived {len(done['finished'])} finished runs ({done['bytes'] / 2**20:.1f} MiB with the shared runs) "
               f"to {args.archive}; left out, not finished: {', '.join(done['left_out']) or 'none'}")
         return
-    if args.table_only:
-        tabulate(load_plan(out))
+    if args.table_only:  # --seeds N: the table of the plan's first N seeds (all of them when not given)
+        plan = load_plan(out)
+        tabulate(plan if args.seeds is None else dataclasses.replace(plan, seeds=plan.seeds[:n]))
     else:
         run_comparison(cfg, args.variants, [cfg.seed + i for i in range(n)], out, progress=not args.no_progress,
                        overwrite=args.overwrite, keep_checkpoints=args.keep_checkpoints, keep_models=args.keep_models,
