@@ -92,6 +92,21 @@ def test_report_renders_every_plot_of_a_finished_comparison(tiny_config: Any, tm
     assert "## Evaluation" in md and "| 0 | 4 |" in md and "| 2 | 4 |" in md
 
 
+def test_latest_events_keep_the_last_line_per_key_of_one_event(tmp_path: Path) -> None:
+    """A resumed run logs an epoch again: the later line stands; other events and keys are ignored."""
+    from orpo_distill.metrics import MetricsLog, latest_events, read_metrics
+
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    log.log("epoch", epoch=1, seconds=5.0)
+    log.log("train", epoch=1, step=1)
+    log.log("epoch", epoch=1, seconds=7.0)  # after a resume
+    log.log("epoch", epoch=2, seconds=3.0)
+    got = latest_events(read_metrics(tmp_path / "metrics.jsonl"), "epoch", "epoch")
+    assert sorted(got) == [1, 2]
+    assert [got[1]["seconds"], got[2]["seconds"]] == [7.0, 3.0]
+    assert latest_events([], "epoch", "epoch") == {}
+
+
 def test_training_curves_follow_epoch_progress_and_skip_duplicates(tmp_path: Path) -> None:
     """A resumed run logs the steps of the killed epoch again; the curve keeps one point per step."""
     lines = [
@@ -111,6 +126,7 @@ def test_training_curves_follow_epoch_progress_and_skip_duplicates(tmp_path: Pat
 def test_epoch_means_average_steps_then_runs_and_give_the_epochs_last_quarter(tmp_path: Path) -> None:
     """Hand-computed: per epoch the mean over its steps (a resumed step counted once), then over the
     runs; ``@end`` the last quarter of the epoch's steps (at least one)."""
+    from orpo_distill.metrics import read_metrics
     from orpo_distill.report.gather import epoch_means
 
     def write(d: Path, epochs: dict[int, list[float]]) -> Path:
@@ -129,7 +145,8 @@ def test_epoch_means_average_steps_then_runs_and_give_the_epochs_last_quarter(tm
 
     a = write(tmp_path / "a", {1: [4.0, 3.0, 2.0, 1.0], 2: [1.0, 0.5]})
     b = write(tmp_path / "b", {1: [2.0, 2.0, 2.0, 3.0], 2: [0.5, 0.5]})
-    got = epoch_means([a, b], keys=("or_loss", "nll", "reward_accuracy"))
+    got = epoch_means([read_metrics(a / "metrics.jsonl"), read_metrics(b / "metrics.jsonl")],
+                      keys=("or_loss", "nll", "reward_accuracy"))
     assert sorted(got) == [1, 2]
     assert got[1]["or_loss"] == pytest.approx((2.5 + 2.25) / 2)
     assert got[1]["or_loss@end"] == pytest.approx((1.0 + 3.0) / 2)  # the last of 4 steps

@@ -6,7 +6,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 
 def _clean(v: Any) -> Any:
@@ -42,3 +42,13 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue  # a torn last line from a kill
     return rows
+
+
+def latest_events(events: Iterable[dict[str, Any]], event: str, key: str) -> dict[Any, dict[str, Any]]:
+    """The ``event`` lines of ``events``, the last one per value of ``key``: a resumed run logs again
+    what the killed one had logged (a step, an epoch), and the later line is the one that stands."""
+    out: dict[Any, dict[str, Any]] = {}
+    for e in events:
+        if e.get("event") == event:
+            out[e[key]] = e
+    return out

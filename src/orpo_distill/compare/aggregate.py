@@ -7,12 +7,12 @@ missing ones, and leaves the statistics to :mod:`.statistics`. See docs/architec
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Sequence
 
 import numpy as np
 
 from ..layout import CompareLayout, RunLayout, eval_key_epoch
-from ..metrics import read_metrics
+from ..metrics import latest_events, read_metrics
 from ..report import comparison_blocks, render_markdown
 from ..report.gather import epoch_means
 from ..store import atomic_write_json, atomic_write_text, read_jsonl
@@ -27,28 +27,19 @@ def _eval_rows(layout: RunLayout, split: str, epoch: int) -> list[dict[str, Any]
     return list(read_jsonl(path)) if path.is_file() else None
 
 
-def _last_per(rows: Iterable[dict[str, Any]], key: str) -> dict[Any, dict[str, Any]]:
-    """The last row per ``key`` value: a resumed run logs again what the killed one had logged."""
-    out: dict[Any, dict[str, Any]] = {}
-    for r in rows:
-        out[r[key]] = r
-    return out
-
-
-def run_timing(directory: Path) -> dict[str, float]:
-    """Seconds of training (``epoch`` events) and of the refresh sampling (``sampling`` events)."""
-    events = read_metrics(RunLayout(directory).metrics)
-    epochs = _last_per((e for e in events if e.get("event") == "epoch"), "epoch")
+def run_timing(events: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Seconds of training (``epoch`` events) and of the refresh sampling (``sampling`` events), from a
+    run's events (``read_metrics``)."""
+    epochs = latest_events(events, "epoch", "epoch")
     train = sum(float(e.get("seconds", 0.0)) for e in epochs.values())
     sampling = sum(float(e.get("seconds", 0.0)) for e in events if e.get("event") == "sampling")
     return {"train_seconds": train, "sampling_seconds": sampling}
 
 
-def computed_with(directory: Path) -> list[str]:
+def computed_with(events: Sequence[dict[str, Any]]) -> list[str]:
     """How a run's epochs were computed, from its ``epoch`` events: precision, device or CPU, and the code
     (``provenance.code_version``), each distinct combination once. Older runs lack some of these fields."""
-    epochs = _last_per((e for e in read_metrics(RunLayout(directory).metrics) if e.get("event") == "epoch"),
-                       "epoch")
+    epochs = latest_events(events, "epoch", "epoch")
     seen: list[str] = []
     for e in epochs.values():
         where = e.get("cpu") if e.get("device", "cpu") == "cpu" else e.get("device")
@@ -59,17 +50,16 @@ def computed_with(directory: Path) -> list[str]:
     return seen
 
 
-def training_data(directory: Path) -> dict[str, float]:
+def training_data(events: Sequence[dict[str, Any]]) -> dict[str, float]:
     """What a run trained on, per epoch (mean over its epochs), from its ``pairs`` events: rows,
     distinct positives on the chosen (or SFT target) side and their tokens, questions covered, and the
     questions left out for want of a negative or covered by a fallback (teacher negatives, NLL-only rows)."""
-    events = _last_per((e for e in read_metrics(RunLayout(directory).metrics) if e.get("event") == "pairs"),
-                       "epoch")
+    pairs = latest_events(events, "pairs", "epoch")
     keys = ("rows", "questions", "positives", "positive_tokens", "dropped_no_negative", "teacher_fallback",
             "nll_only")
-    if not events:
+    if not pairs:
         return {}
-    return {k: float(np.mean([float(e.get(k, 0) or 0) for e in events.values()])) for k in keys}
+    return {k: float(np.mean([float(e.get(k, 0) or 0) for e in pairs.values()])) for k in keys}
 
 
 def _config_line(plan: Plan) -> dict[str, Any]:
@@ -111,7 +101,8 @@ def aggregate(plan: Plan) -> dict[str, Any]:
         correct_by_variant["base"] = correct
     for variant in plan.variants:
         finished: dict[int, list[dict[str, Any]]] = {}
-        timings, per_epoch_rows = [], {}
+        events: dict[int, list[dict[str, Any]]] = {}  # each finished run's metrics.jsonl, read once
+        per_epoch_rows: dict[int, dict[int, list[dict[str, Any]]]] = {}
         result["runs"][variant] = {}
         for s in plan.seeds:
             run = layout.run(variant, s)
@@ -122,7 +113,7 @@ def aggregate(plan: Plan) -> dict[str, Any]:
                 continue
             result["runs"][variant][str(s)] = str(run.root.relative_to(plan.dir))
             finished[s] = rows
-            timings.append(run_timing(run.root))
+            events[s] = read_metrics(run.metrics)
             for key in run.eval_summaries():
                 e = eval_key_epoch(key, split)
                 if e is not None:
@@ -132,16 +123,15 @@ def aggregate(plan: Plan) -> dict[str, Any]:
         if not finished:
             continue
         summary, correct = summarise(finished)
-        data = [training_data(layout.run(variant, s).root) for s in finished]
-        data = [x for x in data if x]
+        data = [x for x in (training_data(events[s]) for s in finished) if x]
         if data:  # per epoch, mean over the seeds: shows that arms are matched on their positives
             summary["trained_on"] = {k: float(np.mean([x[k] for x in data])) for k in data[0]}
+        timings = [run_timing(events[s]) for s in finished]
         summary["train_minutes"] = float(np.mean([t["train_seconds"] for t in timings])) / 60
         summary["refresh_sampling_minutes"] = float(np.mean([t["sampling_seconds"] for t in timings])) / 60
         # what the odds-ratio term did, epoch by epoch (JSON keys are strings)
-        summary["per_epoch_training"] = {str(e): m for e, m in epoch_means(
-            [layout.run(variant, s).root for s in finished]).items()}
-        summary["computed_with"] = sorted({line for s in finished for line in computed_with(layout.run(variant, s).root)})
+        summary["per_epoch_training"] = {str(e): m for e, m in epoch_means([events[s] for s in finished]).items()}
+        summary["computed_with"] = sorted({line for s in finished for line in computed_with(events[s])})
         summary["overrides"] = variant_overrides(variant)
         summary["per_epoch"] = {}
         for e in sorted(per_epoch_rows):

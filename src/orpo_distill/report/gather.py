@@ -14,26 +14,20 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from ..layout import RunLayout
-from ..metrics import read_metrics
+from ..metrics import latest_events, read_metrics
 
 # ---- gathering: training curves and refreshes -------------------------------------------------------
 
 
-def _last_per(rows: Iterable[Mapping[str, Any]], key: str) -> dict[Any, Mapping[str, Any]]:
-    """The last row per value of ``key``: a resumed run logs again what the killed one had logged."""
-    out: dict[Any, Mapping[str, Any]] = {}
-    for r in rows:
-        out[r[key]] = r
-    return out
-
-
 def training_rows(run_dir: Path) -> tuple[list[float], list[Mapping[str, Any]]]:
     """The run's ``train`` lines in step order (one per step) and their position in epochs."""
-    events = read_metrics(RunLayout(run_dir).metrics)
-    train = _last_per((e for e in events if e.get("event") == "train"), "step")
-    steps = sorted(train.values(), key=lambda r: r["step"])
-    epoch_steps = {int(e["epoch"]): int(e["steps"]) for e in _last_per(
-        (e for e in events if e.get("event") == "epoch"), "epoch").values()}
+    return training_rows_of(read_metrics(RunLayout(run_dir).metrics))
+
+
+def training_rows_of(events: Sequence[Mapping[str, Any]]) -> tuple[list[float], list[Mapping[str, Any]]]:
+    """:func:`training_rows` from a run's events already read."""
+    steps = sorted(latest_events(events, "train", "step").values(), key=lambda r: r["step"])
+    epoch_steps = {int(e["epoch"]): int(e["steps"]) for e in latest_events(events, "epoch", "epoch").values()}
     x, start = [], 0
     by_epoch: dict[int, list[Mapping[str, Any]]] = {}
     for r in steps:
@@ -66,13 +60,15 @@ def training_series(run_dirs: Sequence[Path]) -> dict[str, Any] | None:
 ODDS_RATIO_KEYS = ("nll", "or_loss", "reward_accuracy", "log_odds_ratio")
 
 
-def epoch_means(run_dirs: Sequence[Path], keys: Sequence[str] = ODDS_RATIO_KEYS) -> dict[int, dict[str, float]]:
+def epoch_means(runs: Sequence[Sequence[Mapping[str, Any]]],
+                keys: Sequence[str] = ODDS_RATIO_KEYS) -> dict[int, dict[str, float]]:
     """Per epoch, the mean over its steps of each of ``keys`` (``train`` events), then the mean over the
-    runs (seeds); each epoch's last quarter of steps also on its own (``KEY@end``), where a term that
-    has saturated shows. Epochs or keys a run did not log are left out (an SFT run has no odds ratio)."""
+    runs (seeds; each given as its events, ``read_metrics``); each epoch's last quarter of steps also on
+    its own (``KEY@end``), where a term that has saturated shows. Epochs or keys a run did not log are
+    left out (an SFT run has no odds ratio)."""
     per_epoch: dict[int, dict[str, list[float]]] = {}
-    for d in run_dirs:
-        _, steps = training_rows(d)
+    for events in runs:
+        _, steps = training_rows_of(events)
         by_epoch: dict[int, list[Mapping[str, Any]]] = {}
         for r in steps:
             by_epoch.setdefault(int(r["epoch"]), []).append(r)
@@ -90,8 +86,7 @@ def refresh_counts(run_dirs: Sequence[Path]) -> dict[int, dict[str, float]]:
     """Mean over seeds of each epoch's refresh event (selected, refreshed, all_correct, phi, ...)."""
     per_epoch: dict[int, list[Mapping[str, Any]]] = {}
     for d in run_dirs:
-        events = (e for e in read_metrics(RunLayout(d).metrics) if e.get("event") == "refresh")
-        for e, row in _last_per(events, "epoch").items():
+        for e, row in latest_events(read_metrics(RunLayout(d).metrics), "refresh", "epoch").items():
             per_epoch.setdefault(int(e), []).append(row)
     keys = ("selected", "refreshed", "all_correct", "fell_back_to_teacher", "questions", "phi")
     return {e: {k: float(np.mean([float(r.get(k, 0.0)) for r in rows])) for k in keys}

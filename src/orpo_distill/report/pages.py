@@ -11,10 +11,10 @@ from typing import Any, Mapping, Union
 from ..config import phi_policy, phi_text, upgrade_train_section
 from ..errors import UserError
 from ..layout import CompareLayout, RunLayout, eval_key_epoch
-from ..metrics import read_metrics
+from ..metrics import latest_events, read_metrics
 from ..store import atomic_write_text, read_jsonl
 from .blocks import Block, Heading, Image, Para, Table, _num, render_html, render_markdown
-from .gather import _last_per, generation_cost, refresh_counts, teacher_diversity, training_series
+from .gather import generation_cost, refresh_counts, teacher_diversity, training_series
 from .tables import _answer_blocks, _cost_blocks, _diversity_blocks, _eval_table, _refresh_table, comparison_blocks
 
 
@@ -110,7 +110,7 @@ def run_report(root: Path) -> list[Block]:
         blocks += _answer_blocks(evals)
     events = read_metrics(layout.metrics)
     blocks += _cost_blocks(generation_cost(events))
-    epochs = _last_per((e for e in events if e.get("event") == "epoch"), "epoch")
+    epochs = latest_events(events, "epoch", "epoch")
     if epochs:
         blocks += [Heading("Training"), Table(
             ["epoch", "steps", "examples", "tokens", "seconds", "tokens/s"],
