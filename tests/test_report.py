@@ -83,6 +83,14 @@ def test_report_renders_every_plot_of_a_finished_comparison(tiny_config: Any, tm
     assert f"| sft-single | 1 | {sft['1']['nll']:.3f} | n/a |" in md
     assert f"| orpo-mixed | 1 | {100 * result['variants']['orpo-mixed']['accuracy']:.1f}%" in md
     assert "| orpo-mixed | 2 | 0.50 | 2 | " in md  # the refresh before epoch 2: round(0.5 * 4) questions, a count
+    # how close the negatives were: per epoch, over all pairs and per kind (epoch 2 mixes the initial
+    # negatives, student@1, with the refreshed ones, student@2); the SFT arm has none
+    sim = {e: orpo[e]["negative_similarity"] for e in ("1", "2")}
+    assert set(sim["1"]) == {"all", "student@1"} and set(sim["2"]) == {"all", "student@1", "student@2"}
+    assert all(0.0 <= v <= 1.0 for kinds in sim.values() for v in kinds.values())
+    assert "negative_similarity" not in sft["1"]
+    both = f"{sim['2']['all']:.2f} (student@1 {sim['2']['student@1']:.2f}, student@2 {sim['2']['student@2']:.2f})"
+    assert f"| {orpo['2']['log_odds_ratio@end']:.2f} | {both} |" in md
 
     # a run directory of the same comparison gets its own report (no accuracy-per-variant plot)
     one = run_dir(out, "orpo-mixed", 0)
@@ -154,6 +162,23 @@ def test_epoch_means_average_steps_then_runs_and_give_the_epochs_last_quarter(tm
     assert got[2]["or_loss"] == pytest.approx((0.75 + 0.5) / 2)
     assert got[2]["or_loss@end"] == pytest.approx((0.5 + 0.5) / 2)
     assert "reward_accuracy" not in got[1]  # not logged: left out, not zero
+
+
+def test_pair_similarity_by_kind_of_negative_hand_computed() -> None:
+    """difflib's ratio on words, 2 x matches / total: "a b c d" against "a b c e" shares 3 of 8 -> 0.75.
+    Rows without a rejected side (NLL-only) are left out; SFT rows give nothing."""
+    from orpo_distill.text_similarity import pair_similarity, similarity
+
+    def row(chosen: str, rejected: str | None, source: str | None = None, epoch: int | None = None) -> dict:
+        return {"chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": None if rejected is None else [{"role": "assistant", "content": rejected}],
+                "rejected_source": source, "rejected_epoch": epoch}
+
+    assert similarity("A b c d.", "a b c e.") == pytest.approx(2 * 4 / 10)  # words and "." lower-cased
+    got = pair_similarity([row("a b c d", "a b c e", "student", 1), row("x y", "z w", "teacher"),
+                           row("a b", "a b", "student", 2), row("a b", None)])
+    assert got == pytest.approx({"all": (0.75 + 0.0 + 1.0) / 3, "student@1": 0.75, "student@2": 1.0, "teacher": 0.0})
+    assert pair_similarity([{"prompt": [], "completion": [{"role": "assistant", "content": "x"}]}]) == {}
 
 
 def test_distinct_n_and_similarity_on_known_texts() -> None:

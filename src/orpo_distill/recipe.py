@@ -39,6 +39,7 @@ from .pairs import NegativeBuffer, choose_refresh, phi_for_epoch, positives, tea
 from .provenance import code_version, conflict, training_settings, uses_student_negatives
 from .records import Record
 from .store import atomic_write_jsonl, settings_hash
+from .text_similarity import pair_similarity
 from .student_weights import export_student, load_trainable_student
 from .training import SftExample, make_optimizer, make_scheduler, steps_per_epoch, train_epoch
 from .whole_weights import is_fsdp2, weights_to_save, whole_model
@@ -126,7 +127,8 @@ class Distiller:
     def write_pairs(self, epoch: int, data: EpochData) -> Path:
         """``pairs/epoch_E.jsonl``, and a ``pairs`` event with what the epoch trains on: rows, the
         questions and distinct positives its chosen side covers and their student tokens (eos
-        included), and the questions left out."""
+        included), the questions left out, and how close the negatives are to their positives
+        (``text_similarity.pair_similarity``; empty for SFT)."""
         path = self.layout.pairs(epoch)
         atomic_write_jsonl(path, data.rows)
         chosen = chosen_texts(data.rows)
@@ -137,7 +139,7 @@ class Distiller:
                          positives=sum(len(t) for t in chosen.values()), positive_tokens=tokens,
                          dropped_no_positive=data.dropped_no_positive,
                          dropped_no_negative=data.dropped_no_negative, teacher_fallback=data.teacher_fallback,
-                         nll_only=data.nll_only)
+                         nll_only=data.nll_only, similarity=pair_similarity(data.rows))
         return path
 
     # ---- the refresh ---------------------------------------------------------------------------

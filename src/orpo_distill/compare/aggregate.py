@@ -14,7 +14,7 @@ import numpy as np
 from ..layout import CompareLayout, RunLayout, eval_key_epoch
 from ..metrics import latest_events, read_metrics
 from ..report import comparison_blocks, render_markdown
-from ..report.gather import epoch_means
+from ..report.gather import epoch_means, pair_similarity_means
 from ..store import atomic_write_json, atomic_write_text, read_jsonl
 from .claims import read_claims
 from .plan import Plan, is_finished
@@ -130,7 +130,10 @@ def aggregate(plan: Plan) -> dict[str, Any]:
         summary["train_minutes"] = float(np.mean([t["train_seconds"] for t in timings])) / 60
         summary["refresh_sampling_minutes"] = float(np.mean([t["sampling_seconds"] for t in timings])) / 60
         # what the odds-ratio term did, epoch by epoch (JSON keys are strings)
-        summary["per_epoch_training"] = {str(e): m for e, m in epoch_means([events[s] for s in finished]).items()}
+        runs = [events[s] for s in finished]
+        similarity = pair_similarity_means(runs)
+        summary["per_epoch_training"] = {str(e): {**m, **({"negative_similarity": similarity[e]} if e in similarity else {})}
+                                         for e, m in epoch_means(runs).items()}
         summary["computed_with"] = sorted({line for s in finished for line in computed_with(events[s])})
         summary["overrides"] = variant_overrides(variant)
         summary["per_epoch"] = {}

@@ -4,10 +4,7 @@ mean pairwise similarity among a question's K traces; pure functions of the text
 
 from __future__ import annotations
 
-import difflib
-import itertools
 import math
-import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -15,6 +12,7 @@ import numpy as np
 
 from ..layout import RunLayout
 from ..metrics import latest_events, read_metrics
+from ..text_similarity import mean_pairwise_similarity, words
 
 # ---- gathering: training curves and refreshes -------------------------------------------------------
 
@@ -82,6 +80,18 @@ def epoch_means(runs: Sequence[Sequence[Mapping[str, Any]]],
     return {e: {k: float(np.mean(v)) for k, v in sorted(m.items())} for e, m in sorted(per_epoch.items())}
 
 
+def pair_similarity_means(runs: Sequence[Sequence[Mapping[str, Any]]]) -> dict[int, dict[str, float]]:
+    """Per epoch, how close the negatives were to their positives (the ``similarity`` of ``pairs``
+    events, ``text_similarity.pair_similarity``), each kind's mean over the runs that logged it. Runs
+    from before the field existed, and SFT runs, add nothing."""
+    per_epoch: dict[int, dict[str, list[float]]] = {}
+    for events in runs:
+        for e, row in latest_events(events, "pairs", "epoch").items():
+            for kind, value in (row.get("similarity") or {}).items():
+                per_epoch.setdefault(int(e), {}).setdefault(kind, []).append(float(value))
+    return {e: {k: float(np.mean(v)) for k, v in sorted(m.items())} for e, m in sorted(per_epoch.items())}
+
+
 def refresh_counts(run_dirs: Sequence[Path]) -> dict[int, dict[str, float]]:
     """Mean over seeds of each epoch's refresh event (selected, refreshed, all_correct, phi, ...)."""
     per_epoch: dict[int, list[Mapping[str, Any]]] = {}
@@ -95,25 +105,11 @@ def refresh_counts(run_dirs: Sequence[Path]) -> dict[int, dict[str, float]]:
 
 # ---- teacher trace diversity --------------------------------------------------------------------------
 
-_WORD = re.compile(r"\w+|[^\w\s]")
-
-
-def words(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
-
-
 def distinct_n(texts: Sequence[str], n: int) -> float:
     """Unique n-grams over all n-grams, pooled over ``texts`` (the K traces of one question): 1.0 when
     no n-gram repeats across or within traces, small when the traces say the same thing."""
     grams = [tuple(ws[i:i + n]) for ws in map(words, texts) for i in range(len(ws) - n + 1)]
     return len(set(grams)) / len(grams) if grams else math.nan
-
-
-def mean_pairwise_similarity(texts: Sequence[str]) -> float:
-    """Mean difflib ratio (2 x matching words / total words) over all pairs of ``texts``."""
-    tokens = [words(t) for t in texts]
-    sims = [difflib.SequenceMatcher(None, a, b, autojunk=False).ratio() for a, b in itertools.combinations(tokens, 2)]
-    return float(np.mean(sims)) if sims else math.nan
 
 
 def teacher_diversity(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any] | None:

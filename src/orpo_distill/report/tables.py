@@ -91,7 +91,7 @@ def comparison_blocks(result: Mapping[str, Any]) -> list[Block]:
         ]
     odds = [[name, e, _num(m.get("nll"), 3), _num(m.get("or_loss"), 3), _num(m.get("or_loss@end"), 3),
              _pct(m.get("reward_accuracy")), _pct(m.get("reward_accuracy@end")), _num(m.get("log_odds_ratio"), 2),
-             _num(m.get("log_odds_ratio@end"), 2)]
+             _num(m.get("log_odds_ratio@end"), 2), _similarity(m.get("negative_similarity"))]
             for name, v in result["variants"].items() for e, m in (v.get("per_epoch_training") or {}).items()
             if "nll" in m]
     if any("or_loss" in m for v in result["variants"].values() for m in (v.get("per_epoch_training") or {}).values()):
@@ -101,9 +101,12 @@ def comparison_blocks(result: Mapping[str, Any]) -> list[Block]:
                  "\"end\": the epoch's last quarter of steps). OR loss is -log sigmoid(log odds ratio of chosen "
                  "over rejected); its gradient scales with sigmoid(-log odds ratio), so an OR loss near 0 with "
                  "reward accuracy near 100% means the term has saturated: the pairs are told apart and it "
-                 "no longer pushes, leaving the NLL term, as in SFT on the same positives. SFT arms: their NLL only."),
+                 "no longer pushes, leaving the NLL term, as in SFT on the same positives. SFT arms: their NLL only. "
+                 "Negatives' similarity: how many words a rejected response shares with its chosen one (difflib's "
+                 "ratio on words, 1 the same text; `pairs` events, mean over the runs that logged it), over all "
+                 "pairs and per kind of negative (student@E: sampled from the student before epoch E; teacher)."),
             Table(["variant", "epoch", "NLL", "OR loss", "OR loss (end)", "reward accuracy",
-                   "reward accuracy (end)", "log odds ratio", "log odds ratio (end)"], odds),
+                   "reward accuracy (end)", "log odds ratio", "log odds ratio (end)", "negatives' similarity"], odds),
         ]
     computed = [[name, "; ".join(v["computed_with"])] for name, v in result["variants"].items()
                 if v.get("computed_with")]
@@ -119,6 +122,15 @@ def comparison_blocks(result: Mapping[str, Any]) -> list[Block]:
         blocks.append(Para("Not finished yet (rerun `orpo-distill compare` to complete): "
                            + ", ".join(f"`{m}`" for m in result["missing"])))
     return blocks
+
+
+def _similarity(kinds: Mapping[str, float] | None) -> str:
+    """``0.52`` or ``0.52 (student@1 0.18, student@2 0.86)``: over all pairs, then per kind of negative
+    when there are several."""
+    if not kinds or "all" not in kinds:
+        return "n/a"
+    parts = [f"{k} {v:.2f}" for k, v in kinds.items() if k != "all"]
+    return f"{kinds['all']:.2f}" + (f" ({', '.join(parts)})" if len(parts) > 1 else "")
 
 
 def _diversity_blocks(div: Mapping[str, Any], image: Path) -> list[Block]:
