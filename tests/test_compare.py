@@ -33,6 +33,7 @@ from orpo_distill.compare import (
     run_dir,
     shared_config,
     shared_dir,
+    table_variants,
     variant_config,
     variant_overrides,
 )
@@ -313,6 +314,16 @@ def test_comparison_generates_shared_traces_once_and_reuses_them(tiny_config: An
     assert all(v["seeds"] == [0] for v in first["variants"].values())
     assert all(p["seeds"] == 1 for p in first["paired"])
     assert load_plan(out).seeds == [0, 1]
+    # --table-only --variants: those of the plan's variants alone (a folder that also holds ablations);
+    # a variant the plan does not hold is an error, not an empty row
+    assert cli.main(["compare", str(config), "--out", str(out), "--table-only", "--variants", "sft-single"]) == 0
+    one = json.loads((out / "comparison.json").read_text())
+    assert list(one["variants"]) == ["sft-single"] and one["missing"] == [] and one["seeds"] == [0, 1]
+    assert "orpo-mixed" not in (out / "comparison.md").read_text()
+    assert load_plan(out).variants == variants
+    with pytest.raises(UserError, match="orpo-off not in the comparison"):
+        table_variants(load_plan(out), ["sft-single,orpo-off"])
+    assert cli.main(["compare", str(config), "--out", str(out), "--table-only", "--variants", "orpo-off"]) == 2
 
     # a rerun generates and trains nothing
     before = {p: p.read_bytes() for p in out.glob("*/seed_*/metrics.jsonl")}

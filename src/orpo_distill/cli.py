@@ -224,7 +224,8 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--table-only", action="store_true",
                    help="run nothing: write comparison.json/.md and the report from the runs finished so far (the "
                         "others listed as missing), e.g. while the comparison is still going in another process; "
-                        "with --seeds N, of the plan's first N seeds only")
+                        "with --seeds N, of the plan's first N seeds only; with --variants, of those variants only "
+                        "(the plan's, e.g. the six of the paper in a folder that also holds ablations)")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep every run's checkpoints/ (default: removed once the run is finished)")
     p.add_argument("--keep-models", action="store_true",
@@ -242,7 +243,7 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_compare(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from .compare import QUICK_SEEDS, load_plan, quick_config, run_comparison, tabulate
+    from .compare import QUICK_SEEDS, load_plan, quick_config, run_comparison, table_variants, tabulate
     from .config import load_config
 
     cfg = load_config(args.config, args.overrides)
@@ -259,9 +260,10 @@ def cmd_compare(args: argparse.Namespace) -> None:
         print(f"archived {len(done['finished'])} finished runs ({done['bytes'] / 2**20:.1f} MiB with the shared runs) "
               f"to {args.archive}; left out, not finished: {', '.join(done['left_out']) or 'none'}")
         return
-    if args.table_only:  # --seeds N: the table of the plan's first N seeds (all of them when not given)
+    if args.table_only:  # --seeds N: the plan's first N seeds; --variants: those of the plan's variants
         plan = load_plan(out)
-        tabulate(plan if args.seeds is None else dataclasses.replace(plan, seeds=plan.seeds[:n]))
+        tabulate(dataclasses.replace(plan, seeds=plan.seeds if args.seeds is None else plan.seeds[:n],
+                                     variants=table_variants(plan, args.variants)))
     else:
         run_comparison(cfg, args.variants, [cfg.seed + i for i in range(n)], out, progress=not args.no_progress,
                        overwrite=args.overwrite, keep_checkpoints=args.keep_checkpoints, keep_models=args.keep_models,

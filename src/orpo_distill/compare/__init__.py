@@ -17,7 +17,7 @@ See docs/architecture.md.
 
 from .aggregate import aggregate, run_timing, training_data, write_comparison
 from .plan import Plan, final_eval_key, is_finished, load_plan, open_plan
-from .run import copy_atomic, prepare_shared, run_comparison, run_variant, seed_from_shared, tabulate
+from .run import copy_atomic, prepare_shared, run_comparison, run_variant, seed_from_shared, table_variants, tabulate
 from .statistics import bootstrap_mean, paired_difference, paired_rows, summarise
 from .variants import (
     BASELINE,
@@ -41,5 +41,5 @@ __all__ = [
     "bootstrap_mean", "comparison_pairs", "copy_atomic", "final_eval_key", "is_finished", "load_plan", "open_plan",
     "paired_difference", "paired_rows", "parse_variants", "prepare_shared", "quick_config", "run_comparison",
     "run_dir", "run_timing", "run_variant", "seed_from_shared", "shared_config", "shared_dir", "summarise",
-    "tabulate", "training_data", "variant_config", "variant_overrides", "write_comparison",
+    "table_variants", "tabulate", "training_data", "variant_config", "variant_overrides", "write_comparison",
 ]

@@ -187,6 +187,19 @@ def run_comparison(base: RunConfig, variants: Sequence[str], seeds: Sequence[int
     return tabulate(plan)
 
 
+def table_variants(plan: Plan, specs: Sequence[str] | None) -> list[str]:
+    """The plan's variants named by ``specs`` (``--variants``), in the plan's order; all of them when none
+    is named. A name the plan does not hold is an error: it was never run in this folder."""
+    if not specs:
+        return list(plan.variants)
+    wanted = parse_variants(specs)
+    unknown = [v for v in wanted if v not in plan.variants]
+    if unknown:
+        raise UserError(f"{', '.join(unknown)} not in the comparison at {plan.dir} (its variants: "
+                        f"{', '.join(plan.variants)})")
+    return [v for v in plan.variants if v in wanted]
+
+
 def tabulate(plan: Plan) -> dict[str, Any]:
     """comparison.json/.md and the report from the runs of ``plan`` finished so far (the others listed
     as missing); nothing is run. ``compare --table-only`` calls it while a comparison is still going."""
