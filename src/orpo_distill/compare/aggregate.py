@@ -131,9 +131,11 @@ def aggregate(plan: Plan) -> dict[str, Any]:
         summary["refresh_sampling_minutes"] = float(np.mean([t["sampling_seconds"] for t in timings])) / 60
         # what the odds-ratio term did, epoch by epoch (JSON keys are strings)
         runs = [events[s] for s in finished]
-        similarity = pair_similarity_means(runs)
-        summary["per_epoch_training"] = {str(e): {**m, **({"negative_similarity": similarity[e]} if e in similarity else {})}
-                                         for e, m in epoch_means(runs).items()}
+        per_epoch_training = {str(e): m for e, m in epoch_means(runs).items()}
+        for e, kinds in pair_similarity_means(runs).items():  # how close the negatives were (ORPO arms)
+            if str(e) in per_epoch_training:
+                per_epoch_training[str(e)]["negative_similarity"] = kinds
+        summary["per_epoch_training"] = per_epoch_training
         summary["computed_with"] = sorted({line for s in finished for line in computed_with(events[s])})
         summary["overrides"] = variant_overrides(variant)
         summary["per_epoch"] = {}
