@@ -298,6 +298,8 @@ def test_comparison_generates_shared_traces_once_and_reuses_them(tiny_config: An
     assert {("orpo-mixed", "sft-single"), ("orpo-mixed", "base"), ("sft-single", "base")} <= pairs
     md = (out / "comparison.md").read_text()
     assert "| sft-single |" in md and "| orpo-mixed |" in md and "base model (epoch 0)" in md
+    # the header names the loader and the task (dataset `synthetic` alone read as the mcq task)
+    assert saved["config"]["task"] == "mcq" and "dataset `synthetic`, task `mcq` (" in md
     # the paper's claims the comparison's arms can speak to: claim 3 against the one SFT baseline it ran
     assert [c["claim"] for c in saved["claims"]] == ["3. ORPO > SFT on CoT"]
     (only,) = saved["claims"][0]["differences"]

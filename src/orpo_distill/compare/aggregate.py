@@ -68,6 +68,7 @@ def _config_line(plan: Plan) -> dict[str, Any]:
         "student": b.student.source,
         "teacher": b.teacher.kind + ("" if b.teacher.kind == "scripted" else f":{b.teacher.source}"),
         "dataset": b.dataset.kind,
+        "task": b.task.kind,
         "train_size": b.dataset.train_size,
         "eval_size": b.dataset.eval_size,
         "phi": b.train.phi,

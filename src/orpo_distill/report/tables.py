@@ -29,9 +29,10 @@ def _claim_difference(d: Mapping[str, Any]) -> str:
 def comparison_blocks(result: Mapping[str, Any]) -> list[Block]:
     """comparison.md: the accuracy table and the paired differences (also the core of report.md)."""
     cfg = result.get("config", {})
+    task = f", task `{cfg['task']}`" if cfg.get("task") else ""  # tables written before the task was recorded lack it
     blocks: list[Block] = [
         Heading("Comparison", 1),
-        Para(f"Student `{cfg.get('student')}`, teacher `{cfg.get('teacher')}`, dataset `{cfg.get('dataset')}` "
+        Para(f"Student `{cfg.get('student')}`, teacher `{cfg.get('teacher')}`, dataset `{cfg.get('dataset')}`{task} "
              f"({cfg.get('train_size') or 'all'} training, {cfg.get('eval_size') or 'all'} held-out questions), "
              f"{result['epochs']} epochs, seeds {', '.join(map(str, result['seeds']))}. Accuracy on the "
              f"`{result['split']}` split after the last epoch; the 95% interval is a bootstrap over questions "
