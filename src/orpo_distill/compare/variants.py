@@ -37,7 +37,7 @@ QUICK_SEEDS = 1
 
 
 # ``VARIANT+lambda=X`` and ``VARIANT+lr=X`` change one training knob of any variant: the ablations
-# (``orpo-mixed+lambda=0`` trains on the same rows with the odds-ratio term off) and an equal
+# (``orpo-mixed+lambda=0`` pairs as orpo-mixed does with the odds-ratio term off) and an equal
 # learning-rate sweep for every arm. ``+rows=N`` caps a question's pairs in one packed row
 # (``train.pairs_per_row``): ``orpo-mixed+lambda=0+rows=1`` batches ORPO's rows as SFT batches its examples.
 MODIFIERS = {"lambda": "train.lambda", "lr": "train.lr", "rows": "train.pairs_per_row"}
