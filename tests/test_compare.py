@@ -300,6 +300,10 @@ def test_comparison_generates_shared_traces_once_and_reuses_them(tiny_config: An
     assert "| sft-single |" in md and "| orpo-mixed |" in md and "base model (epoch 0)" in md
     # the header names the loader and the task (dataset `synthetic` alone read as the mcq task)
     assert saved["config"]["task"] == "mcq" and "dataset `synthetic`, task `mcq` (" in md
+    # a comparison.json written before the task was recorded (`orpo-distill report` rereads it) still renders
+    from orpo_distill.report import comparison_blocks
+    older = {**saved, "config": {k: v for k, v in saved["config"].items() if k != "task"}}
+    assert "dataset `synthetic` (4 training" in comparison_blocks(older)[1].text
     # the paper's claims the comparison's arms can speak to: claim 3 against the one SFT baseline it ran
     assert [c["claim"] for c in saved["claims"]] == ["3. ORPO > SFT on CoT"]
     (only,) = saved["claims"][0]["differences"]
