@@ -13,7 +13,9 @@
 # run it: pinning fp32 made every run 2.6x dearer in matrix products on a CPU with AVX512-BF16 (160 against
 # 419 GFLOP/s, 2-core AMD EPYC, 2026-12-07, `python bench/bf16_weights_probe.py --matmul`). Each run's metrics.jsonl records, per epoch, the precision it
 # trained in and the CPU (`epoch` events), so a comparison carried between machines says what computed each arm.
-# Environment: RUNS (default runs), EVERY (default 600), PYTHON (default .venv/bin/python).
+# Environment: RUNS (default runs), EVERY (default 600), PYTHON (default .venv/bin/python), STEPS (the
+# compare arguments to run instead of the name's own, one step per ';': bench/paper_protocol.sh orders
+# two comparisons' steps this way).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 name=${1:?usage: bash bench/full_comparison.sh numeric|synthetic}
@@ -38,6 +40,7 @@ case $name in
   *)       common=("$config" --set train.lr=5e-5 --out "$out" --no-progress)
            steps=("--seeds 3") ;;
 esac
+if [ -n "${STEPS:-}" ]; then IFS=';' read -r -a steps <<<"$STEPS"; fi
 mkdir -p "$RUNS"
 if [ ! -f "$out/plan.json" ] && [ -f "$archive/plan.json" ]; then
   echo "restoring $archive into $out"

@@ -61,6 +61,16 @@ class EvalSummary:
         return cls(**kept)
 
 
+def best_dev_epoch(summaries: Mapping[str, Any], epochs: int) -> int | None:
+    """The trained epoch (1..``epochs``) with the highest dev accuracy in ``eval/summary.json``'s entries,
+    the earliest on a tie: what a user who tunes the epoch count on dev would ship. None without any."""
+    from .layout import eval_key_epoch
+
+    accs = {e: v["accuracy"] for k, v in summaries.items()
+            if (e := eval_key_epoch(k, "dev")) is not None and 1 <= e <= epochs}
+    return max(sorted(accs), key=lambda e: accs[e]) if accs else None
+
+
 def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     """The Wilson score interval for a binomial share; sound at 0% and 100% too."""
     if n == 0:

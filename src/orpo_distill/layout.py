@@ -104,6 +104,12 @@ class RunLayout(_Folder):
         return self.root / "teacher" / "traces.jsonl"
 
     @property
+    def teacher_dev_traces(self) -> Path:
+        """One teacher trace per dev question (``dataset.dev_size``): the held-out positives whose
+        log-probability the per-epoch dev evaluation tracks (``chosen_logp.py``)."""
+        return self.root / "teacher" / "dev_traces.jsonl"
+
+    @property
     def student_dir(self) -> Path:
         return self.root / "student"
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal, Mapping, Sequence
 
 from .errors import UserError
+from .text_similarity import near_duplicates
 
 Trace = Mapping[str, Any]  # a row of a trace store: id, sample, text, answer, correct, source, ...
 
@@ -48,6 +49,20 @@ def positives(traces: Iterable[Trace]) -> list[str]:
     """Correct traces that ended on their own: one cut off at ``max_tokens`` may be "correct" only
     because an intermediate number matched, and would teach the student to stop mid-sentence."""
     return [t["text"] for t in traces if t["correct"] and t.get("finish_reason") != "length"]
+
+
+def without_near_duplicates(traces: Sequence[Trace], threshold: float | None) -> tuple[list[Trace], int]:
+    """A question's traces with near-duplicates discarded (``pairs.dedup_rouge_l``) and how many went.
+
+    Correct and wrong traces are compared within their own kind: a wrong trace that shares most words
+    with a correct one is a close negative, which pairing wants, not a duplicate. ``None``: all kept."""
+    if threshold is None:
+        return list(traces), 0
+    drop: set[int] = set()
+    for correct in (True, False):
+        idx = [i for i, t in enumerate(traces) if bool(t["correct"]) == correct]
+        drop.update(idx[j] for j in near_duplicates([traces[i]["text"] for i in idx], threshold))
+    return [t for i, t in enumerate(traces) if i not in drop], len(drop)
 
 
 # ---- pairs ----------------------------------------------------------------------------------------
@@ -164,13 +179,21 @@ class NegativeBuffer:
         filter: str,
         when_all_correct: str = "keep",
         teacher_negs: Mapping[str, Sequence[Negative]] | None = None,
+        anchor: Mapping[str, Sequence[Negative]] | None = None,
     ) -> RefreshResult:
         """Replace the negatives of the questions in ``new_traces`` with the new student samples.
 
-        A question whose new samples hold no negative keeps its old negatives (``keep``) or takes the
-        teacher's (``teacher``); either way it is counted in ``all_correct``.
+        ``anchor`` (``train.unrefreshed: initial``, the paper's mixed policy): every question not
+        resampled now returns to these negatives (the initial student's) instead of keeping what it
+        trained on last epoch. A question whose new samples hold no negative keeps its unrefreshed
+        negatives (the anchor's, or the old ones without one: ``keep``) or takes the teacher's
+        (``teacher``); either way it is counted in ``all_correct``.
         """
         result = RefreshResult()
+        if anchor is not None:
+            for qid in self.negatives:
+                if qid not in new_traces:
+                    self.negatives[qid] = list(anchor.get(qid, []))
         for qid, traces in new_traces.items():
             fresh = student_negatives(traces, epoch, filter)
             if fresh:
@@ -181,6 +204,8 @@ class NegativeBuffer:
             if when_all_correct == "teacher" and teacher_negs and teacher_negs.get(qid):
                 self.negatives[qid] = list(teacher_negs[qid])
                 result.fell_back_to_teacher += 1
+            elif anchor is not None:
+                self.negatives[qid] = list(anchor.get(qid, []))
         return result
 
     def to_dict(self) -> dict[str, Any]:

@@ -23,8 +23,8 @@ from typing import Any, Iterator, Sequence
 from . import distributed, provenance
 from .config import LocalModelConfig, RunConfig, resolved_dict
 from .errors import UserError
-from .evaluation import EvalSummary, evaluate
-from .datasets import load_splits
+from .evaluation import EvalSummary, best_dev_epoch, evaluate
+from .datasets import Splits, load_all_splits
 from .generators import build_generator
 from .generators.base import Generator
 from .generators.hf import HFGenerator, autocast_for
@@ -83,13 +83,13 @@ class Run:
     # ---- inputs -------------------------------------------------------------------------------
 
     @cached_property
-    def splits(self) -> tuple[list[Record], list[Record]]:
-        train, held_out = load_splits(self.cfg.dataset, task_kind=self.cfg.task.kind)
-        if not train:
+    def splits(self) -> Splits:
+        splits = load_all_splits(self.cfg.dataset, task_kind=self.cfg.task.kind)
+        if not splits.train:
             raise UserError("the dataset has no training questions (check dataset.path, fields and train_size)")
-        for r in [*train, *held_out]:  # bad gold fails here, before anything is generated
+        for r in [*splits.train, *splits.eval, *splits.dev]:  # bad gold fails here, before anything is generated
             self.task.normalize_gold(r)
-        return train, held_out
+        return splits
 
     @property
     def train_records(self) -> list[Record]:
@@ -97,7 +97,20 @@ class Run:
 
     @property
     def eval_records(self) -> list[Record]:
-        return self.splits[1] if self.cfg.eval.split == "eval" else self.splits[0]
+        return self.splits.eval if self.cfg.eval.split == "eval" else self.splits.train
+
+    @property
+    def dev_records(self) -> list[Record]:
+        """The dev split (``dataset.dev_size``; empty without one)."""
+        return self.splits.dev
+
+    def records_of(self, split: str) -> list[Record]:
+        return self.dev_records if split == "dev" else self.eval_records
+
+    @property
+    def epoch_split(self) -> str:
+        """Where the per-epoch evaluations run: dev when there is one, else ``eval.split``."""
+        return "dev" if self.dev_records else self.cfg.eval.split
 
     @cached_property
     def task(self) -> Any:
@@ -129,9 +142,9 @@ class Run:
         scfg = self.cfg.student
         local = isinstance(scfg, LocalModelConfig)
         tok = load_tokenizer(scfg.model, trust_remote_code=scfg.trust_remote_code) if local else None
-        train, held_out = self.splits
+        train, held_out, dev = self.splits
         student = [{"id": r.id, "split": split, **shown(scfg, tok, self.task.messages(r))}
-                   for split, records in (("train", train), ("eval", held_out)) for r in records]
+                   for split, records in (("train", train), ("eval", held_out), ("dev", dev)) for r in records]
         write(self.layout.prompts("student"), student)
         write(self.layout.prompts("teacher"),
               [{"id": r.id, **shown(self.cfg.teacher, None, self.task.messages(r))} for r in train])
@@ -160,8 +173,36 @@ class Run:
                                                             self.cfg.teacher.sampling.seed, progress=self.progress,
                                                             role="teacher"))
         with _config_section("teacher"):
-            return self._sample(store, generator, self.cfg.teacher.sampling, "teacher",
+            summary = self._sample(store, generator, self.cfg.teacher.sampling, "teacher",
+                                   max_failed_share=self.cfg.teacher.max_failed_share)
+        if self.dev_records:
+            self.teacher_dev()
+        return summary
+
+    def teacher_dev_store(self) -> TraceStore:
+        return self._open_store(self.layout.teacher_dev_traces, provenance.teacher_store_settings(self.cfg, samples=1))
+
+    def teacher_dev(self) -> SampleSummary:
+        """One teacher trace per dev question (``teacher/dev_traces.jsonl``): the held-out positives whose
+        log-probability each per-epoch dev evaluation reports (``chosen_logp``). Never trained on."""
+        store = self.teacher_dev_store()
+        sampling = self.cfg.teacher.sampling.model_copy(update={"samples": 1})
+        generator = None
+        if any(store.count(r.id) < 1 for r in self.dev_records):
+            generator = distributed.split_across_ranks(build_generator(self.cfg.teacher, self.dev_records, self.cfg.task.kind,
+                                                                sampling.seed, progress=self.progress, role="teacher"))
+        with _config_section("teacher"):
+            return self._sample(store, generator, sampling, "teacher/dev", self.dev_records,
                                 max_failed_share=self.cfg.teacher.max_failed_share)
+
+    def dev_positives(self) -> list[tuple[list[dict[str, str]], str]]:
+        """(prompt messages, text) of each dev question's teacher trace that is correct and finished."""
+        from .pairs import positives
+
+        rows = self.teacher_dev_store().all_rows() if self.layout.teacher_dev_traces.is_file() else []
+        by_id = {r.id: r for r in self.dev_records}
+        return [(self.task.messages(by_id[row["id"]]), text) for row in rows if row["id"] in by_id
+                for text in positives([row])]
 
     def student_store(self, epoch: int, generator_name: str | None = None) -> TraceStore:
         settings = provenance.student_store_settings(self.cfg, generator_name)
@@ -200,7 +241,8 @@ class Run:
                                 teacher_rows=self.teacher_store().all_rows(),
                                 initial_student_rows=lambda: self.student_store(1).all_rows(),
                                 sample=self.sample_refresh,
-                                evaluate=lambda epoch, model, tok: self.evaluate(epoch, model=model, tokenizer=tok))
+                                evaluate=lambda epoch, model, tok: self.evaluate(epoch, model=model, tokenizer=tok,
+                                                                                 split=self.epoch_split))
         return Distiller(self.cfg, self.layout, self.metrics, inputs, progress=self.progress)
 
     def train(self) -> dict[str, Any]:
@@ -218,13 +260,14 @@ class Run:
                             "are kept. For the weights, run the comparison again into a new folder with --keep-models "
                             "(or delete this run folder to train it again)")
 
-    def evaluate(self, epoch: int, model: Any = None, tokenizer: Any = None) -> EvalSummary:
-        """Greedy evaluation of the student after ``epoch`` (0: before training); cached on disk."""
-        split = self.cfg.eval.split
+    def evaluate(self, epoch: int, model: Any = None, tokenizer: Any = None, split: str | None = None) -> EvalSummary:
+        """Greedy evaluation of the student after ``epoch`` (0: before training) on ``split`` (``eval.split``
+        unless given; ``dev``: the dev split, with the held-out positives' log-probability); cached on disk."""
+        split = split or self.cfg.eval.split
         key = eval_key(split, epoch)
         path = self.layout.eval_rows(split, epoch)
         summaries = self.eval_summaries()
-        wanted = settings_hash(provenance.eval_settings(self.cfg, epoch, self.weights_hash(epoch)))
+        wanted = settings_hash(provenance.eval_settings(self.cfg, epoch, self.weights_hash(epoch), split=split))
         if path.exists() and key in summaries:
             cached = summaries[key].get("settings_hash")
             if cached is None or cached == wanted:  # None: written before evaluations carried a hash
@@ -237,15 +280,23 @@ class Run:
             model, tokenizer, name=student_generator_name(epoch), batch_size=self.cfg.eval.batch_size,
             progress=self.progress, bf16=autocast_for(self.cfg.local_student.dtype)))
         ecfg = self.cfg.eval
-        rows, summary = evaluate(self.eval_records, self.task, gen, ecfg.max_tokens, ecfg.self_consistency,
+        rows, summary = evaluate(self.records_of(split), self.task, gen, ecfg.max_tokens, ecfg.self_consistency,
                                  ecfg.temperature, seed=self.cfg.seed)
+        extra: dict[str, Any] = {}
+        if split == "dev":
+            from .chosen_logp import mean_response_logp
+
+            held_out = self.dev_positives()
+            extra = {"chosen_logp": mean_response_logp(model, tokenizer, held_out, self.cfg.train.max_length,
+                                                       bf16=autocast_for(self.cfg.local_student.dtype)),
+                     "chosen_logp_n": len(held_out)}
         if self.writer:
             atomic_write_jsonl(path, rows)
             summaries = self.eval_summaries()
-            summaries[key] = {**summary.as_dict(), "epoch": epoch, "split": split, "settings_hash": wanted,
+            summaries[key] = {**summary.as_dict(), **extra, "epoch": epoch, "split": split, "settings_hash": wanted,
                               "tokens_per_s": gen.stats.completion_tokens / gen.stats.seconds if gen.stats.seconds else 0.0}
             atomic_write_json(self.layout.eval_summary, summaries)
-        self.metrics.log("eval", key=key, **summary.as_dict())
+        self.metrics.log("eval", key=key, **summary.as_dict(), **extra)
         distributed.barrier()  # the other ranks read summary.json next time
         return summary
 
@@ -289,10 +340,16 @@ class Run:
             out["student"] = self.student(epoch=1)
         if self.cfg.eval.before_training:
             out["eval_before"] = self.evaluate(0)
+            if self.dev_records and self.cfg.eval.every_epoch:
+                out["dev_before"] = self.evaluate(0, split="dev")
         out["train"] = self.train()
         last = self.cfg.train.epochs
         out["eval_after"] = self.evaluate(last)
+        best = best_dev_epoch(self.eval_summaries(), last)  # the test split at the epoch dev would pick too
+        if best is not None and best != last:
+            out["eval_best_dev"] = self.evaluate(best)
         return out
+
 
     def _sample(self, store: TraceStore, generator: Generator | None, sampling: Any, stage: str,
                 records: list[Record] | None = None, max_failed_share: float | None = None) -> SampleSummary:

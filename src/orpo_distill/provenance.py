@@ -64,9 +64,11 @@ def task_fingerprint(cfg: RunConfig) -> dict[str, Any]:
     return {"kind": t.kind, "custom": t.custom, "system": t.system_prompt, "instruction": t.instruction}
 
 
-def teacher_store_settings(cfg: RunConfig) -> dict[str, Any]:
+def teacher_store_settings(cfg: RunConfig, samples: int | None = None) -> dict[str, Any]:
+    """``samples``: another count than ``teacher.sampling.samples`` (the dev traces take one)."""
     t = cfg.teacher
-    settings = sampling_settings(f"{t.kind}:{t.source}", t.sampling, task_fingerprint(cfg))
+    sampling = t.sampling if samples is None else t.sampling.model_copy(update={"samples": samples})
+    settings = sampling_settings(f"{t.kind}:{t.source}", sampling, task_fingerprint(cfg))
     if t.kind == "scripted":
         settings["error_rate"] = t.error_rate
     return settings
@@ -82,20 +84,38 @@ def uses_student_negatives(cfg: RunConfig) -> bool:
     return cfg.train.method == "orpo" and cfg.pairs.negatives in ("student", "both")
 
 
+# Settings added after runs were archived, at the value that reproduces the code before them: left out
+# of the hashes at that value, so that a finished run's recorded settings still match its config.
+LATER_DEFAULTS = {
+    "train": {"unrefreshed": "previous"},
+    "pairs": {"dedup_rouge_l": None},
+    "dataset": {"dev_size": None},
+}
+
+
+def _without_later_defaults(section: str, values: dict[str, Any]) -> dict[str, Any]:
+    later = LATER_DEFAULTS.get(section, {})
+    return {k: v for k, v in values.items() if not (k in later and v == later[k])}
+
+
 def _train_settings(train: TrainConfig) -> dict[str, Any]:
-    out = train.model_dump(mode="json", by_alias=True)
+    out = _without_later_defaults("train", train.model_dump(mode="json", by_alias=True))
     out.pop("log_every", None)  # only logs
     return out
+
+
+def dataset_settings(cfg: RunConfig) -> dict[str, Any]:
+    return _without_later_defaults("dataset", cfg.dataset.model_dump(mode="json"))
 
 
 def training_settings(cfg: RunConfig) -> dict[str, Any]:
     """Everything that determines the trained weights (``train.log_every`` aside, which only logs)."""
     return {
         "train": _train_settings(cfg.train),
-        "pairs": cfg.pairs.model_dump(mode="json"),
+        "pairs": _without_later_defaults("pairs", cfg.pairs.model_dump(mode="json")),
         "student": {"model": cfg.student.source},
         "seed": cfg.seed,
-        "dataset": cfg.dataset.model_dump(mode="json"),
+        "dataset": dataset_settings(cfg),
         "teacher_traces": settings_hash(teacher_store_settings(cfg)),
         # the initial student's samples are the negatives only when the run uses student negatives
         "student_traces": settings_hash(student_store_settings(cfg)) if uses_student_negatives(cfg) else None,
@@ -114,7 +134,7 @@ def _upgraded(settings: dict[str, Any]) -> dict[str, Any]:
         return settings
 
 
-def eval_settings(cfg: RunConfig, epoch: int, weights: str | None = None) -> dict[str, Any]:
+def eval_settings(cfg: RunConfig, epoch: int, weights: str | None = None, split: str | None = None) -> dict[str, Any]:
     """What an evaluation after ``epoch`` depends on: the eval settings, the questions and prompts, and the
     model: the student model before training, else ``weights`` (the training-settings hash recorded with
     the weights evaluated; None: this config's)."""
@@ -124,11 +144,11 @@ def eval_settings(cfg: RunConfig, epoch: int, weights: str | None = None) -> dic
     else:
         model = cfg.local_student.model
     return {
-        "eval": {"split": e.split, "max_tokens": e.max_tokens, "self_consistency": e.self_consistency,
+        "eval": {"split": split or e.split, "max_tokens": e.max_tokens, "self_consistency": e.self_consistency,
                  "temperature": e.temperature},
         "seed": cfg.seed if e.self_consistency else None,  # greedy decoding does not depend on it
         "task": task_fingerprint(cfg),
-        "dataset": cfg.dataset.model_dump(mode="json"),
+        "dataset": dataset_settings(cfg),
         "dtype": cfg.local_student.dtype,
         "model": model,
     }

@@ -35,7 +35,8 @@ from .generators.hf import HFGenerator, autocast_for
 from .layout import RunLayout, student_generator_name
 from .metrics import MetricsLog
 from .models import cpu_name, load_tokenizer, pick_device, render_prompt
-from .pairs import NegativeBuffer, choose_refresh, phi_for_epoch, positives, teacher_negatives
+from .pairs import (NegativeBuffer, choose_refresh, phi_for_epoch, positives, teacher_negatives,
+                    without_near_duplicates)
 from .provenance import code_version, conflict, training_settings, uses_student_negatives
 from .records import Record
 from .store import atomic_write_jsonl, settings_hash
@@ -99,22 +100,47 @@ class Distiller:
         self.progress = progress
         self.tokenizer = tokenizer or load_tokenizer(cfg.local_student.model, trust_remote_code=cfg.local_student.trust_remote_code)
         self.records = {r.id: r for r in inputs.records}
-        self.teacher = group_traces(inputs.teacher_rows)
+        self.teacher, self.teacher_dropped = self.deduplicated(group_traces(inputs.teacher_rows))
         self.qids = [r.id for r in inputs.records if positives(self.teacher.get(r.id, []))]
         self.teacher_negs = {q: teacher_negatives(self.teacher.get(q, [])) for q in self.qids}
         self.buffer = NegativeBuffer()
+        self._initial: NegativeBuffer | None = None  # the initial student's negatives (read when first needed)
         self._vllm: Any = None  # the student's vLLM engine, when student.kind is vllm (built on first refresh)
 
     # ---- data ------------------------------------------------------------------------------------
 
+    def deduplicated(self, by_qid: dict[str, list[Any]]) -> tuple[dict[str, list[Any]], int]:
+        """Each question's traces without near-duplicates (``pairs.dedup_rouge_l``), and how many went."""
+        out, dropped = {}, 0
+        for q, traces in by_qid.items():
+            out[q], n = without_near_duplicates(traces, self.cfg.pairs.dedup_rouge_l)
+            dropped += n
+        return out, dropped
+
     def initial_buffer(self) -> NegativeBuffer:
-        rows = group_traces(self.inputs.initial_student_rows())
+        """The initial student's negatives, a fresh copy each call (the buffer of epoch 1, and the
+        anchor of ``train.unrefreshed: initial``)."""
+        rows, dropped = self.deduplicated(group_traces(self.inputs.initial_student_rows()))
+        if self.cfg.pairs.dedup_rouge_l is not None and self._initial is None:
+            self.metrics.log("dedup", source="student@1", threshold=self.cfg.pairs.dedup_rouge_l, dropped=dropped,
+                             kept=sum(len(v) for v in rows.values()))
         buf = NegativeBuffer.from_traces({q: rows.get(q, []) for q in self.qids}, 1, self.cfg.pairs.filter)
         if self.tcfg.when_all_correct == "teacher":
             for q, negs in buf.negatives.items():
                 if not negs:
                     buf.negatives[q] = list(self.teacher_negs[q])
+        if self._initial is None:
+            self._initial = NegativeBuffer.from_dict(buf.to_dict())
         return buf
+
+    def anchor(self) -> dict[str, Any] | None:
+        """What a question not resampled at a refresh returns to: the initial student's negatives under
+        ``train.unrefreshed: initial`` (the paper's policy), None (keep the previous ones) otherwise."""
+        if self.tcfg.unrefreshed != "initial":
+            return None
+        if self._initial is None:
+            self.initial_buffer()
+        return self._initial.negatives
 
     def epoch_data(self, epoch: int) -> EpochData:
         """The pairs (ORPO) or targets (SFT) of one epoch (``epoch_rows.epoch_rows``)."""
@@ -162,10 +188,13 @@ class Distiller:
                 new = self.inputs.sample(epoch, gen, [self.records[q] for q in chosen])
         else:
             new = {}
-        result = self.buffer.refresh(new, epoch, self.cfg.pairs.filter, self.tcfg.when_all_correct, self.teacher_negs)
+        new, dropped = self.deduplicated(new)
+        result = self.buffer.refresh(new, epoch, self.cfg.pairs.filter, self.tcfg.when_all_correct, self.teacher_negs,
+                                     anchor=self.anchor())
         self.metrics.log("refresh", epoch=epoch, phi=phi, questions=len(self.buffer.negatives),
                          selected=len(chosen), refreshed=result.refreshed, all_correct=result.all_correct,
-                         fell_back_to_teacher=result.fell_back_to_teacher)
+                         fell_back_to_teacher=result.fell_back_to_teacher, unrefreshed=self.tcfg.unrefreshed,
+                         near_duplicates_dropped=dropped)
 
     def refresh_generator(self, epoch: int, model: Any) -> Any:
         """A generator that samples from the current weights: the model in memory (``hf``), or a vLLM
@@ -240,6 +269,9 @@ class Distiller:
             self.metrics.log("resume", checkpoint=str(ckpt), epoch=state["epoch"])
         elif uses_student_negatives(self.cfg):
             self.buffer = self.initial_buffer()
+        if self.cfg.pairs.dedup_rouge_l is not None:
+            self.metrics.log("dedup", source="teacher", threshold=self.cfg.pairs.dedup_rouge_l,
+                             dropped=self.teacher_dropped, kept=sum(len(v) for v in self.teacher.values()))
         global_step = state.get("global_step", 0)
         record = {"settings_hash": settings_hash(settings), "settings": settings}
         for epoch in range(start, t.epochs + 1):

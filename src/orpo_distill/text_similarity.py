@@ -45,3 +45,58 @@ def pair_similarity(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
         for key in ("all", kind):
             groups.setdefault(key, []).append(s)
     return {k: sum(v) / len(v) for k, v in sorted(groups.items())}
+
+
+# ---- ROUGE-L and near-duplicate rejection (the paper's diversity filter) ---------------------------
+
+_ROUGE_SPLIT = re.compile(r"[^a-z0-9]+")
+
+
+def rouge_tokens(text: str) -> list[str]:
+    """The tokens ROUGE-L compares, as the ``rouge-score`` package makes them without stemming:
+    lower-cased runs of ASCII letters and digits (everything else separates)."""
+    return [t for t in _ROUGE_SPLIT.split(text.lower()) if t]
+
+
+def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+    """Length of the longest common subsequence of two token lists, bit-parallel (Allison and Dix 1986;
+    Hyyro 2004): one big-integer step per token of ``b`` instead of a len(a) x len(b) table, so a
+    question's eight 150-token traces compare in microseconds."""
+    if not a or not b:
+        return 0
+    match: dict[str, int] = {}
+    for i, tok in enumerate(a):
+        match[tok] = match.get(tok, 0) | (1 << i)
+    full = (1 << len(a)) - 1
+    v = full
+    for tok in b:
+        u = v & match.get(tok, 0)
+        v = ((v + u) | (v - u)) & full
+    return len(a) - v.bit_count()
+
+
+def rouge_l(a: str, b: str) -> float:
+    """ROUGE-L F-measure of two texts (symmetric): 2PR/(P+R) with P, R the LCS over each text's length.
+    0.0 when either text has no token."""
+    return _rouge_tokens_f(rouge_tokens(a), rouge_tokens(b))
+
+
+def near_duplicates(texts: Sequence[str], threshold: float) -> list[int]:
+    """Indices of the texts to discard, in order: a text whose ROUGE-L with a text already kept exceeds
+    ``threshold`` (the first of a group is kept). The paper's rejection of near-identical samples
+    (threshold 0.8), which keeps K samples from counting one reasoning path K times."""
+    kept: list[list[str]] = []
+    dropped: list[int] = []
+    for i, text in enumerate(texts):
+        toks = rouge_tokens(text)
+        if any(_rouge_tokens_f(toks, k) > threshold for k in kept):
+            dropped.append(i)
+        else:
+            kept.append(toks)
+    return dropped
+
+
+def _rouge_tokens_f(ta: Sequence[str], tb: Sequence[str]) -> float:
+    """2PR/(P+R) with P = lcs/len(ta), R = lcs/len(tb), which is 2 lcs / (len(ta) + len(tb))."""
+    lcs = lcs_length(ta, tb)
+    return 0.0 if lcs == 0 else 2 * lcs / (len(ta) + len(tb))

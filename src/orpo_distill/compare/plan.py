@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 from ..config import RunConfig, build_config, resolved_dict
 from ..errors import UserError
+from ..evaluation import best_dev_epoch
 from ..layout import CompareLayout, RunLayout, eval_key
 from ..store import atomic_write_json
 
@@ -99,6 +100,9 @@ def is_finished(directory: Path, cfg: RunConfig) -> bool:
     ``eval.every_epoch`` the last evaluation runs before the export; a run killed between the two is not
     finished: its rerun exports the model from the last checkpoint.)"""
     layout = RunLayout(directory)
+    summaries = layout.eval_summaries()
+    best = best_dev_epoch(summaries, cfg.train.epochs) if cfg.dataset.dev_size else None  # evaluated on test too
     return (layout.eval_rows(cfg.eval.split, cfg.train.epochs).is_file()
-            and final_eval_key(cfg) in layout.eval_summaries()
+            and final_eval_key(cfg) in summaries
+            and (best is None or eval_key(cfg.eval.split, best) in summaries)
             and (layout.has_model() or layout.model_removed.is_file()))

@@ -35,19 +35,35 @@ from .plan import Plan, is_finished, open_plan
 from .variants import parse_variants, shared_config, variant_config
 
 
-def seed_from_shared(shared: RunLayout, target: RunLayout, files: Sequence[Path], key: str | None) -> None:
-    """Put the shared files into a run folder (where it has none yet) and the base evaluation's
-    summary entry ``key`` into its ``eval/summary.json``. ``files``: paths in ``target``, each copied
+def seed_from_shared(shared: RunLayout, target: RunLayout, files: Sequence[Path], keys: Sequence[str]) -> None:
+    """Put the shared files into a run folder (where it has none yet) and the base evaluations'
+    summary entries ``keys`` into its ``eval/summary.json``. ``files``: paths in ``target``, each copied
     from the same place in ``shared``."""
     for dst in files:
         src = shared.root / dst.relative_to(target.root)
         if src.is_file() and not dst.exists():
             copy_atomic(src, dst)
-    if key is not None:
+    for key in keys:
         entry = shared.eval_summaries().get(key)
         mine = target.eval_summaries()
         if entry is not None and key not in mine:
             atomic_write_json(target.eval_summary, {**mine, key: entry})
+
+
+def base_splits(cfg: RunConfig) -> list[str]:
+    """The splits a shared run evaluates the base model on for every arm: the held-out one, and dev when
+    the arms track per-epoch dev curves (as ``Run.run_all`` does)."""
+    return [cfg.eval.split, *(["dev"] if cfg.dataset.dev_size and cfg.eval.every_epoch else [])]
+
+
+def base_evaluations(cfg: RunConfig, layout: RunLayout) -> tuple[list[Path], list[str]]:
+    """:func:`base_splits` as files in ``layout`` and summary keys."""
+    return [layout.eval_rows(s, 0) for s in base_splits(cfg)], [eval_key(s, 0) for s in base_splits(cfg)]
+
+
+def teacher_files(cfg: RunConfig, layout: RunLayout) -> list[Path]:
+    """The teacher's stores every arm shares: its traces, and its dev traces with a dev split."""
+    return [layout.teacher_traces, *([layout.teacher_dev_traces] if cfg.dataset.dev_size else [])]
 
 
 def weights_note(model_dir: Path, why: str) -> dict[str, Any]:
@@ -109,20 +125,19 @@ def prepare_shared(plan: Plan, seed: int, variants: Sequence[str], progress: boo
     cfg = shared_config(plan.base, plan.dir, seed)
     first = plan.layout.shared(plan.seeds[0])
     here = plan.layout.shared(seed)
-    key = eval_key(cfg.eval.split, 0)
     if here != first:
         if not first.teacher_traces.is_file():  # the teacher traces come from the first seed
             prepare_shared(plan, plan.seeds[0], [], progress, overwrite)
-        files = [here.teacher_traces]
+        files = teacher_files(cfg, here)
+        evals, keys = base_evaluations(cfg, here)
         greedy_only = cfg.eval.self_consistency == 0  # greedy decoding of the base does not depend on the seed
-        if greedy_only:
-            files.append(here.eval_rows(cfg.eval.split, 0))
-        seed_from_shared(first, here, files, key if greedy_only else None)
+        seed_from_shared(first, here, files + (evals if greedy_only else []), keys if greedy_only else [])
     run = Run(cfg, overwrite=overwrite, progress=progress)
     _require_complete(run.teacher(), cfg.teacher.sampling.samples, "teacher traces", here.root)
     if any(uses_student_negatives(variant_config(plan.base, plan.dir, v, seed)) for v in variants):
         _require_complete(run.student(epoch=1), cfg.student.sampling.samples, "initial student samples", here.root)
-    run.evaluate(0)
+    for split in base_splits(cfg):
+        run.evaluate(0, split=split)
     return run
 
 
@@ -145,10 +160,11 @@ def run_variant(plan: Plan, variant: str, seed: int, shared_run: Any, progress: 
             keep_first_epoch(target, cache)
         _drop_finished_outputs(target, keep_checkpoints, keep_models)  # a kill may have come in the middle of it
         return False
-    files = [target.teacher_traces, target.eval_rows(cfg.eval.split, 0)]
+    evals, keys = base_evaluations(cfg, target)
+    files = teacher_files(cfg, target) + evals
     if uses_student_negatives(cfg):
         files.append(target.student_samples(1))
-    seed_from_shared(RunLayout(shared_run.dir), target, files, eval_key(cfg.eval.split, 0))
+    seed_from_shared(RunLayout(shared_run.dir), target, files, keys)
     if cache is not None and not cfg.eval.every_epoch and start_from_first_epoch(cache, target, cfg):
         log(f"[compare] {variant}, seed {seed}: starts from the shared epoch 1 in {cache}")
     run = Run(cfg, overwrite=overwrite, progress=progress)

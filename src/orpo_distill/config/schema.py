@@ -46,6 +46,13 @@ class DatasetConfig(Strict):
     train_size: int | None = Field(None, ge=1, description="cap on training questions (None: all)")
     eval_size: int | None = Field(None, ge=1, description="cap on held-out questions (None: all)")
     eval_fraction: float = Field(0.2, gt=0, lt=1, description="held-out share when the source has one split")
+    dev_size: int | None = Field(
+        None, ge=1,
+        description="carve a dev split of this many questions out of the held-out set, beside eval_size test "
+                    "questions: per-epoch evaluations (the curves, any choice a person tunes) then run on dev, and "
+                    "the test split is evaluated before training, after the last epoch and at the best dev epoch "
+                    "(None: one held-out split for everything)",
+    )
     synthetic: SyntheticConfig = SyntheticConfig()
     seed: int = Field(0, description="seed of the synthetic task and of the train/eval split")
 
@@ -91,6 +98,12 @@ class PairsConfig(Strict):
                     "the teacher's wrong traces; nll: train its positives (the ones its pairs would have used) on the "
                     "NLL term alone, as NLL-only rows; a list such as [teacher, nll] tries each in turn. A question no "
                     "fallback covers is dropped and counted",
+    )
+    dedup_rouge_l: float | None = Field(
+        None, gt=0, le=1,
+        description="discard a trace whose ROUGE-L F with an already kept trace of the same question and kind "
+                    "(correct or wrong) exceeds this, teacher traces and student samples alike, counted in the "
+                    "dedup and refresh events (the paper: 0.8; None keeps every trace)",
     )
     seed: int = Field(0, description="seed of the pairing")
 
@@ -182,6 +195,12 @@ class TrainConfig(Strict):
         description="share of questions whose student negatives are resampled before each epoch after the "
                     "first: 0 off-policy, 1 on-policy, between mixed; a list gives one value per refresh; "
                     "{linear: [start, end]} ramps",
+    )
+    unrefreshed: Literal["previous", "initial"] = Field(
+        "previous",
+        description="at a refresh, the student negatives of a question not resampled: previous keeps what it trained "
+                    "on last epoch; initial returns to the initial student's (the paper's mixed policy, anchored to "
+                    "the initial student for diversity). The same with two epochs",
     )
     when_all_correct: Literal["keep", "teacher"] = Field(
         "keep", description="refreshed question with no wrong student sample: keep old negatives or use teacher's"
