@@ -184,6 +184,23 @@ def plot_accuracy_per_epoch(curves: Mapping[str, Mapping[int, Mapping[str, Any]]
     return _save(fig, path)
 
 
+def plot_value_per_epoch(curves: Mapping[str, Mapping[int, float]], path: Path, title: str, ylabel: str) -> Path:
+    """One figure per epoch (0 = before training) per variant, as lines."""
+    colors = colors_for(list(curves))
+    fig = _new_figure(9.5, 5.2)
+    ax = fig.subplots()
+    for name, per_epoch in curves.items():
+        es = sorted(per_epoch)
+        ax.plot(es, [per_epoch[e] for e in es], marker="o", color=colors[name], label=name, linewidth=1.8)
+    ax.set_xticks(sorted({e for c in curves.values() for e in c}))
+    ax.set_xlabel("epoch (0 = before training)")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside right upper", fontsize=9, frameon=False)
+    ax.set_title(title)
+    return _save(fig, path)
+
+
 REFRESH_BARS = [
     ("selected", "selected for refresh (phi x questions)"),
     ("refreshed", "got new student negatives"),

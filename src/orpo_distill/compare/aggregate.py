@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..evaluation import best_dev_epoch
 from ..layout import CompareLayout, RunLayout, eval_key_epoch
 from ..metrics import latest_events, read_metrics
 from ..report import comparison_blocks, render_markdown
@@ -25,6 +26,29 @@ from .variants import comparison_pairs, variant_config, variant_overrides
 def _eval_rows(layout: RunLayout, split: str, epoch: int) -> list[dict[str, Any]] | None:
     path = layout.eval_rows(split, epoch)
     return list(read_jsonl(path)) if path.is_file() else None
+
+
+def dev_curve(per_epoch_rows: dict[int, dict[int, list[dict[str, Any]]]],
+              logps: dict[int, dict[int, float]]) -> dict[str, Any]:
+    """Per epoch: the dev accuracy over the seeds (with its interval) and the held-out positives' mean
+    log-probability (mean over the seeds that logged it); JSON keys are strings."""
+    out: dict[str, Any] = {}
+    for e in sorted(per_epoch_rows):
+        es, _ = summarise(per_epoch_rows[e])
+        values = [v for v in logps.get(e, {}).values() if v is not None]
+        out[str(e)] = {"accuracy": es["accuracy"], "ci95": es["ci95"], "seeds": es["seeds"],
+                       "chosen_logp": float(np.mean(values)) if values else None}
+    return out
+
+
+def _dev_evaluations(layout: RunLayout, seed: int, rows: dict[int, dict[int, list[dict[str, Any]]]],
+                     logps: dict[int, dict[int, float]]) -> None:
+    """Add one run's dev evaluations (rows and chosen_logp by epoch, then seed) to ``rows`` and ``logps``."""
+    for key, entry in layout.eval_summaries().items():
+        e = eval_key_epoch(key, "dev")
+        if e is not None and (ev := _eval_rows(layout, "dev", e)) is not None:
+            rows.setdefault(e, {})[seed] = ev
+            logps.setdefault(e, {})[seed] = entry.get("chosen_logp")
 
 
 def run_timing(events: Sequence[dict[str, Any]]) -> dict[str, float]:
@@ -96,14 +120,25 @@ def aggregate(plan: Plan) -> dict[str, Any]:
         "config": _config_line(plan),
     }
     correct_by_variant: dict[str, Correct] = {}
+    correct_at_best_dev: dict[str, Correct] = {}  # each arm on the test split at its best dev epoch
     if base_rows:
         summary, correct = summarise(base_rows)
         result["base"] = summary
         correct_by_variant["base"] = correct
+    base_dev: dict[int, dict[int, list[dict[str, Any]]]] = {}
+    base_logps: dict[int, dict[int, float]] = {}
+    for s in plan.seeds:
+        _dev_evaluations(layout.shared(s), s, base_dev, base_logps)
+    if base_dev.get(0):
+        result["base_dev"] = dev_curve({0: base_dev[0]}, {0: base_logps.get(0, {})})["0"]
     for variant in plan.variants:
         finished: dict[int, list[dict[str, Any]]] = {}
         events: dict[int, list[dict[str, Any]]] = {}  # each finished run's metrics.jsonl, read once
         per_epoch_rows: dict[int, dict[int, list[dict[str, Any]]]] = {}
+        dev_rows: dict[int, dict[int, list[dict[str, Any]]]] = {}
+        dev_logps: dict[int, dict[int, float]] = {}
+        best_rows: dict[int, list[dict[str, Any]]] = {}
+        best_epochs: dict[str, int] = {}
         result["runs"][variant] = {}
         for s in plan.seeds:
             run = layout.run(variant, s)
@@ -121,6 +156,10 @@ def aggregate(plan: Plan) -> dict[str, Any]:
                     ev = _eval_rows(run, split, e)
                     if ev is not None:
                         per_epoch_rows.setdefault(e, {})[s] = ev
+            _dev_evaluations(run, s, dev_rows, dev_logps)
+            best = best_dev_epoch(run.eval_summaries(), epochs)
+            if best is not None and (ev := _eval_rows(run, split, best)) is not None:
+                best_rows[s], best_epochs[str(s)] = ev, best
         if not finished:
             continue
         summary, correct = summarise(finished)
@@ -143,8 +182,16 @@ def aggregate(plan: Plan) -> dict[str, Any]:
         for e in sorted(per_epoch_rows):
             es, _ = summarise(per_epoch_rows[e])
             summary["per_epoch"][str(e)] = {"accuracy": es["accuracy"], "ci95": es["ci95"], "seeds": es["seeds"]}
+        if dev_rows:
+            summary["per_epoch_dev"] = dev_curve(dev_rows, dev_logps)
+        if best_rows:
+            at_best, correct_at_best_dev[variant] = summarise(best_rows)
+            summary["best_dev"] = {"epoch_per_seed": best_epochs, **at_best}
         result["variants"][variant] = summary
         correct_by_variant[variant] = correct
+    if correct_at_best_dev:  # what a user who picks the epoch count on dev would compare
+        result["paired_best_dev"] = paired_rows(
+            [(v, "sft-diverse") for v in plan.variants if v.startswith("orpo")], correct_at_best_dev)
     result["paired"] = paired_rows(comparison_pairs(plan.variants), correct_by_variant)
     result["claims"] = read_claims(result["paired"], plan.variants)
     return result

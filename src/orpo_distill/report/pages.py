@@ -20,7 +20,7 @@ from .tables import _answer_blocks, _cost_blocks, _diversity_blocks, _eval_table
 
 def _draw_common(layout: Union[RunLayout, CompareLayout], series: dict[str, Any], refresh: dict[str, Any],
                  div: Mapping[str, Any] | None, per_epoch: dict[str, Any], label: str,
-                 several_seeds: bool) -> dict[str, Path]:
+                 several_seeds: bool, split_name: str = "Held-out") -> dict[str, Path]:
     from .. import plots
 
     out: dict[str, Path] = {}
@@ -29,7 +29,7 @@ def _draw_common(layout: Union[RunLayout, CompareLayout], series: dict[str, Any]
                                                      f"Training curves: {label}")
     if per_epoch and any(len(v) >= 2 for v in per_epoch.values()):
         out["epochs"] = plots.plot_accuracy_per_epoch(per_epoch, layout.plot("accuracy_per_epoch"),
-                                                      f"Held-out accuracy per epoch: {label}")
+                                                      f"{split_name} accuracy per epoch: {label}")
     if refresh:
         out["refresh"] = plots.plot_refresh(refresh, layout.plot("refresh"),
                                             "Mixed-policy refresh: negatives regenerated before each epoch",
@@ -53,9 +53,18 @@ def comparison_report(root: Path) -> list[Block]:
     refresh = {v: r for v in variants if (r := refresh_counts(runs[v])) and any(x["selected"] for x in r.values())}
     traces = RunLayout(root / result["shared"][str(result["seeds"][0])]).teacher_traces
     div = teacher_diversity(read_jsonl(traces)) if traces.is_file() else None
-    per_epoch = {v: {int(e): x for e, x in result["variants"][v].get("per_epoch", {}).items()} for v in variants}
+    dev = {v: result["variants"][v].get("per_epoch_dev") or {} for v in variants}
+    on_dev = any(dev.values())  # with a dev split the curves are the dev split's
+    per_epoch = {v: {int(e): x for e, x in (dev[v] if on_dev else result["variants"][v].get("per_epoch", {})).items()}
+                 for v in variants}
     images = _draw_common(layout, series, refresh, div, per_epoch, f"{len(variants)} variants",
-                          len(result["seeds"]) > 1)
+                          len(result["seeds"]) > 1, "Dev" if on_dev else "Held-out")
+    if on_dev and any(x.get("chosen_logp") is not None for c in per_epoch.values() for x in c.values()):
+        images["logp"] = plots.plot_value_per_epoch(
+            {v: {e: x["chosen_logp"] for e, x in c.items() if x.get("chosen_logp") is not None}
+             for v, c in per_epoch.items()},
+            layout.plot("chosen_logp_per_epoch"), f"Held-out positives' log-probability: {len(variants)} variants",
+            "mean token log-probability of the dev positives").relative_to(root)
     if result["variants"]:
         rows = [{"name": v, "accuracy": s["accuracy"], "ci95": s["ci95"], "per_seed": s["accuracy_per_seed"]}
                 for v, s in result["variants"].items()]
@@ -67,6 +76,9 @@ def comparison_report(root: Path) -> list[Block]:
         blocks.append(Image(images["accuracy"], "Accuracy per variant with 95% intervals; dashed: the base model"))
     if "epochs" in images:
         blocks.append(Image(images["epochs"], "Accuracy after each evaluated epoch (mean over seeds)"))
+    if "logp" in images:
+        blocks.append(Image(images["logp"], "Mean token log-probability of the dev questions' correct teacher traces "
+                                            "after each epoch (mean over seeds)"))
     if "training" in images:
         blocks += [Heading("Training"), Image(images["training"],
                                               "Training curves per variant (faint: raw; solid: moving average)")]

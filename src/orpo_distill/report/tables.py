@@ -90,6 +90,7 @@ def comparison_blocks(result: Mapping[str, Any]) -> list[Block]:
                   [[c["claim"], "; ".join(_claim_difference(d) for d in c["differences"]), c["reading"]]
                    for c in result["claims"]]),
         ]
+    blocks += _dev_blocks(result)
     odds = [[name, e, _num(m.get("nll"), 3), _num(m.get("or_loss"), 3), _num(m.get("or_loss@end"), 3),
              _pct(m.get("reward_accuracy")), _pct(m.get("reward_accuracy@end")), _num(m.get("log_odds_ratio"), 2),
              _num(m.get("log_odds_ratio@end"), 2), _similarity(m.get("negative_similarity"))]
@@ -122,6 +123,54 @@ def comparison_blocks(result: Mapping[str, Any]) -> list[Block]:
     if result.get("missing"):
         blocks.append(Para("Not finished yet (rerun `orpo-distill compare` to complete): "
                            + ", ".join(f"`{m}`" for m in result["missing"])))
+    return blocks
+
+
+def _dev_blocks(result: Mapping[str, Any]) -> list[Block]:
+    """With a dev split (``dataset.dev_size``): each arm's dev accuracy and held-out positives'
+    log-probability per epoch, and the test split at each arm's best dev epoch, paired against sft-diverse's."""
+    curves = {name: v["per_epoch_dev"] for name, v in result["variants"].items() if v.get("per_epoch_dev")}
+    if not curves:
+        return []
+    base = result.get("base_dev")
+    if base and not any("0" in c for c in curves.values()):  # the arms' curves start from it otherwise
+        curves = {"base model": {"0": base}, **curves}
+    epochs = sorted({int(e) for c in curves.values() for e in c})
+    blocks: list[Block] = [
+        Heading("Dev accuracy per epoch"),
+        Para("Greedy accuracy on the dev split after each epoch (0: the base model), mean over seeds: whether an "
+             "arm is still rising, has peaked or overfits. Every choice a person would tune (epochs, learning "
+             "rate) is read here, never on the test split."),
+        Table(["variant", *[f"epoch {e}" for e in epochs]],
+              [[name, *[_pct(c[str(e)]["accuracy"]) if str(e) in c else "" for e in epochs]]
+               for name, c in curves.items()]),
+        Heading("Held-out positives' log-probability per epoch"),
+        Para("Mean over the dev questions' correct teacher traces (never trained on) of the mean token "
+             "log-probability the student gives them, l(y) of the ORPO loss, mean over seeds. A preference arm "
+             "whose figure falls behind SFT's while both fit their training data shows the likelihood "
+             "displacement reported for preference terms."),
+        Table(["variant", *[f"epoch {e}" for e in epochs]],
+              [[name, *[_num(c[str(e)].get("chosen_logp"), 3) if str(e) in c else "" for e in epochs]]
+               for name, c in curves.items()]),
+    ]
+    best = [[name, ", ".join(f"{e}" for _, e in sorted(v["best_dev"]["epoch_per_seed"].items())),
+             _pct(v["best_dev"]["accuracy"]), _ci(v["best_dev"]["ci95"]), _pct(v["accuracy"])]
+            for name, v in result["variants"].items() if v.get("best_dev")]
+    if best:
+        blocks += [
+            Heading("At the best dev epoch"),
+            Para(f"Each arm's `{result['split']}` accuracy after the epoch with its best dev accuracy (the earliest "
+                 "on a tie; per seed), beside its accuracy after the last epoch: what a user who picks the epoch "
+                 "count on dev would ship. The paired differences against sft-diverse at its own best dev epoch "
+                 "follow."),
+            Table(["variant", "best dev epoch (per seed)", "accuracy there", "95% interval", "after the last epoch"],
+                  best),
+        ]
+    if result.get("paired_best_dev"):
+        blocks.append(Table(["variant", "reference", "difference", "95% interval", "seeds x questions", "reading"],
+                            [[p["variant"], p["reference"] + " (best dev epoch)", _pp(p["diff"]),
+                              f"{_pp(p['ci95'][0])} to {_pp(p['ci95'][1])}", f"{p['seeds']} x {p['questions']}",
+                              verdict(p["ci95"])] for p in result["paired_best_dev"]]))
     return blocks
 
 
