@@ -1,4 +1,4 @@
-"""``orpo-distill``: one subcommand per stage, plus ``run`` (all stages) and ``demo``.
+"""``orpo-distill``: one subcommand per stage, plus ``run`` (all stages), ``demo`` and ``export`` (to the Hub).
 
 User errors (bad config, bad input files, missing models) and file-system failures (a full disk, a
 read-only run directory) print one clear message and exit 2; any other exception is a bug and keeps its
@@ -287,10 +287,33 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"wrote {path}, {path.with_suffix('.html')} and {path.parent / 'plots'}/")
 
 
+def _export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="a run directory whose model/ holds the exported student")
+    p.add_argument("--push-to-hub", metavar="REPO_ID", default=None,
+                   help="upload model/ to this Hugging Face model repository (created if missing); the token comes "
+                        "from HF_TOKEN or `hf auth login` and is never stored")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .model_card import export_card, push_to_hub
+
+    if args.private and not args.push_to_hub:
+        raise UserError("--private goes with --push-to-hub REPO_ID")
+    if args.push_to_hub:
+        url = push_to_hub(Path(args.run_dir), args.push_to_hub, private=args.private)
+        print(f"uploaded {Path(args.run_dir) / 'model'} to {url}")
+    else:
+        print(f"wrote {export_card(Path(args.run_dir))}")
+
+
 # Commands whose arguments differ from the common ones (config, --set, --overwrite, --no-progress).
 ARGUMENTS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "compare": _compare_arguments,
     "report": _report_arguments,
+    "export": _export_arguments,
 }
 
 
@@ -304,6 +327,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
     "demo": (cmd_demo, "the embedded default: synthetic task, scripted teacher, SmolLM2-135M student"),
     "compare": (cmd_compare, "run several variants and seeds on shared traces; one table and a report"),
     "report": (cmd_report, "report.md, report.html and plots from a run directory or a comparison folder"),
+    "export": (cmd_export, "write model/README.md (the model card) again; --push-to-hub REPO_ID uploads model/"),
 }
 
 

@@ -348,6 +348,10 @@ class Run:
         best = best_dev_epoch(self.eval_summaries(), last)  # the test split at the epoch dev would pick too
         if best is not None and best != last:
             out["eval_best_dev"] = self.evaluate(best)
+        if self.writer:  # model/README.md again, with the final evaluation (the export came before it)
+            from .model_card import refresh_model_card
+
+            refresh_model_card(self.cfg, self.layout)
         return out
 
 

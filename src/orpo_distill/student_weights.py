@@ -11,6 +11,7 @@ from typing import Any
 from .checkpoints import without_tied_copies
 from .config import RunConfig
 from .layout import RunLayout
+from .model_card import write_model_card
 from .models import load_model, require_4bit_support
 from .provenance import training_settings
 from .store import settings_hash
@@ -56,8 +57,9 @@ def _checkpointing(model: Any, enabled: bool) -> Any:
 def export_student(model: Any, tokenizer: Any, cfg: RunConfig, layout: RunLayout,
                    state_dict: dict[str, Any] | None = None) -> Path:
     """``model/``: the distilled student as a plain checkpoint (LoRA merged) for ``from_pretrained``, with
-    ``training_settings.json``; a LoRA run also keeps its adapter alone in ``model/adapter/``. Written into a
-    temp folder and renamed, so ``model/`` is complete or absent. ``state_dict``: the full weights gathered
+    ``training_settings.json`` and a model card (``README.md``, ``model_card.py``; the final evaluation comes after
+    the export and ``Run.run_all`` rewrites it then); a LoRA run also keeps its adapter alone in ``model/adapter/``.
+    Written into a temp folder and renamed, so ``model/`` is complete or absent. ``state_dict``: the full weights gathered
     from a sharded model (FSDP, ZeRO-3)."""
     lora = cfg.train.lora
     target = layout.model
@@ -73,6 +75,7 @@ def export_student(model: Any, tokenizer: Any, cfg: RunConfig, layout: RunLayout
     settings = training_settings(cfg)
     (tmp / layout.model_settings.name).write_text(
         json.dumps({"settings_hash": settings_hash(settings), "settings": settings}, indent=2), encoding="utf-8")
+    write_model_card(tmp, cfg, layout)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return target
