@@ -77,3 +77,30 @@ def test_a_model_loaded_on_the_cpu_applies_it_and_one_on_another_device_does_not
     monkeypatch.setattr(models, "pick_device", lambda device: torch.device("meta"))
     models.load_model(str(tiny_model_dir), dtype="float32", device="cuda")
     assert called == [True]
+
+
+RELEASE_CHILD = r"""
+import json
+from orpo_distill.allocator import release_free_memory
+from orpo_distill.memory import rss_mib
+blocks = [bytes(64 * 1024) for _ in range(6000)]  # 375 MiB in the heap (each block under the mmap threshold)
+keep = bytes(64 * 1024)  # a live block above them: freeing the rest leaves no free top to trim by itself
+del blocks
+freed = rss_mib()
+release_free_memory()
+print(json.dumps({"freed": freed, "released": rss_mib()}))
+"""
+
+
+@glibc_only
+def test_release_free_memory_hands_freed_heap_pages_back():
+    """A stage's freed memory stays resident under glibc unless trimmed: release_free_memory() (called at
+    the end of every sampling stage and evaluation) hands it back, with or without ORPO_DISTILL_MALLOC."""
+    def run(**env):
+        out = subprocess.run([sys.executable, "-c", RELEASE_CHILD], env={**without_malloc_settings(os.environ), **env},
+                             capture_output=True, text=True, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    for env in ({}, {"ORPO_DISTILL_MALLOC": "system"}):
+        out = run(**env)
+        assert out["freed"] - out["released"] > 250, env  # MiB

@@ -248,3 +248,31 @@ def test_allocator_bench_runs_both_arms_in_fresh_processes_with_identical_losses
     assert all(float(r["s/step (median)"]) > 0 and float(r["peak RSS MiB"]) > 0 for r in rows.values())
     assert "step losses identical in both arms: yes" in out
     assert "glibc default: glibc defaults (ORPO_DISTILL_MALLOC=system)" in out
+
+
+@pytest.mark.slow
+def test_step_breakdown_accounts_for_the_whole_trainer_step(tiny_model_dir: Path) -> None:
+    """bench/step_breakdown.py --quick on the tiny model: every part of the trainer's own step has a row
+    (with "other", the rest of the step), the chunking option reaches the trainer, and the memory lines
+    are there."""
+    cmd = [sys.executable, str(ROOT / "bench" / "step_breakdown.py"), "--quick", "--markdown", "--model",
+           str(tiny_model_dir), "--chunk-tokens", "64"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {r["part"]: r for r in table_rows(proc.stdout)}
+    for part in ("collate", "forward + log-probs", "backward", "optimizer", "log line", "other", "step"):
+        assert part in rows, part
+    step = float(rows["step"]["ms/step (median)"])
+    assert step > 0 and float(rows["backward"]["ms/step (median)"]) > 0
+    assert "train.chunk_tokens 64" in proc.stdout
+    assert "Resident memory after each step (MiB): " in proc.stdout and "Peak resident memory" in proc.stdout
+
+
+def test_step_breakdown_timer_adds_up_each_parts_calls() -> None:
+    """A part called twice in a step counts both calls, and its RSS after the call is recorded."""
+    breakdown = load_bench("step_breakdown")
+    timer = breakdown.Timer()
+    timed = timer.wrap("collate", lambda: time.sleep(0.01))
+    timed()
+    timed()
+    assert timer.current["collate"] >= 0.02 and timer.rss_after["collate"] > 0

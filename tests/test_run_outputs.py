@@ -30,7 +30,7 @@ def test_the_student_stage_writes_every_prompt_as_the_student_reads_it(tiny_conf
     run = Run(cfg, progress=False)
     run.student(epoch=1)
     rows = read_rows(run.dir / "prompts" / "student.jsonl")
-    train, held_out = run.splits
+    train, held_out, _ = run.splits
     assert [(r["id"], r["split"]) for r in rows] == [(r.id, "train") for r in train] + [(r.id, "eval") for r in held_out]
     first = rows[0]["prompt"]
     assert first.startswith(SMOLLM_OWN_SYSTEM) and first.endswith("<|im_start|>assistant\n")

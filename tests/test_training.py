@@ -366,3 +366,44 @@ def test_one_pair_a_row_at_lambda_0_trains_exactly_as_sft_on_the_chosen_sides(ti
     assert orpo[0]["or_loss"] > 0  # the odds-ratio term was computed, only weighted 0
     grouped_run = _train(copy.deepcopy(base), grouped, _cfg(lambda_or=0.0, **fp32), tiny_epoch["pad"])
     assert grouped_run[0]["nll"] != pytest.approx(sft[0]["nll"], rel=1e-6)  # a question's two pairs, not two questions
+
+
+# ---- chunked micro-batches (train.chunk_tokens) ---------------------------------------------------------
+
+
+def test_chunks_cut_a_micro_batch_by_tokens_keeping_whole_examples() -> None:
+    from orpo_distill.training import chunks, example_tokens
+
+    batch = [group(2, q) for q in range(5)]
+    sizes = [example_tokens(e) for e in batch]
+    assert chunks(batch, None) == [batch]
+    cut = chunks(batch, 2 * max(sizes))
+    assert [e for c in cut for e in c] == batch and len(cut) > 1
+    assert all(sum(example_tokens(e) for e in c) <= 2 * max(sizes) for c in cut)
+    assert chunks(batch, 16) == [[e] for e in batch]  # every example longer than the budget: one chunk each
+
+
+@pytest.mark.parametrize("method", ["orpo", "sft"])
+def test_chunked_steps_are_the_whole_micro_batch_steps(tiny_epoch: dict[str, Any], tiny_model_dir: Path,
+                                                       method: str) -> None:
+    """The same examples, the same optimizer steps: computing each micro-batch in chunks changes only the
+    order of floating-point sums (fp32: the losses, metrics and weights agree to 1e-5)."""
+    examples = tiny_epoch["examples"]
+    if method == "sft":
+        from orpo_distill.training import SftExample
+
+        examples = [SftExample(g.prompt_ids, g.pairs[0][0]) for g in examples]
+    results = []
+    for chunk in (None, 16):
+        model = load_model(str(tiny_model_dir), dtype="float32")
+        cfg = _cfg(method=method, batch_size=4, precision="fp32", warmup_ratio=0.0, lr=1e-3, chunk_tokens=chunk)
+        rows = _train(model, examples, cfg, tiny_epoch["pad"])
+        results.append((rows, _state(model)))
+    (whole, w_state), (chunked, c_state) = results
+    assert len(whole) == len(chunked) == 1  # one step of 4 examples; chunked: 4 forward/backward passes in it
+    for k in ("loss", "nll", "or_loss", "reward_accuracy", "grad_norm"):
+        if k in whole[0]:
+            assert chunked[0][k] == pytest.approx(whole[0][k], rel=1e-5, abs=1e-7), k
+    for name, w in w_state.items():
+        torch.testing.assert_close(c_state[name], w, rtol=1e-4, atol=1e-5)  # Adam steps of lr 1e-3: 1% of one
+    assert any(not torch.equal(w, v) for w, v in zip(w_state.values(), load_model(str(tiny_model_dir), dtype="float32").state_dict().values()))

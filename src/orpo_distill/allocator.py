@@ -65,3 +65,19 @@ def keep_freed_memory(env: Mapping[str, str] = os.environ) -> str:
     ok = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
     return "kept in the process (glibc: no mmap for large blocks, 2 GiB trim threshold)" if ok else \
         "glibc refused mallopt: left alone"
+
+
+def release_free_memory() -> None:
+    """At the end of a stage (sampling, an evaluation, a refresh): collect the objects only a reference
+    cycle keeps alive (a transformers model used for sampling or evaluation is one, with its caches), then
+    hand the heap's free pages back to the kernel (glibc's ``malloc_trim(0)``; nothing elsewhere). So the
+    next stage starts from live memory: measured on the demo, the sampler's and the evaluator's leftovers
+    otherwise stay resident under the whole training run (RSS before training: 0.68 GiB instead of 2 GiB).
+    Also when freed memory is kept in the process (the default): a stage boundary is rare, so re-faulting
+    the pages once there costs little."""
+    import gc
+
+    gc.collect()
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)

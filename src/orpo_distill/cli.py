@@ -155,7 +155,7 @@ def _run_and_report(run: Any) -> None:
     from .evaluation import paired_bootstrap_diff
     from .store import read_jsonl
 
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     out = run.run_all()
     minutes = (time.perf_counter() - t0) / 60
     print_table("teacher traces", out["teacher"].rows())
@@ -182,6 +182,14 @@ def _run_and_report(run: Any) -> None:
              if s is not None and s.warning]
     rows.append(("wall-clock (this invocation)", f"{minutes:.1f} min"))
     print_table(f"{result_title(run.cfg)} ({run.dir})", rows)
+    from .memory import lifetime_peak_rss_mib
+    from .metrics import read_metrics, stage_costs
+
+    costs = stage_costs(read_metrics(run.layout.metrics), started)
+    if costs:
+        print_table("time and peak memory per stage (this invocation; metrics.jsonl)",
+                    [(name, f"{s / 60:.1f} min, peak RSS {peak / 1024:.2f} GiB") for name, s, peak in costs]
+                    + [("whole process", f"peak RSS {lifetime_peak_rss_mib() / 1024:.2f} GiB")])
 
 
 def result_title(cfg: Any) -> str:

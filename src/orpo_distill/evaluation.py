@@ -61,6 +61,13 @@ class EvalSummary:
         return cls(**kept)
 
 
+def base_splits(cfg: Any) -> list[str]:
+    """The splits the base model (epoch 0) is evaluated on when ``eval.before_training``: the held-out one,
+    and dev when there is a dev split and per-epoch evaluations to start its curve from. ``Run.run_all`` and
+    a comparison's shared run both follow it."""
+    return [cfg.eval.split, *(["dev"] if cfg.dataset.dev_size and cfg.eval.every_epoch else [])]
+
+
 def best_dev_epoch(summaries: Mapping[str, Any], epochs: int) -> int | None:
     """The trained epoch (1..``epochs``) with the highest dev accuracy in ``eval/summary.json``'s entries,
     the earliest on a tie: what a user who tunes the epoch count on dev would ship. None without any."""

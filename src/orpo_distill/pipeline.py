@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from . import distributed, provenance
+from .allocator import release_free_memory
 from .config import LocalModelConfig, RunConfig, resolved_dict
 from .errors import UserError
-from .evaluation import EvalSummary, best_dev_epoch, evaluate
+from .evaluation import EvalSummary, base_splits, best_dev_epoch, evaluate
 from .datasets import Splits, load_all_splits
 from .generators import build_generator
 from .generators.base import Generator
@@ -175,6 +176,8 @@ class Run:
         with _config_section("teacher"):
             summary = self._sample(store, generator, self.cfg.teacher.sampling, "teacher",
                                    max_failed_share=self.cfg.teacher.max_failed_share)
+        generator = None  # a local teacher's model: freed before the next stage
+        release_free_memory()
         if self.dev_records:
             self.teacher_dev()
         return summary
@@ -224,7 +227,10 @@ class Run:
                                 role="student"))
         self.write_prompts()
         with _config_section("student"):
-            return self._sample(store, generator, self.cfg.student.sampling, f"student/epoch_{epoch}", records)
+            summary = self._sample(store, generator, self.cfg.student.sampling, f"student/epoch_{epoch}", records)
+        generator = None  # the sampler's model (the initial student's; a refresh's is the training model, kept)
+        release_free_memory()
+        return summary
 
     def sample_refresh(self, epoch: int, generator: Generator, records: Sequence[Record]) -> dict[str, list[dict[str, Any]]]:
         """The refresh's sampler: ``generator`` (the current weights) samples ``records`` into
@@ -274,6 +280,7 @@ class Run:
                 return EvalSummary.from_dict(summaries[key])
             self.metrics.log("eval_stale", key=key, cached_hash=cached, settings_hash=wanted,
                              note="cached evaluation was made with other settings or another model: recomputed")
+        release_free_memory()  # what the stage before freed (a training epoch's activations)
         if model is None:
             model, tokenizer = self.load_student_for_eval(epoch)
         gen = distributed.split_across_ranks(HFGenerator.from_model(
@@ -296,6 +303,8 @@ class Run:
             summaries[key] = {**summary.as_dict(), **extra, "epoch": epoch, "split": split, "settings_hash": wanted,
                               "tokens_per_s": gen.stats.completion_tokens / gen.stats.seconds if gen.stats.seconds else 0.0}
             atomic_write_json(self.layout.eval_summary, summaries)
+        del gen, model
+        release_free_memory()
         self.metrics.log("eval", key=key, **summary.as_dict(), **extra)
         distributed.barrier()  # the other ranks read summary.json next time
         return summary
@@ -339,9 +348,8 @@ class Run:
         if provenance.uses_student_negatives(self.cfg):
             out["student"] = self.student(epoch=1)
         if self.cfg.eval.before_training:
-            out["eval_before"] = self.evaluate(0)
-            if self.dev_records and self.cfg.eval.every_epoch:
-                out["dev_before"] = self.evaluate(0, split="dev")
+            for split in base_splits(self.cfg):
+                out["eval_before" if split == self.cfg.eval.split else f"{split}_before"] = self.evaluate(0, split=split)
         out["train"] = self.train()
         last = self.cfg.train.epochs
         out["eval_after"] = self.evaluate(last)

@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from . import distributed
+from .allocator import release_free_memory
 from .batching import group_pairs, tokenize_pair
 from .checkpoints import (full_optimizer_state, latest_checkpoint, load_training_state, save_checkpoint,
                           save_deepspeed_state)
@@ -181,6 +182,7 @@ class Distiller:
         phi = self.phi(epoch)
         chosen = choose_refresh(sorted(self.buffer.negatives), phi, self.cfg.seed, epoch)
         if chosen:
+            release_free_memory()  # the epoch's activations: freed, but resident until handed back
             # each rank samples its share of the chosen questions; every rank gets all the samples back,
             # so the buffer below is the same on every rank. Under FSDP2 from a gathered whole copy.
             with whole_model(model) as whole:

@@ -32,7 +32,8 @@ from .batching import (
 from .forward import orpo_loss_of, pair_logps, pair_logps_packed, sft_logps
 from .config import LoraConfig, TrainConfig
 from .distributed import step_members, step_plan
-from .errors import NonFiniteLossError
+from .errors import NonFiniteLossError, UserError
+from .memory import rss_mib
 from .losses import ORPO_METRICS, orpo_objective, sft_loss
 from .models import autocast, cpu_supports_bf16
 
@@ -161,6 +162,16 @@ def micro_batches(examples: Sequence[Example], order: list[int], batch_size: int
     return batches
 
 
+def chunks(batch: list[Example], chunk_tokens: int | None) -> list[list[Example]]:
+    """A micro-batch cut into consecutive chunks of at most ``chunk_tokens`` packed tokens (``train.chunk_tokens``;
+    a longer example is a chunk alone), computed one after the other with their gradients summed. Each chunk's
+    loss is weighted by its share of the step (:class:`Share`), so the step is the micro-batch's."""
+    if chunk_tokens is None:
+        return [batch]
+    return micro_batches(batch, list(range(len(batch))), batch_size=sum(example_size(e) for e in batch),
+                         token_budget=chunk_tokens)
+
+
 def nll_tokens(e: Example, nll_on_prompt: bool) -> int:
     """Tokens of ``e`` in the NLL term's token mean: the chosen responses (and the prompt's targets,
     every prompt token but the first, once per pair when ``nll_on_prompt``), or an SFT target."""
@@ -278,6 +289,10 @@ def train_epoch(
     # divides each backward by the gradient_accumulation_steps of its own config.
     scale = float(world) * (deepspeed_accumulation(accelerator) if deepspeed else 1)
     pad_steps = world > 1 or deepspeed
+    if deepspeed and cfg.chunk_tokens is not None:
+        raise UserError("train.chunk_tokens is not supported under DeepSpeed (its engine counts every backward as a "
+                        "micro-step of its own accumulation); lower train.batch_size or use ZeRO's activation "
+                        "checkpointing instead")
     result = EpochResult(precision="bf16" if bf16 else "fp32")
     model.train()
     bar = tqdm(total=len(plan), desc=f"epoch {epoch} ({cfg.method})", unit="step",
@@ -293,11 +308,11 @@ def train_epoch(
             work += [(everyone[0], 0.0)] * (cfg.grad_accum - len(mine))
         parts: list[tuple[MicroBatchOut, Share]] = []
         tokens = 0
-        for j, (i, weight) in enumerate(work):
-            batch = batches[i]
+        pieces = [(chunk, weight) for i, weight in work for chunk in chunks(batches[i], cfg.chunk_tokens)]
+        for n, (batch, weight) in enumerate(pieces):
             share = Share(nll=weight * sum(nll_tokens(e, cfg.nll_on_prompt) for e in batch) / step_nll,
                           pairs=weight * sum(or_pairs(e) for e in batch) / step_pairs if step_pairs else 0.0)
-            sync = j + 1 == len(work)
+            sync = n + 1 == len(pieces)
             with accelerator.no_sync(model) if (world > 1 and not sync) else contextlib.nullcontext():
                 with autocast(device, bf16):
                     out = _forward(model, batch, cfg.method, cfg, pad_id)
@@ -330,7 +345,7 @@ def train_epoch(
         elapsed = time.perf_counter() - t0
         step_tokens = int(row.pop("tokens"))
         row.update(epoch=epoch, step=global_step, lr=lr, grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-                   tokens_per_s=step_tokens / elapsed if elapsed > 0 else 0.0)
+                   tokens_per_s=step_tokens / elapsed if elapsed > 0 else 0.0, rss_mib=rss_mib())
         result.tokens += step_tokens
         result.seconds += elapsed
         result.last = row

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 from ..config import RunConfig
 from ..errors import UserError
+from ..evaluation import base_splits
 from ..layout import MODEL_REMOVED, MODEL_SETTINGS, RunLayout, eval_key
 from ..provenance import uses_student_negatives
 from ..report import write_report
@@ -48,12 +49,6 @@ def seed_from_shared(shared: RunLayout, target: RunLayout, files: Sequence[Path]
         mine = target.eval_summaries()
         if entry is not None and key not in mine:
             atomic_write_json(target.eval_summary, {**mine, key: entry})
-
-
-def base_splits(cfg: RunConfig) -> list[str]:
-    """The splits a shared run evaluates the base model on for every arm: the held-out one, and dev when
-    the arms track per-epoch dev curves (as ``Run.run_all`` does)."""
-    return [cfg.eval.split, *(["dev"] if cfg.dataset.dev_size and cfg.eval.every_epoch else [])]
 
 
 def base_evaluations(cfg: RunConfig, layout: RunLayout) -> tuple[list[Path], list[str]]:

@@ -215,6 +215,13 @@ class TrainConfig(Strict):
         None, ge=16, description="also cap a micro-batch at this many packed tokens (None: pairs only)"
     )
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    chunk_tokens: int | None = Field(
+        None, ge=16,
+        description="compute each micro-batch's forward and backward in chunks of whole questions (or SFT examples) "
+                    "of at most this many packed tokens, gradients summed: the same optimizer step with activation "
+                    "memory for one chunk only (SmolLM2-135M: about 1.4 MB a token); a question longer than this is "
+                    "one chunk. None: the whole micro-batch at once. Not with DeepSpeed",
+    )
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="share of steps spent warming up the learning rate")
     scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="learning-rate decay after warmup")
