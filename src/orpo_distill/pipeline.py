@@ -29,7 +29,7 @@ from .datasets import Splits, load_all_splits
 from .generators import build_generator
 from .generators.base import Generator
 from .generators.hf import HFGenerator, autocast_for
-from .layout import RunLayout, eval_key, student_generator_name
+from .layout import STATE, RunLayout, eval_key, student_generator_name
 from .metrics import MetricsLog
 from .models import load_model, load_tokenizer, pick_device
 from .records import Record
@@ -324,15 +324,15 @@ class Run:
             return load_model(scfg.model, dtype=scfg.dtype, trust_remote_code=scfg.trust_remote_code, device=scfg.device), tok
         ckpt = self.layout.checkpoint(epoch)
         exported = self.layout.model
-        if not (ckpt / "state.json").is_file() and epoch == self.cfg.train.epochs and self.layout.has_model():
+        if not (ckpt / STATE).is_file() and epoch == self.cfg.train.epochs and self.layout.has_model():
             # checkpoints removed (compare does) but the final model was exported: that is this epoch
             return load_model(str(exported), dtype=scfg.dtype, trust_remote_code=scfg.trust_remote_code, device=scfg.device), tok
-        if not (ckpt / "state.json").is_file():
+        if not (ckpt / STATE).is_file():
             if epoch == self.cfg.train.epochs:
                 self._refuse_removed_weights()
             raise UserError(f"no complete checkpoint for epoch {epoch} in {ckpt.parent}; run `orpo-distill train` first")
         refused = None if self.reuse else provenance.conflict(
-            ckpt, json.loads((ckpt / "state.json").read_text(encoding="utf-8")), self.cfg)
+            ckpt, json.loads((ckpt / STATE).read_text(encoding="utf-8")), self.cfg)
         if refused:
             raise UserError(refused)
         if self.cfg.train.lora.enabled:

@@ -33,7 +33,7 @@ from .epoch_rows import EpochData, Messages, chosen_texts, epoch_rows, examples_
 from .errors import UserError
 from .generators.base import Generator
 from .generators.hf import HFGenerator, autocast_for
-from .layout import RunLayout, student_generator_name
+from .layout import STATE, RunLayout, student_generator_name
 from .metrics import MetricsLog
 from .models import cpu_name, load_tokenizer, pick_device, render_prompt
 from .pairs import (NegativeBuffer, choose_refresh, phi_for_epoch, positives, teacher_negatives,
@@ -245,7 +245,7 @@ class Distiller:
         state: dict[str, Any] = {"global_step": 0}
         settings = training_settings(self.cfg)
         if ckpt is not None:
-            state = json.loads((ckpt / "state.json").read_text())
+            state = json.loads((ckpt / STATE).read_text())
             refused = None if reuse else conflict(ckpt, state, self.cfg)  # Run() sets such weights aside first
             if refused:
                 raise UserError(refused)

@@ -9,7 +9,6 @@ from .loading import (
     parse_override,
     read_yaml,
     resolved_dict,
-    save_resolved,
     set_dotted,
     yaml_load,
 )
@@ -46,6 +45,6 @@ __all__ = [
     "OpenAIGeneratorConfig", "ReplayGeneratorConfig", "ScriptedGeneratorConfig", "VLLMGeneratorConfig",
     "generator_config", "LoraConfig", "PairsConfig", "PhiRamp", "RunConfig",
     "SamplingConfig", "Strict", "SyntheticConfig", "TaskConfig", "TrainConfig", "apply_overrides", "build_config",
-    "config_reference", "load_config", "parse_override", "phi_policy", "phi_text", "read_yaml", "resolved_dict", "save_resolved", "set_dotted",
+    "config_reference", "load_config", "parse_override", "phi_policy", "phi_text", "read_yaml", "resolved_dict", "set_dotted",
     "update_readme", "upgrade_train_section", "yaml_load",
 ]

@@ -187,9 +187,3 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 def resolved_dict(cfg: RunConfig) -> dict[str, Any]:
     """The resolved config as plain data. It holds environment-variable *names*, never key values."""
     return cfg.model_dump(mode="json", by_alias=True)
-
-
-def save_resolved(cfg: RunConfig, path: str | Path) -> None:
-    from ..store import atomic_write_text
-
-    atomic_write_text(Path(path), yaml.safe_dump(resolved_dict(cfg), sort_keys=False))

@@ -93,11 +93,6 @@ def load_replay(path: Path) -> tuple[dict[str, list[str]], dict[str, list[str]]]
     return traces, reasons
 
 
-def load_traces(path: Path) -> dict[str, list[str]]:
-    """All traces in ``path`` by question id, in file order; bad lines raise :class:`UserError`."""
-    return load_replay(path)[0]
-
-
 class ReplayGenerator:
     """For each request, ``n`` recorded traces of its question id (``Request.key``): from trace
     ``Request.start`` on when the request carries that field (the index of the question's first
