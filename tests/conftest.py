@@ -90,6 +90,23 @@ def prompt_sensitive_model(tiny_model_dir: Path) -> Any:
     return m.eval()
 
 
+# The smallest whole run (dotted overrides of ``tiny_config``): 4 training questions, 2 held out, 2 epochs,
+# evaluations before and after training only.
+TINY_RUN: dict[str, Any] = {
+    "dataset.train_size": 4,
+    "dataset.eval_size": 2,
+    "student.sampling.max_tokens": 4,
+    "student.sampling.samples": 2,
+    "pairs.pairs_per_question": 1,
+    "train.epochs": 2,
+    "train.batch_size": 8,
+    "train.lr": 1e-3,
+    "train.max_length": 128,
+    "eval.max_tokens": 4,
+    "eval.every_epoch": False,
+}
+
+
 def tiny_config_dict(run_dir: Path, model_dir: Path) -> dict[str, Any]:
     """The small synthetic run as plain data (what a user's YAML would hold)."""
     return {

@@ -17,21 +17,9 @@ from orpo_distill.config import RunConfig
 from orpo_distill.errors import UserError
 from orpo_distill.evaluation import EvalSummary
 
-from conftest import tiny_config_dict
+from conftest import TINY_RUN, tiny_config_dict
 
-FAST = {
-    "dataset.train_size": 4,
-    "dataset.eval_size": 2,
-    "student.sampling.max_tokens": 4,
-    "student.sampling.samples": 2,
-    "pairs.pairs_per_question": 1,
-    "train.epochs": 2,
-    "train.batch_size": 8,
-    "train.lr": 1e-3,
-    "train.max_length": 128,
-    "eval.max_tokens": 4,
-    "eval.every_epoch": False,
-}
+FAST = TINY_RUN
 
 
 def test_load_config_from_a_path_a_dict_or_a_config_with_overrides(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ from orpo_distill.model_card import (
 from orpo_distill.provenance import code_version
 from orpo_distill.store import atomic_write_json
 
-from conftest import tiny_config_dict
+from conftest import TINY_RUN, tiny_config_dict
 
 SECRET_KEY = "sk-test-DO-NOT-LEAK-4f2a9c"
 KEY_ENV = "ORPO_TEST_TEACHER_API_KEY"
@@ -146,19 +146,7 @@ def test_hub_ids_and_credentials(tmp_path: Path) -> None:
 
 # ---- a trained run: the card at the export, then again with the final evaluation -----------------------
 
-FAST = {
-    "dataset.train_size": 4,
-    "dataset.eval_size": 2,
-    "student.sampling.max_tokens": 4,
-    "student.sampling.samples": 2,
-    "pairs.pairs_per_question": 1,
-    "train.epochs": 2,
-    "train.batch_size": 8,
-    "train.lr": 1e-3,
-    "train.max_length": 128,
-    "eval.max_tokens": 4,
-    "eval.every_epoch": False,  # no evaluation during training: the export's card has none
-}
+FAST = TINY_RUN  # eval.every_epoch false: the export's card has no evaluation
 
 
 @pytest.fixture(scope="module")

@@ -19,19 +19,10 @@ from orpo_distill.config import RunConfig, load_config, resolved_dict
 from orpo_distill.metrics import read_metrics
 from orpo_distill.store import read_jsonl
 
-FAST = {
-    "dataset.train_size": 4,
-    "dataset.eval_size": 2,
-    "student.sampling.max_tokens": 4,
-    "student.sampling.samples": 2,
-    "pairs.pairs_per_question": 1,
-    "train.epochs": 2,
-    "train.batch_size": 8,
-    "train.lr": 1e-3,
-    "train.warmup_ratio": 0.0,
-    "train.max_length": 128,
-    "eval.max_tokens": 4,
-}
+from conftest import TINY_RUN
+
+FAST = {k: v for k, v in TINY_RUN.items() if k != "eval.every_epoch"}
+FAST["train.warmup_ratio"] = 0.0
 TRAIN_KEYS = {"loss", "nll", "or_loss", "logps/chosen", "logps/rejected", "log_odds_ratio", "reward_accuracy",
               "margin", "lr", "tokens_per_s"}
 

@@ -160,15 +160,12 @@ def run_stage(config: Any, stage: str, epoch: int | None = None, overwrite: bool
     if stage == "eval":
         last = cfg.train.epochs if r.layout.has_model() else 0
         return r.evaluate(last if epoch is None else epoch)
+    if stage == "pairs":
+        return r.pairs()[0]
     r.teacher()
     if uses_student_negatives(cfg):
         r.student(epoch=1)
-    if stage == "train":
-        return r.train()
-    d = r.distiller()  # pairs: epoch 1's, as `orpo-distill pairs` builds them
-    if uses_student_negatives(cfg):
-        d.buffer = d.initial_buffer()
-    return d.write_pairs(1, d.epoch_data(1))
+    return r.train()
 
 
 def compare_variants(config: Any, variants: Sequence[str] | None = None, seeds: int | Sequence[int] = 1,

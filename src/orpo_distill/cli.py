@@ -76,17 +76,7 @@ def cmd_student(args: argparse.Namespace) -> None:
 
 
 def cmd_pairs(args: argparse.Namespace) -> None:
-    from .provenance import uses_student_negatives
-
-    run = _open_run(args)
-    run.teacher()
-    if uses_student_negatives(run.cfg):
-        run.student(epoch=1)
-    d = run.distiller()
-    if uses_student_negatives(run.cfg):
-        d.buffer = d.initial_buffer()
-    data = d.epoch_data(1)
-    path = d.write_pairs(1, data)
+    path, data = _open_run(args).pairs()
     print_table(f"pairs for epoch 1 ({path})", [
         ("rows", str(len(data.rows))),
         ("questions dropped: no positive", str(data.dropped_no_positive)),

@@ -251,6 +251,18 @@ class Run:
                                                                                  split=self.epoch_split))
         return Distiller(self.cfg, self.layout, self.metrics, inputs, progress=self.progress)
 
+    def pairs(self) -> tuple[Path, Any]:
+        """``pairs/epoch_1.jsonl``, the rows the first epoch trains on (``recipe.EpochData``), after the stages
+        they are built from (the teacher's traces; the initial student's samples when the run uses them)."""
+        self.teacher()
+        if provenance.uses_student_negatives(self.cfg):
+            self.student(epoch=1)
+        d = self.distiller()
+        if provenance.uses_student_negatives(self.cfg):
+            d.buffer = d.initial_buffer()
+        data = d.epoch_data(1)
+        return d.write_pairs(1, data), data
+
     def train(self) -> dict[str, Any]:
         """Train every epoch not yet in a complete checkpoint (see ``recipe.py``)."""
         self._refuse_removed_weights()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -105,7 +106,6 @@ class Distiller:
         self.qids = [r.id for r in inputs.records if positives(self.teacher.get(r.id, []))]
         self.teacher_negs = {q: teacher_negatives(self.teacher.get(q, [])) for q in self.qids}
         self.buffer = NegativeBuffer()
-        self._initial: NegativeBuffer | None = None  # the initial student's negatives (read when first needed)
         self._vllm: Any = None  # the student's vLLM engine, when student.kind is vllm (built on first refresh)
 
     # ---- data ------------------------------------------------------------------------------------
@@ -118,11 +118,12 @@ class Distiller:
             dropped += n
         return out, dropped
 
-    def initial_buffer(self) -> NegativeBuffer:
-        """The initial student's negatives, a fresh copy each call (the buffer of epoch 1, and the
-        anchor of ``train.unrefreshed: initial``)."""
+    @cached_property
+    def initial_negatives(self) -> NegativeBuffer:
+        """The initial student's negatives, read once: epoch 1's buffer starts as a copy
+        (:meth:`initial_buffer`), and ``train.unrefreshed: initial`` returns to them (:meth:`anchor`)."""
         rows, dropped = self.deduplicated(group_traces(self.inputs.initial_student_rows()))
-        if self.cfg.pairs.dedup_rouge_l is not None and self._initial is None:
+        if self.cfg.pairs.dedup_rouge_l is not None:
             self.metrics.log("dedup", source="student@1", threshold=self.cfg.pairs.dedup_rouge_l, dropped=dropped,
                              kept=sum(len(v) for v in rows.values()))
         buf = NegativeBuffer.from_traces({q: rows.get(q, []) for q in self.qids}, 1, self.cfg.pairs.filter)
@@ -130,18 +131,16 @@ class Distiller:
             for q, negs in buf.negatives.items():
                 if not negs:
                     buf.negatives[q] = list(self.teacher_negs[q])
-        if self._initial is None:
-            self._initial = NegativeBuffer.from_dict(buf.to_dict())
         return buf
+
+    def initial_buffer(self) -> NegativeBuffer:
+        """A copy of the initial student's negatives: the buffer of epoch 1, which the refreshes change."""
+        return NegativeBuffer.from_dict(self.initial_negatives.to_dict())
 
     def anchor(self) -> dict[str, Any] | None:
         """What a question not resampled at a refresh returns to: the initial student's negatives under
         ``train.unrefreshed: initial`` (the paper's policy), None (keep the previous ones) otherwise."""
-        if self.tcfg.unrefreshed != "initial":
-            return None
-        if self._initial is None:
-            self.initial_buffer()
-        return self._initial.negatives
+        return self.initial_negatives.negatives if self.tcfg.unrefreshed == "initial" else None
 
     def epoch_data(self, epoch: int) -> EpochData:
         """The pairs (ORPO) or targets (SFT) of one epoch (``epoch_rows.epoch_rows``)."""

@@ -28,25 +28,27 @@ def _eval_rows(layout: RunLayout, split: str, epoch: int) -> list[dict[str, Any]
     return list(read_jsonl(path)) if path.is_file() else None
 
 
-def dev_curve(per_epoch_rows: dict[int, dict[int, list[dict[str, Any]]]],
-              logps: dict[int, dict[int, float]]) -> dict[str, Any]:
-    """Per epoch: the dev accuracy over the seeds (with its interval) and the held-out positives' mean
-    log-probability (mean over the seeds that logged it); JSON keys are strings."""
+def epoch_curve(per_epoch_rows: dict[int, dict[int, list[dict[str, Any]]]],
+                logps: dict[int, dict[int, float]] | None = None) -> dict[str, Any]:
+    """Per epoch: the accuracy over the seeds (with its interval) and, given ``logps`` (the dev split's), the
+    held-out positives' mean log-probability (mean over the seeds that logged it); JSON keys are strings."""
     out: dict[str, Any] = {}
     for e in sorted(per_epoch_rows):
         es, _ = summarise(per_epoch_rows[e])
-        values = [v for v in logps.get(e, {}).values() if v is not None]
-        out[str(e)] = {"accuracy": es["accuracy"], "ci95": es["ci95"], "seeds": es["seeds"],
-                       "chosen_logp": float(np.mean(values)) if values else None}
+        out[str(e)] = {"accuracy": es["accuracy"], "ci95": es["ci95"], "seeds": es["seeds"]}
+        if logps is not None:
+            values = [v for v in logps.get(e, {}).values() if v is not None]
+            out[str(e)]["chosen_logp"] = float(np.mean(values)) if values else None
     return out
 
 
-def _dev_evaluations(layout: RunLayout, seed: int, rows: dict[int, dict[int, list[dict[str, Any]]]],
-                     logps: dict[int, dict[int, float]]) -> None:
-    """Add one run's dev evaluations (rows and chosen_logp by epoch, then seed) to ``rows`` and ``logps``."""
+def _epoch_evaluations(layout: RunLayout, split: str, seed: int, rows: dict[int, dict[int, list[dict[str, Any]]]],
+                       logps: dict[int, dict[int, float]]) -> None:
+    """Add one run's evaluations of ``split`` (rows and chosen_logp by epoch, then seed) to ``rows`` and
+    ``logps``."""
     for key, entry in layout.eval_summaries().items():
-        e = eval_key_epoch(key, "dev")
-        if e is not None and (ev := _eval_rows(layout, "dev", e)) is not None:
+        e = eval_key_epoch(key, split)
+        if e is not None and (ev := _eval_rows(layout, split, e)) is not None:
             rows.setdefault(e, {})[seed] = ev
             logps.setdefault(e, {})[seed] = entry.get("chosen_logp")
 
@@ -128,9 +130,9 @@ def aggregate(plan: Plan) -> dict[str, Any]:
     base_dev: dict[int, dict[int, list[dict[str, Any]]]] = {}
     base_logps: dict[int, dict[int, float]] = {}
     for s in plan.seeds:
-        _dev_evaluations(layout.shared(s), s, base_dev, base_logps)
+        _epoch_evaluations(layout.shared(s), "dev", s, base_dev, base_logps)
     if base_dev.get(0):
-        result["base_dev"] = dev_curve({0: base_dev[0]}, {0: base_logps.get(0, {})})["0"]
+        result["base_dev"] = epoch_curve({0: base_dev[0]}, {0: base_logps.get(0, {})})["0"]
     for variant in plan.variants:
         finished: dict[int, list[dict[str, Any]]] = {}
         events: dict[int, list[dict[str, Any]]] = {}  # each finished run's metrics.jsonl, read once
@@ -150,13 +152,8 @@ def aggregate(plan: Plan) -> dict[str, Any]:
             result["runs"][variant][str(s)] = str(run.root.relative_to(plan.dir))
             finished[s] = rows
             events[s] = read_metrics(run.metrics)
-            for key in run.eval_summaries():
-                e = eval_key_epoch(key, split)
-                if e is not None:
-                    ev = _eval_rows(run, split, e)
-                    if ev is not None:
-                        per_epoch_rows.setdefault(e, {})[s] = ev
-            _dev_evaluations(run, s, dev_rows, dev_logps)
+            _epoch_evaluations(run, split, s, per_epoch_rows, {})
+            _epoch_evaluations(run, "dev", s, dev_rows, dev_logps)
             best = best_dev_epoch(run.eval_summaries(), epochs)
             if best is not None and (ev := _eval_rows(run, split, best)) is not None:
                 best_rows[s], best_epochs[str(s)] = ev, best
@@ -178,12 +175,9 @@ def aggregate(plan: Plan) -> dict[str, Any]:
         summary["per_epoch_training"] = per_epoch_training
         summary["computed_with"] = sorted({line for s in finished for line in computed_with(events[s])})
         summary["overrides"] = variant_overrides(variant)
-        summary["per_epoch"] = {}
-        for e in sorted(per_epoch_rows):
-            es, _ = summarise(per_epoch_rows[e])
-            summary["per_epoch"][str(e)] = {"accuracy": es["accuracy"], "ci95": es["ci95"], "seeds": es["seeds"]}
+        summary["per_epoch"] = epoch_curve(per_epoch_rows)
         if dev_rows:
-            summary["per_epoch_dev"] = dev_curve(dev_rows, dev_logps)
+            summary["per_epoch_dev"] = epoch_curve(dev_rows, dev_logps)
         if best_rows:
             at_best, correct_at_best_dev[variant] = summarise(best_rows)
             summary["best_dev"] = {"epoch_per_seed": best_epochs, **at_best}
