@@ -101,7 +101,9 @@ def test_variants_change_only_training_fields_so_the_shared_traces_stay_valid(ti
 @pytest.mark.parametrize("bad", ["orpo-offf", "orpo-mixed@1.5", "orpo-mixed@x", "sft-single@0.2", "orpo-mixed+beta=1",
                                  "orpo-mixed+lambda", "orpo-mixed+lambda=-1", "sft-diverse+lr=0", "orpo-on+lr=nan",
                                  "orpo-mixed+rows=0", "orpo-mixed+rows=1.5",
-                                 "orpo-mixed+rows=inf", "orpo-mixed+rows=x"])
+                                 "orpo-mixed+rows=inf", "orpo-mixed+rows=x", "orpo-mixed+sft=-1",
+                                 "orpo-mixed+sft=1.5", "orpo-mixed+span=last", "orpo-mixed+maxsim=0",
+                                 "orpo-mixed+maxsim=1.2"])
 def test_bad_variant_names_are_user_errors(bad: str) -> None:
     with pytest.raises(UserError, match="variant"):
         parse_variants([f"sft-single,{bad}"])
@@ -126,6 +128,19 @@ def test_lambda_and_lr_modifiers_change_one_knob_and_pair_with_their_arm(tiny_co
     assert ("orpo-mixed", "sft-diverse") in pairs and ("orpo-off", "sft-diverse") in pairs
     assert ("orpo-mixed+lambda=0", "orpo-off") not in pairs  # the ablation is not another policy arm
     assert ("orpo-mixed@0.25", "orpo-mixed") in compare.comparison_pairs(["orpo-mixed", "orpo-mixed@0.25"])
+
+
+def test_issue_33_design_modifiers_set_their_option_and_pair_with_the_arm_without_them(tiny_config: Any,
+                                                                                       tmp_path: Path) -> None:
+    over = variant_overrides("orpo-mixed+sft=3+span=first_error+maxsim=0.9")
+    assert (over["train.sft_epochs"], over["pairs.rejected_span"], over["pairs.max_similarity"]) == (3, "first_error", 0.9)
+    cfg = variant_config(tiny_config(**{"train.epochs": 5}), tmp_path / "cmp", "orpo-mixed+sft=3+span=first_error", 0)
+    assert (cfg.train.sft_epochs, cfg.pairs.rejected_span) == (3, "first_error")
+    arms = ["sft-diverse", "orpo-mixed", "orpo-mixed+sft=3", "orpo-mixed+sft=3+span=first_error"]
+    pairs = compare.comparison_pairs(arms)
+    assert {("orpo-mixed+sft=3", "orpo-mixed"), ("orpo-mixed+sft=3+span=first_error", "orpo-mixed+sft=3"),
+            ("orpo-mixed+sft=3+span=first_error", "sft-diverse")} <= set(pairs)
+    assert ("orpo-mixed+sft=3+span=first_error", "orpo-mixed") not in pairs  # two designs apart: not a control
 
 
 def test_rows_modifier_gives_one_pair_a_row_and_pairs_with_the_grouped_arm(tiny_config: Any, tmp_path: Path) -> None:

@@ -9,12 +9,12 @@ from orpo_distill.config import config_reference, load_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_readme_config_reference_is_current():
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+def test_config_reference_is_current():
+    readme = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
     start = readme.index("<!-- config-reference:start -->\n") + len("<!-- config-reference:start -->\n")
     end = readme.index("<!-- config-reference:end -->")
     assert readme[start:end] == config_reference(), (
-        "README.md's config reference is stale: regenerate it with "
+        "docs/configuration.md's config reference is stale: regenerate it with "
         "`python -m orpo_distill.config` (see config.py)"
     )
 

@@ -41,12 +41,11 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "model" / "model.safetensors"))
 
 
-def test_training_killed_after_a_checkpoint_resumes_to_the_same_weights(tiny_config: Any, tmp_path: Path) -> None:
-    """Every run is its own process, as a user's would be: `orpo-distill train` SIGKILLed after
-    checkpoints/epoch_1 appears, then the same command again, against an uninterrupted run (started
-    alongside, to save time)."""
-    killed_cfg = tiny_config(**FAST, run_dir=str(tmp_path / "killed"))
-    reference_cfg = tiny_config(**FAST, run_dir=str(tmp_path / "reference"))
+def kill_after_first_checkpoint_then_resume(killed_cfg: RunConfig, reference_cfg: RunConfig,
+                                            tmp_path: Path) -> tuple[Path, Path, Path]:
+    """`orpo-distill train` SIGKILLed after checkpoints/epoch_1 appears, then the same command again, beside
+    an uninterrupted run (started alongside, to save time); every run its own process, as a user's would be.
+    Returns the two run folders and the killed run's config file."""
     killed_yaml = write_config(killed_cfg, tmp_path / "killed.yaml")
     killed, reference = Path(killed_cfg.run_dir), Path(reference_cfg.run_dir)
 
@@ -84,6 +83,13 @@ def test_training_killed_after_a_checkpoint_resumes_to_the_same_weights(tiny_con
             if p.poll() is None:
                 p.kill()
                 p.wait()
+    return killed, reference, killed_yaml
+
+
+def test_training_killed_after_a_checkpoint_resumes_to_the_same_weights(tiny_config: Any, tmp_path: Path) -> None:
+    killed_cfg = tiny_config(**FAST, run_dir=str(tmp_path / "killed"))
+    reference_cfg = tiny_config(**FAST, run_dir=str(tmp_path / "reference"))
+    killed, reference, killed_yaml = kill_after_first_checkpoint_then_resume(killed_cfg, reference_cfg, tmp_path)
 
     resumes = [e for e in read_metrics(killed / "metrics.jsonl") if e["event"] == "resume"]
     assert len(resumes) == 1 and resumes[0]["epoch"] in (1, 2)
@@ -230,3 +236,20 @@ def test_a_deepspeed_checkpoint_holds_every_ranks_partition_and_resumes_only_wit
     leftover = checkpoints.save_deepspeed_state(_FakeDeepSpeedEngine(0), tmp_path, 2)
     assert leftover.is_dir()
     assert latest_checkpoint(tmp_path) == ckpt and not leftover.exists()
+
+
+def test_sft_first_then_the_term_killed_after_the_sft_epoch_resumes_to_the_same_weights(
+        tiny_config: Any, tmp_path: Path) -> None:
+    """``train.sft_epochs: 1`` of 3: killed after the SFT epoch's checkpoint (or later), the rerun samples the
+    SFT'd student's negatives where the kill left them and trains the term's epochs to the same weights."""
+    staged = {**FAST, "train.sft_epochs": 1}
+    killed_cfg = tiny_config(**staged, run_dir=str(tmp_path / "killed"))
+    reference_cfg = tiny_config(**staged, run_dir=str(tmp_path / "reference"))
+    killed, reference, _ = kill_after_first_checkpoint_then_resume(killed_cfg, reference_cfg, tmp_path)
+    assert [e["epoch"] for e in read_metrics(killed / "metrics.jsonl") if e["event"] == "resume"] in ([1], [2])
+    a, b = weights(killed), weights(reference)
+    assert all(torch.equal(a[k], b[k]) for k in b), "the two-stage run resumed to other weights"
+    for name in ("student/epoch_2.jsonl", "pairs/epoch_1.jsonl", "pairs/epoch_2.jsonl", "pairs/epoch_3.jsonl"):
+        assert sorted((killed / name).read_text().splitlines()) == sorted((reference / name).read_text().splitlines())
+    assert "completion" in (killed / "pairs" / "epoch_1.jsonl").read_text()  # epoch 1 was the SFT stage
+    assert '"rejected_epoch": 2' in (killed / "pairs" / "epoch_2.jsonl").read_text()

@@ -150,8 +150,6 @@ def run_stage(config: Any, stage: str, epoch: int | None = None, overwrite: bool
         from .report import write_report
 
         return write_report(Path(cfg.run_dir))
-    from .provenance import uses_student_negatives
-
     r = _open_run(cfg, overwrite, reuse, progress)
     if stage == "teacher":
         return r.teacher()
@@ -162,9 +160,7 @@ def run_stage(config: Any, stage: str, epoch: int | None = None, overwrite: bool
         return r.evaluate(last if epoch is None else epoch)
     if stage == "pairs":
         return r.pairs()[0]
-    r.teacher()
-    if uses_student_negatives(cfg):
-        r.student(epoch=1)
+    r.inputs()
     return r.train()
 
 

@@ -37,11 +37,13 @@ from .logprobs import IGNORE_INDEX
 class TokenizedPair:
     """One preference pair as token ids; the responses include their eos (unless truncated). An empty
     ``rejected_ids`` marks an NLL-only row (``pairs.no_negative: nll``): its chosen side trains on the NLL
-    term alone."""
+    term alone. ``rejected_start``: the first rejected token the odds-ratio term reads (``pairs.rejected_span:
+    first_error``; 0: all of them); the tokens before it are context only."""
 
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
+    rejected_start: int = 0
 
     @property
     def has_rejected(self) -> bool:
@@ -74,11 +76,27 @@ def truncate_pair(pair: TokenizedPair, max_length: int) -> TokenizedPair:
         prompt = prompt[len(prompt) - keep :] if keep < len(prompt) else prompt
         budget = max_length - len(prompt)
         chosen, rejected = chosen[:budget], rejected[:budget]
-    return TokenizedPair(list(prompt), list(chosen), list(rejected))
+    # a cut that removed the located error leaves its last token to the term (a response has one at least)
+    start = min(pair.rejected_start, max(len(rejected) - 1, 0))
+    return TokenizedPair(list(prompt), list(chosen), list(rejected), start)
+
+
+def token_at(tokenizer: Any, text: str, char_offset: int) -> int:
+    """The index of the token of ``text`` (tokenized alone, as responses are) that holds character
+    ``char_offset``: the first token ending after it. A tokenizer without offsets (a slow one) counts the
+    tokens of the text before the offset instead."""
+    if char_offset <= 0:
+        return 0
+    try:
+        spans = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    except (NotImplementedError, TypeError, KeyError):
+        return len(_encode(tokenizer, text[:char_offset]))
+    return next((i for i, (_, end) in enumerate(spans) if end > char_offset), len(spans))
 
 
 def tokenize_pair(
-    tokenizer: Any, prompt_text: str, chosen_text: str, rejected_text: str | None, max_length: int
+    tokenizer: Any, prompt_text: str, chosen_text: str, rejected_text: str | None, max_length: int,
+    rejected_from: int | None = None,
 ) -> TokenizedPair:
     """Tokenize one pair: prompt and responses separately, eos appended to each response, truncated.
 
@@ -87,6 +105,7 @@ def tokenize_pair(
     not as ``prompt + response``: this matches how they were generated (tokens sampled after the
     prompt's tokens) and keeps the prompt/response boundary exact. A response that already ends with
     the eos token does not get a second one. ``rejected_text`` None: an NLL-only row (no rejected ids).
+    ``rejected_from``: the character of ``rejected_text`` its odds-ratio term starts at (``token_at``).
     """
     eos_id = getattr(tokenizer, "eos_token_id", None)
     if eos_id is None:
@@ -101,6 +120,7 @@ def tokenize_pair(
         prompt_ids=prompt_ids,
         chosen_ids=_with_eos(_encode(tokenizer, chosen_text), int(eos_id)),
         rejected_ids=[] if rejected_text is None else _with_eos(_encode(tokenizer, rejected_text), int(eos_id)),
+        rejected_start=token_at(tokenizer, rejected_text, rejected_from) if rejected_text and rejected_from else 0,
     )
     return truncate_pair(pair, max_length)
 
@@ -122,7 +142,7 @@ def collate_plain(pairs: Sequence[TokenizedPair], pad_id: int, nll_on_prompt: bo
 
     Returns ``input_ids``, ``attention_mask`` (``[2B, T]``, 1 on real tokens), ``labels`` (the token
     where any loss term reads it, ``-100`` elsewhere), ``response_mask`` (bool, response tokens of
-    every row: the OR term's tokens), ``nll_mask`` (bool, the chosen rows' response tokens, plus their
+    every row: the OR term's tokens, a rejected row's from its ``rejected_start``), ``nll_mask`` (bool, the chosen rows' response tokens, plus their
     prompt tokens but the first when ``nll_on_prompt``; all False on rejected rows), ``has_rejected``
     (bool ``[B]``; an NLL-only row's rejected row is its prompt alone, with no response tokens),
     ``num_pairs`` and ``nll_on_prompt``.
@@ -132,6 +152,7 @@ def collate_plain(pairs: Sequence[TokenizedPair], pad_id: int, nll_on_prompt: bo
     for i, p in enumerate(pairs):
         _check_pair(i, p.prompt_ids, p.chosen_ids)
     rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+    starts = [0] * len(pairs) + [p.rejected_start for p in pairs]  # the OR term's first token of each response
     n, b = len(rows), len(pairs)
     width = max(len(pr) + len(r) for pr, r in rows)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
@@ -142,7 +163,7 @@ def collate_plain(pairs: Sequence[TokenizedPair], pad_id: int, nll_on_prompt: bo
         p, r = len(prompt), len(resp)
         input_ids[i, : p + r] = torch.tensor(list(prompt) + list(resp), dtype=torch.long)
         attention_mask[i, : p + r] = 1
-        response_mask[i, p : p + r] = True
+        response_mask[i, p + starts[i] : p + r] = True
         if i < b:
             nll_mask[i, p : p + r] = True
             if nll_on_prompt:
@@ -201,6 +222,7 @@ class PairGroup:
 
     prompt_ids: list[int]
     pairs: list[tuple[list[int], list[int]]] = field(default_factory=list)
+    rejected_start: dict[tuple[int, ...], int] = field(default_factory=dict)  # a rejected response's, when not 0
 
     def responses(self) -> list[list[int]]:
         """The distinct responses in order of first appearance (chosen before rejected per pair)."""
@@ -234,6 +256,8 @@ def group_pairs(pairs: Sequence[TokenizedPair], max_pairs: int | None = None) ->
             groups.append(g)
             open_group[key] = g
         g.pairs.append((list(p.chosen_ids), list(p.rejected_ids)))
+        if p.rejected_start:
+            g.rejected_start[tuple(p.rejected_ids)] = p.rejected_start
     return groups
 
 
@@ -292,19 +316,26 @@ def collate_packed(groups: Sequence[PairGroup], pad_id: int, nll_on_prompt: bool
             target_segment.extend([prompt_seg] * (p - 1))
 
         seg_of: dict[tuple[int, ...], int] = {}
+        chosen_of_group = {tuple(c) for c, _ in group.pairs}
         start = p
         for j, resp in enumerate(group.responses()):
             r = len(resp)
+            # a rejected response's tokens before its rejected_start are a segment of their own, which no
+            # pair reads: context for what follows, outside the odds-ratio term
+            s = 0 if tuple(resp) in chosen_of_group else group.rejected_start.get(tuple(resp), 0)
+            if s:
+                target_segment.extend([len(segment_tokens)] * s)
+                segment_tokens.append(s)
             seg = len(segment_tokens)
             seg_of[tuple(resp)] = seg
-            segment_tokens.append(r)
+            segment_tokens.append(r - s)
             input_ids[g_idx, start : start + r] = torch.tensor(resp, dtype=torch.long)
             position_ids[g_idx, start : start + r] = torch.arange(p, p + r)
             local_segment[g_idx, start : start + r] = j + 1
             target_ids.extend(resp)
             source_index.append(base + p - 1)
             source_index.extend(base + start + i - 1 for i in range(1, r))
-            target_segment.extend([seg] * r)
+            target_segment.extend([seg] * (r - s))
             start += r
         row_spans.append((p, tuple(len(resp) for resp in group.responses())))
         for chosen, rejected in group.pairs:

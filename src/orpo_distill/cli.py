@@ -87,13 +87,9 @@ def cmd_pairs(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .provenance import uses_student_negatives
-
     run = _open_run(args)
     _check_training_environment(run.cfg)
-    run.teacher()
-    if uses_student_negatives(run.cfg):
-        run.student(epoch=1)
+    run.inputs()
     result = run.train()
     print_table(f"training ({run.dir})", [(k, str(v)) for k, v in result.items()])
 

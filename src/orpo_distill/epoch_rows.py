@@ -11,11 +11,12 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from .config import PairsConfig, TrainConfig
-from .pairs import (Negative, Trace, make_pairs, nll_only_positives, pairs_for_every_positive, positives,
-                    sft_targets, teacher_negatives)
+from .pairs import (Negative, Trace, far_from_positives, make_pairs, nll_only_positives, pairs_for_every_positive,
+                    positives, sft_targets, teacher_negatives)
 from .records import Record
 
 Messages = Callable[[Record], list[dict[str, str]]]  # the task's prompt, as chat messages
+FirstError = Callable[[str, Record], "int | None"]  # the task's first_error(text, record): where a wrong step starts
 
 
 @dataclass
@@ -25,6 +26,8 @@ class EpochData:
     dropped_no_negative: int
     teacher_fallback: int = 0  # questions with no negative of the run's kind, paired with teacher negatives
     nll_only: int = 0  # questions with no negative whose positives train on the NLL term alone
+    too_similar: int = 0  # negatives left out for their similarity to a positive (pairs.max_similarity)
+    localised: int = 0  # pairs whose rejected side starts at a located first error (pairs.rejected_span)
 
 
 def group_traces(rows: Sequence[Trace]) -> dict[str, list[Trace]]:
@@ -39,16 +42,22 @@ def group_traces(rows: Sequence[Trace]) -> dict[str, list[Trace]]:
 
 def epoch_rows(records: Sequence[Record], messages: Messages, teacher: Mapping[str, Sequence[Trace]],
                student_negatives: Mapping[str, Sequence[Negative]], train: TrainConfig, pairs: PairsConfig,
-               seed: int, epoch: int) -> EpochData:
+               seed: int, epoch: int, first_error: FirstError | None = None) -> EpochData:
     """The pairs (ORPO) or targets (SFT) of epoch ``epoch``.
 
     ``teacher``: each question's teacher traces; ``student_negatives``: each question's negatives from the
     negative buffer (used when ``pairs.negatives`` is student or both). ``seed`` is the run's seed; the
     pairing adds ``pairs.seed`` to it, so arms with the same seeds pick the same positives. A question
     whose pool is empty takes ``pairs.no_negative``'s fallbacks in turn; an NLL-only row has
-    ``"rejected": None``."""
+    ``"rejected": None``. ``first_error`` (the task's, needed by ``pairs.rejected_span: first_error``)
+    gives each rejected row a ``rejected_from``: the character offset its odds-ratio term starts at (None:
+    the whole trace). ``train`` is the epoch's (``Distiller.epoch_config``: an SFT stage's epochs are SFT on
+    every correct trace)."""
     seed = pairs.seed + seed
-    rows, no_pos, no_neg, fallback, nll_only = [], 0, 0, 0, 0
+    localise = pairs.rejected_span == "first_error" and train.method == "orpo"
+    if localise and first_error is None:
+        raise ValueError("pairs.rejected_span first_error needs the task's first_error")
+    rows, no_pos, no_neg, fallback, nll_only, too_similar, localised = [], 0, 0, 0, 0, 0, 0
     for r in records:
         traces = teacher.get(r.id, [])
         pos = positives(traces)
@@ -66,6 +75,8 @@ def epoch_rows(records: Sequence[Record], messages: Messages, teacher: Mapping[s
             negs += teacher_negs
         if pairs.negatives in ("student", "both"):
             negs += student_negatives.get(r.id, [])
+        negs, left_out = far_from_positives(negs, pos, pairs.max_similarity)
+        too_similar += left_out
         n = None if pairs.pairing == "every_positive" else pairs.pairs_per_question
         chosen_rejected = _pairs(r.id, pos, negs, n, seed, epoch)
         for way in pairs.fallbacks if not negs else ():
@@ -79,15 +90,19 @@ def epoch_rows(records: Sequence[Record], messages: Messages, teacher: Mapping[s
         if not chosen_rejected:
             no_neg += 1
         for chosen, neg in chosen_rejected:
-            rows.append({
+            row = {
                 "id": r.id,
                 "prompt": prompt,
                 "chosen": [{"role": "assistant", "content": chosen}],
                 "rejected": None if neg is None else [{"role": "assistant", "content": neg.text}],
                 "rejected_source": None if neg is None else neg.source,
                 "rejected_epoch": None if neg is None else neg.epoch,
-            })
-    return EpochData(rows, no_pos, no_neg, fallback, nll_only)
+            }
+            if localise and neg is not None:
+                row["rejected_from"] = first_error(neg.text, r)  # type: ignore[misc]
+                localised += row["rejected_from"] is not None
+            rows.append(row)
+    return EpochData(rows, no_pos, no_neg, fallback, nll_only, too_similar, localised)
 
 
 def _pairs(qid: str, pos: Sequence[str], pool: Sequence[Negative], n: int | None, seed: int,

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal, Mapping, Sequence
 
 from .errors import UserError
-from .text_similarity import near_duplicates
+from .text_similarity import closest, near_duplicates
 
 Trace = Mapping[str, Any]  # a row of a trace store: id, sample, text, answer, correct, source, ...
 
@@ -63,6 +63,16 @@ def without_near_duplicates(traces: Sequence[Trace], threshold: float | None) ->
         idx = [i for i, t in enumerate(traces) if bool(t["correct"]) == correct]
         drop.update(idx[j] for j in near_duplicates([traces[i]["text"] for i in idx], threshold))
     return [t for i, t in enumerate(traces) if i not in drop], len(drop)
+
+
+def far_from_positives(negatives: Sequence[Negative], pos: Sequence[str],
+                       threshold: float | None) -> tuple[list[Negative], int]:
+    """The negatives whose ROUGE-L F with every positive of their question is at most ``threshold``
+    (``pairs.max_similarity``), and how many were left out. ``None``: all kept."""
+    if threshold is None:
+        return list(negatives), 0
+    kept = [n for n in negatives if closest(n.text, pos) <= threshold]
+    return kept, len(negatives) - len(kept)
 
 
 # ---- pairs ----------------------------------------------------------------------------------------

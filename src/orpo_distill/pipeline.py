@@ -245,8 +245,8 @@ class Run:
 
         inputs = TrainingInputs(records=self.train_records, messages=self.task.messages,
                                 teacher_rows=self.teacher_store().all_rows(),
-                                initial_student_rows=lambda: self.student_store(1).all_rows(),
-                                sample=self.sample_refresh,
+                                student_rows=lambda epoch, name: self.student_store(epoch, name).all_rows(),
+                                sample=self.sample_refresh, first_error=self.task.first_error,
                                 evaluate=lambda epoch, model, tok: self.evaluate(epoch, model=model, tokenizer=tok,
                                                                                  split=self.epoch_split))
         return Distiller(self.cfg, self.layout, self.metrics, inputs, progress=self.progress)
@@ -254,14 +254,20 @@ class Run:
     def pairs(self) -> tuple[Path, Any]:
         """``pairs/epoch_1.jsonl``, the rows the first epoch trains on (``recipe.EpochData``), after the stages
         they are built from (the teacher's traces; the initial student's samples when the run uses them)."""
-        self.teacher()
-        if provenance.uses_student_negatives(self.cfg):
-            self.student(epoch=1)
+        self.inputs()
         d = self.distiller()
-        if provenance.uses_student_negatives(self.cfg):
+        if provenance.uses_initial_student(self.cfg):
             d.buffer = d.initial_buffer()
         data = d.epoch_data(1)
         return d.write_pairs(1, data), data
+
+    def inputs(self) -> dict[str, SampleSummary]:
+        """The stages training reads, in order: the teacher's traces, then the initial student's samples when
+        the run trains on them (``provenance.uses_initial_student``); each skips what is complete."""
+        out = {"teacher": self.teacher()}
+        if provenance.uses_initial_student(self.cfg):
+            out["student"] = self.student(epoch=1)
+        return out
 
     def train(self) -> dict[str, Any]:
         """Train every epoch not yet in a complete checkpoint (see ``recipe.py``)."""
@@ -356,9 +362,7 @@ class Run:
 
     def run_all(self) -> dict[str, Any]:
         """Every stage in order; each skips what is already complete."""
-        out: dict[str, Any] = {"teacher": self.teacher()}
-        if provenance.uses_student_negatives(self.cfg):
-            out["student"] = self.student(epoch=1)
+        out: dict[str, Any] = dict(self.inputs())
         if self.cfg.eval.before_training:
             for split in base_splits(self.cfg):
                 out["eval_before" if split == self.cfg.eval.split else f"{split}_before"] = self.evaluate(0, split=split)

@@ -80,15 +80,21 @@ def student_store_settings(cfg: RunConfig, generator_name: str | None = None) ->
 
 
 def uses_student_negatives(cfg: RunConfig) -> bool:
-    """Whether the run trains on the student's own samples as negatives (so it samples the initial student)."""
+    """Whether the run trains on the student's own samples as negatives."""
     return cfg.train.method == "orpo" and cfg.pairs.negatives in ("student", "both")
+
+
+def uses_initial_student(cfg: RunConfig) -> bool:
+    """Whether the run trains on the initial student's samples (``student/epoch_1.jsonl``): student
+    negatives from epoch 1, not after an SFT stage (``train.sft_epochs``), whose student gives them."""
+    return uses_student_negatives(cfg) and cfg.train.sft_epochs == 0
 
 
 # Settings added after runs were archived, at the value that reproduces the code before them: left out
 # of the hashes at that value, so that a finished run's recorded settings still match its config.
 LATER_DEFAULTS = {
-    "train": {"unrefreshed": "previous"},
-    "pairs": {"dedup_rouge_l": None},
+    "train": {"unrefreshed": "previous", "sft_epochs": 0},
+    "pairs": {"dedup_rouge_l": None, "rejected_span": "whole", "max_similarity": None},
     "dataset": {"dev_size": None},
 }
 
@@ -118,8 +124,8 @@ def training_settings(cfg: RunConfig) -> dict[str, Any]:
         "seed": cfg.seed,
         "dataset": dataset_settings(cfg),
         "teacher_traces": settings_hash(teacher_store_settings(cfg)),
-        # the initial student's samples are the negatives only when the run uses student negatives
-        "student_traces": settings_hash(student_store_settings(cfg)) if uses_student_negatives(cfg) else None,
+        # the initial student's samples are the negatives only when the run uses them
+        "student_traces": settings_hash(student_store_settings(cfg)) if uses_initial_student(cfg) else None,
     }
 
 

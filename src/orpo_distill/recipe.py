@@ -30,7 +30,8 @@ from .batching import group_pairs, tokenize_pair
 from .checkpoints import (full_optimizer_state, latest_checkpoint, load_training_state, save_checkpoint,
                           save_deepspeed_state)
 from .config import PhiRamp, RunConfig
-from .epoch_rows import EpochData, Messages, chosen_texts, epoch_rows, examples_upper_bound, group_traces, largest_group
+from .epoch_rows import (EpochData, FirstError, Messages, chosen_texts, epoch_rows, examples_upper_bound, group_traces,
+                         largest_group)
 from .errors import UserError
 from .generators.base import Generator
 from .generators.hf import HFGenerator, autocast_for
@@ -62,14 +63,16 @@ class TrainingInputs:
     records: list[Record]  # the training questions
     messages: Messages  # the task's prompt of a record, as chat messages
     teacher_rows: list[dict[str, Any]]  # the verified teacher traces
-    initial_student_rows: Callable[[], list[dict[str, Any]]]  # the initial student's samples (read when used)
+    # (epoch, generator name) -> the student samples stored before that epoch (name None: the initial student's)
+    student_rows: Callable[[int, str | None], list[dict[str, Any]]]
     sample: Sampler  # draws the refresh's samples and stores them in student/epoch_E.jsonl
     evaluate: Evaluator | None = None  # the per-epoch evaluation (eval.every_epoch)
+    first_error: FirstError | None = None  # the task's first-error locator (pairs.rejected_span: first_error)
 
 
 def refreshes(cfg: RunConfig) -> bool:
-    """Whether any epoch samples the current student (student negatives, a policy that refreshes)."""
-    return uses_student_negatives(cfg) and cfg.train.epochs > 1 and cfg.train.policy != "off"
+    """Whether any epoch samples the current student (``RunConfig.samples_student_in_training``)."""
+    return cfg.samples_student_in_training
 
 
 def tokenize_rows(tokenizer: Any, rows: Sequence[dict[str, Any]], max_length: int,
@@ -85,7 +88,8 @@ def tokenize_rows(tokenizer: Any, rows: Sequence[dict[str, Any]], max_length: in
             sft.append(SftExample(p.prompt_ids, p.chosen_ids))
         else:
             rejected = row["rejected"][0]["content"] if row.get("rejected") else None  # None: NLL-only
-            pairs.append(tokenize_pair(tokenizer, prompt_text, row["chosen"][0]["content"], rejected, max_length))
+            pairs.append(tokenize_pair(tokenizer, prompt_text, row["chosen"][0]["content"], rejected, max_length,
+                                       rejected_from=row.get("rejected_from")))
     return sft if sft else group_pairs(pairs, max_pairs=pairs_per_row)
 
 
@@ -118,15 +122,29 @@ class Distiller:
             dropped += n
         return out, dropped
 
+    @property
+    def first_term_epoch(self) -> int:
+        """The first epoch trained with the odds-ratio term (``train.sft_epochs`` + 1)."""
+        return self.tcfg.sft_epochs + 1
+
+    def sampler_name(self, epoch: int) -> str:
+        """The name of the generator that samples the student before ``epoch`` (its store's settings)."""
+        name = student_generator_name(epoch - 1)
+        return name.replace("hf:", "vllm:", 1) if self.cfg.student.kind == "vllm" else name
+
     @cached_property
     def initial_negatives(self) -> NegativeBuffer:
-        """The initial student's negatives, read once: epoch 1's buffer starts as a copy
-        (:meth:`initial_buffer`), and ``train.unrefreshed: initial`` returns to them (:meth:`anchor`)."""
-        rows, dropped = self.deduplicated(group_traces(self.inputs.initial_student_rows()))
+        """The negatives of the term's first epoch, read once: the initial student's, or with
+        ``train.sft_epochs`` the SFT'd student's (drawn by :meth:`sample_stage_start`). That epoch's buffer
+        starts as a copy (:meth:`initial_buffer`), and ``train.unrefreshed: initial`` returns to them
+        (:meth:`anchor`)."""
+        first = self.first_term_epoch
+        rows, dropped = self.deduplicated(group_traces(
+            self.inputs.student_rows(first, None if first == 1 else self.sampler_name(first))))
         if self.cfg.pairs.dedup_rouge_l is not None:
-            self.metrics.log("dedup", source="student@1", threshold=self.cfg.pairs.dedup_rouge_l, dropped=dropped,
-                             kept=sum(len(v) for v in rows.values()))
-        buf = NegativeBuffer.from_traces({q: rows.get(q, []) for q in self.qids}, 1, self.cfg.pairs.filter)
+            self.metrics.log("dedup", source=f"student@{first}", threshold=self.cfg.pairs.dedup_rouge_l,
+                             dropped=dropped, kept=sum(len(v) for v in rows.values()))
+        buf = NegativeBuffer.from_traces({q: rows.get(q, []) for q in self.qids}, first, self.cfg.pairs.filter)
         if self.tcfg.when_all_correct == "teacher":
             for q, negs in buf.negatives.items():
                 if not negs:
@@ -134,7 +152,7 @@ class Distiller:
         return buf
 
     def initial_buffer(self) -> NegativeBuffer:
-        """A copy of the initial student's negatives: the buffer of epoch 1, which the refreshes change."""
+        """A copy of :attr:`initial_negatives`: the buffer of the term's first epoch, which the refreshes change."""
         return NegativeBuffer.from_dict(self.initial_negatives.to_dict())
 
     def anchor(self) -> dict[str, Any] | None:
@@ -143,9 +161,24 @@ class Distiller:
         return self.initial_negatives.negatives if self.tcfg.unrefreshed == "initial" else None
 
     def epoch_data(self, epoch: int) -> EpochData:
-        """The pairs (ORPO) or targets (SFT) of one epoch (``epoch_rows.epoch_rows``)."""
+        """The pairs (ORPO) or targets (SFT, and an ORPO run's SFT epochs) of one epoch (``epoch_rows.epoch_rows``)."""
         return epoch_rows(self.inputs.records, self.inputs.messages, self.teacher, self.buffer.negatives,
-                          self.tcfg, self.cfg.pairs, self.cfg.seed, epoch)
+                          self.epoch_config(epoch), self.cfg.pairs, self.cfg.seed, epoch,
+                          first_error=self.inputs.first_error)
+
+    def steps_bound(self, epoch: int, processes: int) -> int:
+        """At most how many optimizer steps ``epoch`` takes: the learning-rate schedule never runs past its end."""
+        t = self.epoch_config(epoch)
+        bound = examples_upper_bound(self.teacher, self.qids, t, self.cfg.pairs)
+        group = largest_group(self.teacher, self.qids, t, self.cfg.pairs)
+        return steps_per_epoch(bound, t, processes, group_size=group)
+
+    def epoch_config(self, epoch: int) -> Any:
+        """The training settings of ``epoch``: the run's, or in an SFT stage (``train.sft_epochs``) SFT on
+        every correct teacher trace, as sft-diverse trains (the learning-rate schedule spans both stages)."""
+        if epoch < self.first_term_epoch:
+            return self.tcfg.model_copy(update={"method": "sft", "traces": "all"})
+        return self.tcfg
 
     def tokenize(self, rows: list[dict[str, Any]]) -> list[Any]:
         return tokenize_rows(self.tokenizer, rows, self.tcfg.max_length, self.tcfg.pairs_per_row)
@@ -165,17 +198,30 @@ class Distiller:
                          positives=sum(len(t) for t in chosen.values()), positive_tokens=tokens,
                          dropped_no_positive=data.dropped_no_positive,
                          dropped_no_negative=data.dropped_no_negative, teacher_fallback=data.teacher_fallback,
-                         nll_only=data.nll_only, similarity=pair_similarity(data.rows))
+                         nll_only=data.nll_only, too_similar=data.too_similar, localised=data.localised,
+                         similarity=pair_similarity(data.rows))
         return path
 
     # ---- the refresh ---------------------------------------------------------------------------
 
     def phi(self, epoch: int) -> float:
-        """The share of questions whose negatives are regenerated before ``epoch``."""
-        phi = self.tcfg.phi
+        """The share of questions whose negatives are regenerated before ``epoch``; the refreshes count from
+        the term's first epoch (an SFT stage's epochs have none)."""
+        phi, s = self.tcfg.phi, self.tcfg.sft_epochs
         if isinstance(phi, PhiRamp):
-            return phi_for_epoch(epoch, self.tcfg.epochs, phi.linear, linear=True)
-        return phi_for_epoch(epoch, self.tcfg.epochs, phi)
+            return phi_for_epoch(epoch - s, self.tcfg.epochs - s, phi.linear, linear=True)
+        return phi_for_epoch(epoch - s, self.tcfg.epochs - s, phi)
+
+    def sample_stage_start(self, epoch: int, model: Any) -> None:
+        """Before the term's first epoch after an SFT stage: every question's negatives from the SFT'd
+        student (``student/epoch_E.jsonl``, resumed where a killed run left it), which become the buffer."""
+        release_free_memory()
+        with whole_model(model) as whole:
+            gen = distributed.split_across_ranks(self.refresh_generator(epoch, whole))
+            self.inputs.sample(epoch, gen, [self.records[q] for q in self.qids])
+        self.buffer = self.initial_buffer()
+        self.metrics.log("stage_negatives", epoch=epoch, questions=len(self.qids),
+                         with_negatives=sum(1 for v in self.buffer.negatives.values() if v))
 
     def refresh(self, epoch: int, model: Any) -> None:
         phi = self.phi(epoch)
@@ -201,7 +247,7 @@ class Distiller:
         """A generator that samples from the current weights: the model in memory (``hf``), or a vLLM
         engine built once and given the current weights in place before each refresh (``vllm``)."""
         scfg = self.cfg.student
-        name = student_generator_name(epoch - 1)
+        name = self.sampler_name(epoch)
         if scfg.kind != "vllm":
             return HFGenerator.from_model(model, self.tokenizer, name=name, batch_size=scfg.sampling.batch_size,
                                           progress=self.progress, bf16=autocast_for(self.cfg.local_student.dtype))
@@ -210,7 +256,7 @@ class Distiller:
         if self._vllm is None:
             self._vllm = VLLMGenerator.from_config(scfg, progress=self.progress)
         self._vllm.load_weights(model)
-        self._vllm.name = name.replace("hf:", "vllm:", 1)
+        self._vllm.name = name
         return self._vllm
 
     # ---- the whole training stage -----------------------------------------------------------------
@@ -255,9 +301,7 @@ class Distiller:
         torch.manual_seed(t.seed + self.cfg.seed)
         model = self.load_student(ckpt)
         optimizer = make_optimizer(model, t, sharded=gather_weights)
-        bound = examples_upper_bound(self.teacher, self.qids, t, self.cfg.pairs)
-        group = largest_group(self.teacher, self.qids, t, self.cfg.pairs)
-        total = t.epochs * steps_per_epoch(bound, t, acc.num_processes, group_size=group)
+        total = sum(self.steps_bound(e, acc.num_processes) for e in range(1, t.epochs + 1))
         scheduler = make_scheduler(optimizer, t, total)
         model, optimizer = acc.prepare(model, optimizer)
         start = 1
@@ -268,7 +312,7 @@ class Distiller:
             self.buffer = NegativeBuffer.from_dict(buffer)
             start = state["epoch"] + 1
             self.metrics.log("resume", checkpoint=str(ckpt), epoch=state["epoch"])
-        elif uses_student_negatives(self.cfg):
+        elif uses_student_negatives(self.cfg) and self.first_term_epoch == 1:
             self.buffer = self.initial_buffer()
         if self.cfg.pairs.dedup_rouge_l is not None:
             self.metrics.log("dedup", source="teacher", threshold=self.cfg.pairs.dedup_rouge_l,
@@ -276,15 +320,18 @@ class Distiller:
         global_step = state.get("global_step", 0)
         record = {"settings_hash": settings_hash(settings), "settings": settings}
         for epoch in range(start, t.epochs + 1):
-            if epoch > 1 and uses_student_negatives(self.cfg):
-                self.refresh(epoch, acc.unwrap_model(model))
+            if uses_student_negatives(self.cfg) and epoch > 1:
+                if epoch == self.first_term_epoch:  # after an SFT stage
+                    self.sample_stage_start(epoch, acc.unwrap_model(model))
+                elif epoch > self.first_term_epoch:
+                    self.refresh(epoch, acc.unwrap_model(model))
             data = self.epoch_data(epoch)
             if acc.is_main_process:
                 self.write_pairs(epoch, data)
             if not data.rows:
                 raise UserError(f"epoch {epoch} has nothing to train on: {data.dropped_no_positive} questions have no "
                                 f"correct teacher trace and {data.dropped_no_negative} no negative")
-            result = train_epoch(model, self.tokenize(data.rows), optimizer, scheduler, t, epoch,
+            result = train_epoch(model, self.tokenize(data.rows), optimizer, scheduler, self.epoch_config(epoch), epoch,
                                  self.tokenizer.pad_token_id, acc, log=lambda row: self.metrics.log("train", **row),
                                  global_step=global_step, progress=self.progress, run_seed=self.cfg.seed)
             global_step += result.steps

@@ -100,3 +100,9 @@ def _rouge_tokens_f(ta: Sequence[str], tb: Sequence[str]) -> float:
     """2PR/(P+R) with P = lcs/len(ta), R = lcs/len(tb), which is 2 lcs / (len(ta) + len(tb))."""
     lcs = lcs_length(ta, tb)
     return 0.0 if lcs == 0 else 2 * lcs / (len(ta) + len(tb))
+
+
+def closest(text: str, others: Sequence[str]) -> float:
+    """The highest ROUGE-L F of ``text`` with any of ``others`` (0.0 when there are none)."""
+    toks = rouge_tokens(text)
+    return max((_rouge_tokens_f(toks, rouge_tokens(o)) for o in others), default=0.0)

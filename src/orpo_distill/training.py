@@ -231,7 +231,7 @@ def _forward(model: Any, batch: list[Example], method: str, cfg: TrainConfig, pa
             tensors = {k: v.to(device) if torch.is_tensor(v) else v for k, v in tensors.items()}
             sums = pair_logps_packed(model, tensors)
         else:
-            pairs = [TokenizedPair(g.prompt_ids, c, r) for g in batch for c, r in g.pairs]
+            pairs = [TokenizedPair(g.prompt_ids, c, r, g.rejected_start.get(tuple(r), 0)) for g in batch for c, r in g.pairs]
             tensors = collate_plain(pairs, pad_id=pad_id, nll_on_prompt=cfg.nll_on_prompt)
             tensors = {k: v.to(device) if torch.is_tensor(v) else v for k, v in tensors.items()}
             sums = pair_logps(model, tensors)

@@ -27,7 +27,7 @@ from ..config import RunConfig
 from ..errors import UserError
 from ..evaluation import base_splits
 from ..layout import MODEL_REMOVED, MODEL_SETTINGS, RunLayout, eval_key
-from ..provenance import uses_student_negatives
+from ..provenance import uses_initial_student
 from ..report import write_report
 from ..store import atomic_write_json, copy_atomic
 from .aggregate import aggregate, write_comparison
@@ -94,7 +94,7 @@ def _check_same_settings(shared_run: Any, run: Any, variant: str) -> None:
     """The variants must not change what the shared traces were generated with."""
     layout = RunLayout(run.cfg.run_dir)
     pairs = [(layout.teacher_traces, shared_run.teacher_store(), run.teacher_store())]
-    if uses_student_negatives(run.cfg):
+    if uses_initial_student(run.cfg):
         pairs.append((layout.student_samples(1), shared_run.student_store(1), run.student_store(1)))
     for path, a, b in pairs:
         if a.settings != b.settings:
@@ -129,7 +129,7 @@ def prepare_shared(plan: Plan, seed: int, variants: Sequence[str], progress: boo
         seed_from_shared(first, here, files + (evals if greedy_only else []), keys if greedy_only else [])
     run = Run(cfg, overwrite=overwrite, progress=progress)
     _require_complete(run.teacher(), cfg.teacher.sampling.samples, "teacher traces", here.root)
-    if any(uses_student_negatives(variant_config(plan.base, plan.dir, v, seed)) for v in variants):
+    if any(uses_initial_student(variant_config(plan.base, plan.dir, v, seed)) for v in variants):
         _require_complete(run.student(epoch=1), cfg.student.sampling.samples, "initial student samples", here.root)
     for split in base_splits(cfg):
         run.evaluate(0, split=split)
@@ -157,7 +157,7 @@ def run_variant(plan: Plan, variant: str, seed: int, shared_run: Any, progress: 
         return False
     evals, keys = base_evaluations(cfg, target)
     files = teacher_files(cfg, target) + evals
-    if uses_student_negatives(cfg):
+    if uses_initial_student(cfg):
         files.append(target.student_samples(1))
     seed_from_shared(RunLayout(shared_run.dir), target, files, keys)
     if cache is not None and not cfg.eval.every_epoch and start_from_first_epoch(cache, target, cfg):

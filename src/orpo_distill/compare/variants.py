@@ -40,7 +40,13 @@ QUICK_SEEDS = 1
 # (``orpo-mixed+lambda=0`` pairs as orpo-mixed does with the odds-ratio term off) and an equal
 # learning-rate sweep for every arm. ``+rows=N`` caps a question's pairs in one packed row
 # (``train.pairs_per_row``): ``orpo-mixed+lambda=0+rows=1`` batches ORPO's rows as SFT batches its examples.
-MODIFIERS = {"lambda": "train.lambda", "lr": "train.lr", "rows": "train.pairs_per_row"}
+# Issue 33's designs: ``+sft=N`` trains N epochs of SFT first (``train.sft_epochs``), ``+span=first_error``
+# localises the rejected side (``pairs.rejected_span``), ``+maxsim=X`` leaves out negatives closer than X to
+# a positive (``pairs.max_similarity``).
+MODIFIERS = {"lambda": "train.lambda", "lr": "train.lr", "rows": "train.pairs_per_row", "sft": "train.sft_epochs",
+             "span": "pairs.rejected_span", "maxsim": "pairs.max_similarity"}
+DESIGNS = ("sft", "span", "maxsim")  # each paired against the same variant without it
+SPANS = ("whole", "first_error")
 
 
 def variant_overrides(name: str) -> dict[str, Any]:
@@ -53,14 +59,22 @@ def variant_overrides(name: str) -> dict[str, Any]:
         if key not in MODIFIERS or not sep:
             raise UserError(f"variant {name!r}: after '+' comes {' or '.join(k + '=X' for k in MODIFIERS)}, "
                             f"got {mod!r}")
+        if key == "span":
+            if value not in SPANS:
+                raise UserError(f"variant {name!r}: span must be {' or '.join(SPANS)}, got {value!r}")
+            out[MODIFIERS[key]] = value
+            continue
         try:
             number = float(value)
         except ValueError:
             number = math.nan
-        if key == "rows":
-            if not (math.isfinite(number) and number >= 1 and number == int(number)):
-                raise UserError(f"variant {name!r}: rows must be a whole number of at least 1, got {value!r}")
+        if key in ("rows", "sft"):
+            least = 1 if key == "rows" else 0
+            if not (math.isfinite(number) and number >= least and number == int(number)):
+                raise UserError(f"variant {name!r}: {key} must be a whole number of at least {least}, got {value!r}")
             number = int(number)
+        elif key == "maxsim" and not 0 < number <= 1:
+            raise UserError(f"variant {name!r}: maxsim must be a number above 0 and at most 1, got {value!r}")
         elif not math.isfinite(number) or number < 0 or (key == "lr" and number == 0):
             raise UserError(f"variant {name!r}: {key} must be a {'positive' if key == 'lr' else 'non-negative'} "
                             f"number, got {value!r}")
@@ -81,7 +95,7 @@ def _base_overrides(head: str, name: str) -> dict[str, Any]:
             raise UserError(f"variant {name!r}: phi after '@' must be a number between 0 and 1")
         return {**VARIANTS["orpo-mixed"], "train.phi": phi}
     raise UserError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}, or orpo-mixed@PHI (e.g. orpo-mixed@0.25), "
-                    f"each optionally followed by +lambda=X, +lr=X or +rows=N")
+                    f"each optionally followed by +lambda=X, +lr=X, +rows=N, +sft=N, +span=first_error or +maxsim=X")
 
 
 def parse_variants(specs: Iterable[str] | None) -> list[str]:
@@ -123,6 +137,13 @@ def comparison_pairs(variants: Sequence[str]) -> list[tuple[str, str]]:
         grouped = "+".join(m for m in v.split("+") if not m.startswith("rows="))
         if grouped in variants and (grouped, v) not in pairs:
             pairs.append((grouped, v))
+    for v in variants:  # each of issue 33's designs against the same variant without it
+        mods = v.split("+")
+        for m in mods[1:]:
+            if m.split("=")[0] in DESIGNS:
+                without = "+".join(x for x in mods if x != m)
+                if without in variants and (v, without) not in pairs:
+                    pairs.append((v, without))
     pairs += [(v, "base") for v in variants]
     return pairs
 

@@ -1,8 +1,8 @@
-"""``python -m orpo_distill.config [README.md]``: refresh the config reference table in the README."""
+"""``python -m orpo_distill.config [docs/configuration.md]``: refresh the config reference table."""
 
 import sys
 from pathlib import Path
 
 from .reference import update_readme
 
-update_readme(Path(sys.argv[1] if len(sys.argv) > 1 else "README.md"))
+update_readme(Path(sys.argv[1] if len(sys.argv) > 1 else "docs/configuration.md"))

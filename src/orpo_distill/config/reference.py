@@ -1,6 +1,6 @@
 """The config reference: a markdown table generated from the models' field descriptions, embedded in
-README.md between ``<!-- config-reference:start -->`` and ``<!-- config-reference:end -->``
-(``python -m orpo_distill.config [README.md]`` refreshes it; a test checks it is current).
+docs/configuration.md between ``<!-- config-reference:start -->`` and ``<!-- config-reference:end -->``
+(``python -m orpo_distill.config [docs/configuration.md]`` refreshes it; a test checks it is current).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def _generator_rows(section: BaseModel, prefix: str) -> list[str]:
 
 
 def config_reference() -> str:
-    """The config reference as a markdown table, generated from the models (README.md embeds it)."""
+    """The config reference as a markdown table, generated from the models (docs/configuration.md embeds it)."""
     lines = ["| field | type | default | meaning |", "| --- | --- | --- | --- |"]
 
     def walk(obj: BaseModel, prefix: str) -> None:

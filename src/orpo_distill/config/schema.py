@@ -1,5 +1,5 @@
 """The pydantic models of a run's configuration, one per section; every field's help text is its
-``Field(description=...)`` (the README's config reference is generated from them, ``reference.py``).
+``Field(description=...)`` (the config reference in docs/configuration.md is generated from them, ``reference.py``).
 
 Unknown keys are errors (a typo must not silently fall back to a default).
 """
@@ -105,6 +105,19 @@ class PairsConfig(Strict):
                     "(correct or wrong) exceeds this, teacher traces and student samples alike, counted in the "
                     "dedup and refresh events (the paper: 0.8; None keeps every trace)",
     )
+    rejected_span: Literal["whole", "first_error"] = Field(
+        "whole",
+        description="the tokens of a rejected trace the odds-ratio term reads: whole (the paper), or first_error: "
+                    "from its first wrong step on (the task's first_error: a wrong equation; for mcq also a value "
+                    "given the wrong option), so the correct prefix it shares with the positives is not pushed "
+                    "down; a trace with no located error stays whole. Counted in the pairs event",
+    )
+    max_similarity: float | None = Field(
+        None, gt=0, le=1,
+        description="leave out a negative whose ROUGE-L F with any positive of its question exceeds this (a "
+                    "diagnostic of the shared-token mechanism, Razin et al. 2024, arXiv 2410.08847); counted in the "
+                    "pairs event. None: keep every negative",
+    )
     seed: int = Field(0, description="seed of the pairing")
 
     @property
@@ -206,6 +219,14 @@ class TrainConfig(Strict):
         "keep", description="refreshed question with no wrong student sample: keep old negatives or use teacher's"
     )
     epochs: int = Field(2, ge=1, description="training epochs; the refresh runs before each epoch after the first")
+    sft_epochs: int = Field(
+        0, ge=0,
+        description="orpo: train the first N epochs on the NLL term alone, on every correct teacher trace (what "
+                    "sft-diverse trains on), then sample every question's negatives from that SFT'd student and "
+                    "train the remaining epochs with the odds-ratio term (SFT first, then the term: arXiv "
+                    "2502.01237, 2505.24850). The refreshes and phi then count from epoch N+1, and "
+                    "unrefreshed: initial returns to the SFT'd student's negatives. 0: the term from epoch 1",
+    )
     lr: float = Field(5e-5, gt=0, description="peak learning rate (AdamW)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     lambda_or: float = Field(0.1, ge=0, alias="lambda", description="weight of the odds-ratio term")
@@ -262,6 +283,16 @@ class TrainConfig(Strict):
             raise ValueError("a phi list needs one value per refresh (epochs 2, 3, ...), got none")
         return v
 
+    @model_validator(mode="after")
+    def _sft_epochs_leave_the_term_an_epoch(self) -> "TrainConfig":
+        if self.sft_epochs and self.method != "orpo":
+            raise ValueError("train.sft_epochs is for method orpo (SFT first, then the odds-ratio term); "
+                             "method sft trains every epoch on the NLL term already")
+        if self.sft_epochs >= self.epochs:
+            raise ValueError(f"train.sft_epochs ({self.sft_epochs}) must be below train.epochs ({self.epochs}): "
+                             "at least one epoch trains with the odds-ratio term")
+        return self
+
     @property
     def policy(self) -> Literal["off", "on", "mixed"]:
         """What phi amounts to: off (never resampled), on (all resampled every time) or mixed."""
@@ -312,12 +343,21 @@ class RunConfig(Strict):
 
     @model_validator(mode="after")
     def _four_bit_student_weights(self) -> "RunConfig":
-        refresh = self.train.method == "orpo" and self.pairs.negatives != "teacher" and self.train.policy != "off"
-        if self.train.lora.load_in_4bit and self.student.kind == "vllm" and refresh:
+        if self.train.lora.load_in_4bit and self.student.kind == "vllm" and self.samples_student_in_training:
             raise ValueError(
                 "train.lora.load_in_4bit with student.kind 'vllm': the refresh copies the student's weights into "
                 "the vLLM engine, which cannot take 4-bit weights; use student.kind: hf or train.phi: 0")
         return self
+
+    @property
+    def samples_student_in_training(self) -> bool:
+        """Whether training samples negatives from the student it is training: student negatives, and either
+        an SFT stage first (``train.sft_epochs``, whose student gives the term's negatives) or a refresh
+        (more than one epoch of the term, a phi that is not 0)."""
+        t = self.train
+        if t.method != "orpo" or self.pairs.negatives == "teacher":
+            return False
+        return t.sft_epochs > 0 or (t.epochs > 1 and t.policy != "off")
 
     @property
     def local_student(self) -> LocalModelConfig:

@@ -35,6 +35,7 @@ from .extract import (
     normalize_yesno,
     parse_number,
 )
+from .steps import earliest, first_arithmetic_error, first_mapping_error
 
 Message = dict[str, str]
 
@@ -185,6 +186,15 @@ class Task:
     def _same(self, pred: str, gold: str) -> bool:
         return pred == gold
 
+    # ---- steps ---------------------------------------------------------------------------------
+
+    def first_error(self, text: str, record: Record | None = None) -> int | None:
+        """Where the first wrong step of a wrong trace starts (a character offset into ``text``), for
+        error-localised negatives (``pairs.rejected_span: first_error``); None when no step is found
+        wrong, and the whole trace stays the rejected side. Every kind checks the trace's arithmetic
+        (``tasks/steps.py``); a custom task may supply its own ``first_error(text, record)``."""
+        return first_arithmetic_error(text)
+
 
 # ---------------------------------------------------------------------------------------------
 
@@ -216,6 +226,11 @@ class McqTask(Task):
     def extract(self, text: str, record: Record | None = None, finish_reason: str | None = None) -> str | None:
         choices = unletter_choices(record.choices) if record is not None and record.choices else None
         return extract_choice(text, self.letters(record), choices, finish_reason=finish_reason)
+
+    def first_error(self, text: str, record: Record | None = None) -> int | None:
+        """The arithmetic, and any ``V is (L)`` whose option ``L`` holds another number."""
+        choices = unletter_choices(record.choices) if record is not None and record.choices else []
+        return earliest(first_arithmetic_error(text), first_mapping_error(text, choices))
 
     def normalize_gold(self, record: Record) -> str:
         letters = self.letters(record)

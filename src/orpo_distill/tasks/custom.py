@@ -167,6 +167,16 @@ class FactoryTask(ExactTask):
         except Exception as e:
             raise UserError(f"task.custom {self.name}: normalize_gold() failed on record {record.id}: {e!r}") from None
 
+    def first_error(self, text: str, record: Record | None = None) -> int | None:
+        if not hasattr(self.inner, "first_error"):
+            return super().first_error(text, record)
+        try:
+            value = self.inner.first_error(text, record)
+        except Exception as e:
+            _complain(self, "first_error", e)
+            return None
+        return None if value is None else int(value)
+
     def check(self, prediction: str | None, record: Record) -> bool:
         if prediction is None:
             return False
