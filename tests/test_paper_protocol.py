@@ -173,6 +173,21 @@ def test_a_run_with_a_dev_split(tiny_config: Any) -> None:
     dedup = [e for e in read_metrics(run.dir / "metrics.jsonl") if e["event"] == "dedup"]
     assert {e["source"] for e in dedup} == {"teacher", "student@1"}
 
+    # a kill between epoch 2's checkpoint and the end of its evaluation: the rerun makes the evaluation from
+    # the checkpoint (a hole in the curve would hide an epoch from the best-dev choice)
+    import json
+
+    (run.layout.eval_rows("dev", 2)).unlink()
+    stored = json.loads(run.layout.eval_summary.read_text())
+    del stored["dev_epoch_2"]
+    run.layout.eval_summary.write_text(json.dumps(stored))
+    again = Run(cfg, progress=False)
+    again.run_all()
+    remade, before = again.eval_summaries()["dev_epoch_2"], summaries["dev_epoch_2"]
+    for k in ("n", "correct", "accuracy", "chosen_logp", "settings_hash"):  # the same weights, the same result
+        assert remade[k] == before[k], k
+    assert [e["epoch"] for e in read_metrics(run.dir / "metrics.jsonl") if e["event"] == "eval_missed"] == [2]
+
 
 def test_the_new_settings_leave_older_runs_hashes_alone(tiny_config: Any) -> None:
     """At their defaults the settings added for the paper's protocol are not in the training settings,

@@ -368,6 +368,7 @@ class Run:
                 out["eval_before" if split == self.cfg.eval.split else f"{split}_before"] = self.evaluate(0, split=split)
         out["train"] = self.train()
         last = self.cfg.train.epochs
+        self.evaluate_missed_epochs()
         out["eval_after"] = self.evaluate(last)
         best = best_dev_epoch(self.eval_summaries(), last)  # the test split at the epoch dev would pick too
         if best is not None and best != last:
@@ -378,6 +379,21 @@ class Run:
             refresh_model_card(self.cfg, self.layout)
         return out
 
+
+    def evaluate_missed_epochs(self) -> list[int]:
+        """The per-epoch evaluations (``eval.every_epoch``) a kill cut off, between an epoch's checkpoint and
+        the end of its evaluation, made now from the checkpoints that are still there: the curves and the
+        best dev epoch need every epoch. Returns the epochs evaluated."""
+        if not self.cfg.eval.every_epoch:
+            return []
+        summaries = self.eval_summaries()
+        missed = [e for e in range(1, self.cfg.train.epochs + 1)
+                  if eval_key(self.epoch_split, e) not in summaries and (self.layout.checkpoint(e) / STATE).is_file()]
+        for e in missed:
+            self.metrics.log("eval_missed", epoch=e, split=self.epoch_split,
+                             note="the run was stopped before this epoch's evaluation ended: made from its checkpoint")
+            self.evaluate(e, split=self.epoch_split)
+        return missed
 
     def _sample(self, store: TraceStore, generator: Generator | None, sampling: Any, stage: str,
                 records: list[Record] | None = None, max_failed_share: float | None = None) -> SampleSummary:
