@@ -132,8 +132,9 @@ def test_lambda_and_lr_modifiers_change_one_knob_and_pair_with_their_arm(tiny_co
 
 def test_issue_33_design_modifiers_set_their_option_and_pair_with_the_arm_without_them(tiny_config: Any,
                                                                                        tmp_path: Path) -> None:
-    over = variant_overrides("orpo-mixed+sft=3+span=first_error+maxsim=0.9")
-    assert (over["train.sft_epochs"], over["pairs.rejected_span"], over["pairs.max_similarity"]) == (3, "first_error", 0.9)
+    over = variant_overrides("orpo-mixed+sft=3+span=first_error+maxsim=0.9+protect=5")
+    assert (over["train.sft_epochs"], over["pairs.rejected_span"], over["pairs.max_similarity"],
+            over["train.protect_chosen"]) == (3, "first_error", 0.9, 5.0)
     cfg = variant_config(tiny_config(**{"train.epochs": 5}), tmp_path / "cmp", "orpo-mixed+sft=3+span=first_error", 0)
     assert (cfg.train.sft_epochs, cfg.pairs.rejected_span) == (3, "first_error")
     arms = ["sft-diverse", "orpo-mixed", "orpo-mixed+sft=3", "orpo-mixed+sft=3+span=first_error"]

@@ -20,6 +20,7 @@ The forward pass that turns these batches into per-pair sums is ``forward.py``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -38,12 +39,14 @@ class TokenizedPair:
     """One preference pair as token ids; the responses include their eos (unless truncated). An empty
     ``rejected_ids`` marks an NLL-only row (``pairs.no_negative: nll``): its chosen side trains on the NLL
     term alone. ``rejected_start``: the first rejected token the odds-ratio term reads (``pairs.rejected_span:
-    first_error``; 0: all of them); the tokens before it are context only."""
+    first_error``; 0: all of them); the tokens before it are context only. ``chosen_ref``: the chosen side's
+    mean log-probability under the model the odds-ratio term started from (``train.protect_chosen``)."""
 
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
     rejected_start: int = 0
+    chosen_ref: float | None = None
 
     @property
     def has_rejected(self) -> bool:
@@ -78,7 +81,7 @@ def truncate_pair(pair: TokenizedPair, max_length: int) -> TokenizedPair:
         chosen, rejected = chosen[:budget], rejected[:budget]
     # a cut that removed the located error leaves its last token to the term (a response has one at least)
     start = min(pair.rejected_start, max(len(rejected) - 1, 0))
-    return TokenizedPair(list(prompt), list(chosen), list(rejected), start)
+    return TokenizedPair(list(prompt), list(chosen), list(rejected), start, pair.chosen_ref)
 
 
 def token_at(tokenizer: Any, text: str, char_offset: int) -> int:
@@ -96,7 +99,7 @@ def token_at(tokenizer: Any, text: str, char_offset: int) -> int:
 
 def tokenize_pair(
     tokenizer: Any, prompt_text: str, chosen_text: str, rejected_text: str | None, max_length: int,
-    rejected_from: int | None = None,
+    rejected_from: int | None = None, chosen_ref: float | None = None,
 ) -> TokenizedPair:
     """Tokenize one pair: prompt and responses separately, eos appended to each response, truncated.
 
@@ -105,7 +108,8 @@ def tokenize_pair(
     not as ``prompt + response``: this matches how they were generated (tokens sampled after the
     prompt's tokens) and keeps the prompt/response boundary exact. A response that already ends with
     the eos token does not get a second one. ``rejected_text`` None: an NLL-only row (no rejected ids).
-    ``rejected_from``: the character of ``rejected_text`` its odds-ratio term starts at (``token_at``).
+    ``rejected_from``: the character of ``rejected_text`` its odds-ratio term starts at (``token_at``);
+    ``chosen_ref`` is carried as it is (:class:`TokenizedPair`).
     """
     eos_id = getattr(tokenizer, "eos_token_id", None)
     if eos_id is None:
@@ -121,8 +125,14 @@ def tokenize_pair(
         chosen_ids=_with_eos(_encode(tokenizer, chosen_text), int(eos_id)),
         rejected_ids=[] if rejected_text is None else _with_eos(_encode(tokenizer, rejected_text), int(eos_id)),
         rejected_start=token_at(tokenizer, rejected_text, rejected_from) if rejected_text and rejected_from else 0,
+        chosen_ref=chosen_ref,
     )
     return truncate_pair(pair, max_length)
+
+
+def _refs(values: Sequence[float | None]) -> Tensor:
+    """Each pair's ``chosen_ref`` as a float32 ``[B]`` tensor, NaN where a pair has none."""
+    return torch.tensor([math.nan if v is None else float(v) for v in values], dtype=torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,6 +186,7 @@ def collate_plain(pairs: Sequence[TokenizedPair], pad_id: int, nll_on_prompt: bo
         "response_mask": response_mask,
         "nll_mask": nll_mask,
         "has_rejected": torch.tensor([p.has_rejected for p in pairs], dtype=torch.bool),
+        "chosen_ref": _refs([p.chosen_ref for p in pairs]),
         "num_pairs": b,
         "nll_on_prompt": bool(nll_on_prompt),
     }
@@ -223,6 +234,7 @@ class PairGroup:
     prompt_ids: list[int]
     pairs: list[tuple[list[int], list[int]]] = field(default_factory=list)
     rejected_start: dict[tuple[int, ...], int] = field(default_factory=dict)  # a rejected response's, when not 0
+    chosen_ref: dict[tuple[int, ...], float] = field(default_factory=dict)  # a chosen response's, when known
 
     def responses(self) -> list[list[int]]:
         """The distinct responses in order of first appearance (chosen before rejected per pair)."""
@@ -258,6 +270,8 @@ def group_pairs(pairs: Sequence[TokenizedPair], max_pairs: int | None = None) ->
         g.pairs.append((list(p.chosen_ids), list(p.rejected_ids)))
         if p.rejected_start:
             g.rejected_start[tuple(p.rejected_ids)] = p.rejected_start
+        if p.chosen_ref is not None:
+            g.chosen_ref[tuple(p.chosen_ids)] = p.chosen_ref
     return groups
 
 
@@ -295,6 +309,7 @@ def collate_packed(groups: Sequence[PairGroup], pad_id: int, nll_on_prompt: bool
     pair_rejected: list[int] = []
     pair_prompt: list[int] = []
     has_rejected: list[bool] = []
+    chosen_ref: list[float | None] = []
     row_spans: list[tuple[int, tuple[int, ...]]] = []  # per row: the prompt's length, each response's
 
     for g_idx, group in enumerate(groups):
@@ -343,6 +358,7 @@ def collate_packed(groups: Sequence[PairGroup], pad_id: int, nll_on_prompt: bool
             pair_rejected.append(seg_of[tuple(rejected or chosen)])
             pair_prompt.append(prompt_seg)
             has_rejected.append(bool(rejected))
+            chosen_ref.append(group.chosen_ref.get(tuple(chosen)))
 
     q_seg = local_segment.unsqueeze(2)  # [G, T, 1]
     k_seg = local_segment.unsqueeze(1)  # [G, 1, T]
@@ -361,6 +377,7 @@ def collate_packed(groups: Sequence[PairGroup], pad_id: int, nll_on_prompt: bool
         "pair_rejected": torch.tensor(pair_rejected, dtype=torch.long),
         "pair_prompt": torch.tensor(pair_prompt, dtype=torch.long),
         "has_rejected": torch.tensor(has_rejected, dtype=torch.bool),
+        "chosen_ref": _refs(chosen_ref),
         "num_pairs": len(pair_chosen),
         "nll_on_prompt": bool(nll_on_prompt),
         "row_spans": tuple(row_spans),

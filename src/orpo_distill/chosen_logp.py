@@ -20,9 +20,19 @@ from .models import render_prompt
 def mean_response_logp(model: Any, tokenizer: Any, items: Sequence[tuple[list[dict[str, str]], str]],
                        max_length: int, batch_size: int = 16, bf16: bool = True) -> float:
     """Mean over ``items`` (chat messages, response) of the response's mean token log-probability under
-    ``model`` (eos included, as training scores it); NaN without items. Batches sorted by length."""
+    ``model`` (eos included, as training scores it); NaN without items."""
     if not items:
         return float("nan")
+    values = response_logps(model, tokenizer, items, max_length, batch_size, bf16)
+    return sum(values) / len(values)
+
+
+def response_logps(model: Any, tokenizer: Any, items: Sequence[tuple[list[dict[str, str]], str]],
+                   max_length: int, batch_size: int = 16, bf16: bool = True) -> list[float]:
+    """Each item's (chat messages, response) mean token log-probability ``l(y)`` under ``model``, in the
+    order given (eos included, as training scores it). Batches sorted by length."""
+    if not items:
+        return []
     pairs = [tokenize_pair(tokenizer, render_prompt(tokenizer, msgs), text, None, max_length) for msgs, text in items]
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].prompt_ids) + len(pairs[i].chosen_ids))
     device = next(model.parameters()).device
@@ -39,4 +49,8 @@ def mean_response_logp(model: Any, tokenizer: Any, items: Sequence[tuple[list[di
                 means.append((total.float() / count.clamp(min=1)).cpu())
     finally:
         model.train(was_training)
-    return float(torch.cat(means).mean())
+    values = torch.cat(means).tolist()
+    out = [0.0] * len(values)
+    for rank, i in enumerate(order):
+        out[i] = values[rank]
+    return out

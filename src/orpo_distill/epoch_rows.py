@@ -42,7 +42,8 @@ def group_traces(rows: Sequence[Trace]) -> dict[str, list[Trace]]:
 
 def epoch_rows(records: Sequence[Record], messages: Messages, teacher: Mapping[str, Sequence[Trace]],
                student_negatives: Mapping[str, Sequence[Negative]], train: TrainConfig, pairs: PairsConfig,
-               seed: int, epoch: int, first_error: FirstError | None = None) -> EpochData:
+               seed: int, epoch: int, first_error: FirstError | None = None,
+               chosen_ref: Mapping[tuple[str, str], float] | None = None) -> EpochData:
     """The pairs (ORPO) or targets (SFT) of epoch ``epoch``.
 
     ``teacher``: each question's teacher traces; ``student_negatives``: each question's negatives from the
@@ -51,7 +52,8 @@ def epoch_rows(records: Sequence[Record], messages: Messages, teacher: Mapping[s
     whose pool is empty takes ``pairs.no_negative``'s fallbacks in turn; an NLL-only row has
     ``"rejected": None``. ``first_error`` (the task's, needed by ``pairs.rejected_span: first_error``)
     gives each rejected row a ``rejected_from``: the character offset its odds-ratio term starts at (None:
-    the whole trace). ``train`` is the epoch's (``Distiller.epoch_config``: an SFT stage's epochs are SFT on
+    the whole trace). ``chosen_ref`` (``train.protect_chosen``): each (question id, positive)'s mean
+    log-probability when the term started, given to each pair row as ``chosen_ref_logp``. ``train`` is the epoch's (``Distiller.epoch_config``: an SFT stage's epochs are SFT on
     every correct trace)."""
     seed = pairs.seed + seed
     localise = pairs.rejected_span == "first_error" and train.method == "orpo"
@@ -98,6 +100,8 @@ def epoch_rows(records: Sequence[Record], messages: Messages, teacher: Mapping[s
                 "rejected_source": None if neg is None else neg.source,
                 "rejected_epoch": None if neg is None else neg.epoch,
             }
+            if chosen_ref is not None and neg is not None:
+                row["chosen_ref_logp"] = chosen_ref[(r.id, chosen)]
             if localise and neg is not None:
                 row["rejected_from"] = first_error(neg.text, r)  # type: ignore[misc]
                 localised += row["rejected_from"] is not None

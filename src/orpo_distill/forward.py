@@ -133,14 +133,16 @@ def pair_logps(model: nn.Module, batch: dict[str, Any], chunk_size: int = DEFAUL
         "nll_sum": -(tok[:b] * nll[:b]).sum(-1),
         "nll_count": nll[:b].sum(-1),
         "has_rejected": batch["has_rejected"],
+        "chosen_ref": batch.get("chosen_ref"),
     }
 
 
-def orpo_loss_of(sums: dict[str, Tensor], lambda_or: float) -> OrpoOutput:
-    """:func:`losses.orpo_loss` on the sums :func:`pair_logps` or :func:`pair_logps_packed` returned."""
+def orpo_loss_of(sums: dict[str, Tensor], lambda_or: float, protect: float = 0.0) -> OrpoOutput:
+    """:func:`losses.orpo_loss` on the sums :func:`pair_logps` or :func:`pair_logps_packed` returned;
+    ``protect`` > 0: with the batch's ``chosen_ref`` (``train.protect_chosen``)."""
     return orpo_loss(sums["chosen_logp_sum"], sums["chosen_tokens"], sums["rejected_logp_sum"],
                      sums["rejected_tokens"], sums["nll_sum"], sums["nll_count"], lambda_or,
-                     has_rejected=sums.get("has_rejected"))
+                     has_rejected=sums.get("has_rejected"), chosen_ref=sums.get("chosen_ref"), protect=protect)
 
 
 def sft_logps(
@@ -229,4 +231,5 @@ def pair_logps_packed(
         "nll_sum": nll_sum,
         "nll_count": nll_n,
         "has_rejected": batch["has_rejected"],
+        "chosen_ref": batch.get("chosen_ref"),
     }

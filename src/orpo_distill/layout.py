@@ -126,6 +126,12 @@ class RunLayout(_Folder):
         return self.root / "pairs" / f"epoch_{epoch}.jsonl"
 
     @property
+    def chosen_reference(self) -> Path:
+        """Each positive's mean log-probability under the weights the odds-ratio term started from
+        (``train.protect_chosen``), written once at the term's first epoch."""
+        return self.root / "pairs" / "chosen_reference.jsonl"
+
+    @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
 

@@ -18,6 +18,11 @@ prompt ``x`` with ``|y|`` tokens:
   ``nll_on_prompt`` is set, as TRL's ORPOTrainer and the original ORPO code do;
 * ``L = L_NLL + lambda_or * L_OR`` (:func:`orpo_objective`, the one place the weight is applied).
   ``lambda_or`` is ``train.lambda`` in the config and TRL's ``beta`` (TRL writes ``nll - beta * logsigmoid(.)``).
+* Chosen-side protection (``train.protect_chosen``, ``mu`` below; DPO-Positive, Pal et al. 2024, arXiv
+  2402.13228, carried over to ORPO's mean log-probabilities): with ``l_ref(y_w)``, the chosen response's
+  mean log-probability under the model the odds-ratio term started from, each pair's logit becomes
+  ``log odds(y_w) - log odds(y_l) - mu * max(0, l_ref(y_w) - l(y_w))``: the term stops rewarding a wider
+  margin once the chosen side has fallen below where it started. ``mu = 0`` is plain ORPO.
 
 Everything is computed in fp32, whatever the dtype of the inputs. Nothing is clamped: a mean
 log-probability of exactly 0 (every token predicted with probability 1 in fp32) gives an infinite
@@ -72,6 +77,7 @@ ORPO_METRICS = (
     "reward_accuracy",
     "margin",
 )
+PROTECT_METRIC = "chosen_drop"  # logged with chosen-side protection: mean max(0, l_ref(y_w) - l(y_w))
 
 
 @dataclass
@@ -93,12 +99,15 @@ class OrpoOutput:
     logps_rejected: Tensor  # [B]: mean log-prob of each rejected response, l(y_l)
     reward_accuracy: Tensor  # scalar: share of pairs with log odds(chosen) > log odds(rejected)
     margin: Tensor  # scalar: mean over pairs of l(y_w) - l(y_l)
+    chosen_drop: Tensor | None = None  # scalar, with chosen-side protection: mean max(0, l_ref(y_w) - l(y_w))
 
     def metrics(self) -> dict[str, float]:
         """Plain floats under the names ``metrics.jsonl`` logs them (one device sync); the pair metrics are
         0 for a batch of NLL-only rows (training weighs them by the batch's share of the step's pairs, 0 there)."""
+        extra = {} if self.chosen_drop is None else {PROTECT_METRIC: 0.0}
         if self.log_odds_ratio.numel() == 0:
-            return {**dict.fromkeys(ORPO_METRICS, 0.0), "loss": float(self.loss.detach()), "nll": float(self.nll.detach())}
+            return {**dict.fromkeys(ORPO_METRICS, 0.0), **extra, "loss": float(self.loss.detach()),
+                    "nll": float(self.nll.detach())}
         values = torch.stack(
             [
                 self.loss.detach(),
@@ -109,9 +118,10 @@ class OrpoOutput:
                 self.log_odds_ratio.detach().mean(),
                 self.reward_accuracy.detach(),
                 self.margin.detach(),
+                *([] if self.chosen_drop is None else [self.chosen_drop.detach()]),
             ]
         ).tolist()
-        return dict(zip(ORPO_METRICS, values))
+        return dict(zip((*ORPO_METRICS, *extra), values))
 
 
 def _as_vector(name: str, t: Tensor, size: int | None) -> Tensor:
@@ -146,6 +156,8 @@ def orpo_loss(
     nll_token_count: Tensor,
     lambda_or: float,
     has_rejected: Tensor | None = None,
+    chosen_ref: Tensor | None = None,
+    protect: float = 0.0,
 ) -> OrpoOutput:
     """The ORPO objective from per-pair sums; every argument but ``lambda_or`` has shape ``[B]``.
 
@@ -160,6 +172,9 @@ def orpo_loss(
         has_rejected: bool ``[B]``, False for an NLL-only row (a positive of a question with no negative,
             ``pairs.no_negative: nll``): its chosen side counts in ``L_NLL`` as usual and it takes no part in
             ``L_OR`` or in the pair metrics (its rejected sums are ignored). None: every row is a pair.
+        chosen_ref: ``l_ref(y_w)`` per pair, the chosen side's mean log-probability under the model the term
+            started from; with ``protect`` > 0 it enters each pair's logit (the module docstring).
+        protect: ``mu``, the weight of the chosen side's drop below ``chosen_ref`` (``train.protect_chosen``).
 
     ``L_NLL`` is ``nll_tokens_sum.sum() / nll_token_count.sum()`` (a token mean over the batch, NLL-only
     rows included); ``L_OR`` and the per-pair outputs are over the rows with a rejected side (``L_OR`` is 0
@@ -174,6 +189,7 @@ def orpo_loss(
     r_n = _as_vector("rejected_tokens", rejected_tokens, b)
     nll_sum = _as_vector("nll_tokens_sum", nll_tokens_sum, b)
     nll_n = _as_vector("nll_token_count", nll_token_count, b)
+    ref = None if chosen_ref is None or protect <= 0 else _as_vector("chosen_ref", chosen_ref, b)
     _check_positive(chosen_tokens=c_n, nll_token_count=nll_n)
     nll = nll_sum.sum() / nll_n.sum()
     if has_rejected is not None:
@@ -181,16 +197,25 @@ def orpo_loss(
         if keep.shape != c_sum.shape:
             raise ValueError(f"has_rejected has shape {tuple(keep.shape)} but the batch has {b} pairs")
         c_sum, c_n, r_sum, r_n = c_sum[keep], c_n[keep], r_sum[keep], r_n[keep]
+        ref = None if ref is None else ref[keep]
     _check_positive(rejected_tokens=r_n)
 
     logps_chosen = c_sum / c_n
     logps_rejected = r_sum / r_n
     ratio = log_odds(logps_chosen) - log_odds(logps_rejected)
+    logit, drop = ratio, None  # the pair's logit in the term; the logged ratio and accuracy stay plain ORPO's
+    if ref is not None:
+        if bool(torch.isnan(ref).any()):
+            raise ValueError("chosen_ref is missing (NaN) for a pair: every chosen side needs its reference value")
+        below = torch.relu(ref - logps_chosen)
+        logit = ratio - float(protect) * below
+        drop = below.detach().mean() if below.numel() else None
     if ratio.numel() == 0:  # only NLL-only rows: no odds-ratio term, and nothing to log for pairs
         zero = nll.new_zeros(())
         return OrpoOutput(loss=orpo_objective(nll, zero, lambda_or), nll=nll, or_loss=zero, log_odds_ratio=ratio,
-                          logps_chosen=logps_chosen, logps_rejected=logps_rejected, reward_accuracy=zero, margin=zero)
-    or_loss = -F.logsigmoid(ratio).mean()
+                          logps_chosen=logps_chosen, logps_rejected=logps_rejected, reward_accuracy=zero, margin=zero,
+                          chosen_drop=None if ref is None else zero)
+    or_loss = -F.logsigmoid(logit).mean()
     return OrpoOutput(
         loss=orpo_objective(nll, or_loss, lambda_or),
         nll=nll,
@@ -200,6 +225,7 @@ def orpo_loss(
         logps_rejected=logps_rejected,
         reward_accuracy=(ratio.detach() > 0).float().mean(),
         margin=(logps_chosen - logps_rejected).detach().mean(),
+        chosen_drop=drop,
     )
 
 

@@ -93,7 +93,7 @@ def uses_initial_student(cfg: RunConfig) -> bool:
 # Settings added after runs were archived, at the value that reproduces the code before them: left out
 # of the hashes at that value, so that a finished run's recorded settings still match its config.
 LATER_DEFAULTS = {
-    "train": {"unrefreshed": "previous", "sft_epochs": 0},
+    "train": {"unrefreshed": "previous", "sft_epochs": 0, "protect_chosen": 0.0},
     "pairs": {"dedup_rouge_l": None, "rejected_span": "whole", "max_similarity": None},
     "dataset": {"dev_size": None},
 }

@@ -42,10 +42,11 @@ from .pairs import (NegativeBuffer, choose_refresh, phi_for_epoch, positives, te
                     without_near_duplicates)
 from .provenance import code_version, conflict, training_settings, uses_student_negatives
 from .records import Record
-from .store import atomic_write_jsonl, settings_hash
+from .chosen_logp import response_logps
+from .store import atomic_write_jsonl, read_jsonl, settings_hash
 from .text_similarity import pair_similarity
 from .student_weights import export_student, load_trainable_student
-from .training import SftExample, make_optimizer, make_scheduler, steps_per_epoch, train_epoch
+from .training import SftExample, make_optimizer, make_scheduler, steps_per_epoch, train_epoch, use_bf16
 from .whole_weights import is_fsdp2, weights_to_save, whole_model
 
 __all__ = ["Distiller", "TrainingInputs", "EpochData", "chosen_texts", "tokenize_rows", "uses_student_negatives"]
@@ -89,7 +90,7 @@ def tokenize_rows(tokenizer: Any, rows: Sequence[dict[str, Any]], max_length: in
         else:
             rejected = row["rejected"][0]["content"] if row.get("rejected") else None  # None: NLL-only
             pairs.append(tokenize_pair(tokenizer, prompt_text, row["chosen"][0]["content"], rejected, max_length,
-                                       rejected_from=row.get("rejected_from")))
+                                       rejected_from=row.get("rejected_from"), chosen_ref=row.get("chosen_ref_logp")))
     return sft if sft else group_pairs(pairs, max_pairs=pairs_per_row)
 
 
@@ -110,6 +111,7 @@ class Distiller:
         self.qids = [r.id for r in inputs.records if positives(self.teacher.get(r.id, []))]
         self.teacher_negs = {q: teacher_negatives(self.teacher.get(q, [])) for q in self.qids}
         self.buffer = NegativeBuffer()
+        self.reference: dict[tuple[str, str], float] | None = None  # l_ref of each positive (train.protect_chosen)
         self._vllm: Any = None  # the student's vLLM engine, when student.kind is vllm (built on first refresh)
 
     # ---- data ------------------------------------------------------------------------------------
@@ -164,7 +166,8 @@ class Distiller:
         """The pairs (ORPO) or targets (SFT, and an ORPO run's SFT epochs) of one epoch (``epoch_rows.epoch_rows``)."""
         return epoch_rows(self.inputs.records, self.inputs.messages, self.teacher, self.buffer.negatives,
                           self.epoch_config(epoch), self.cfg.pairs, self.cfg.seed, epoch,
-                          first_error=self.inputs.first_error)
+                          first_error=self.inputs.first_error,
+                          chosen_ref=self.reference if epoch >= self.first_term_epoch else None)
 
     def steps_bound(self, epoch: int, processes: int) -> int:
         """At most how many optimizer steps ``epoch`` takes: the learning-rate schedule never runs past its end."""
@@ -172,6 +175,23 @@ class Distiller:
         bound = examples_upper_bound(self.teacher, self.qids, t, self.cfg.pairs)
         group = largest_group(self.teacher, self.qids, t, self.cfg.pairs)
         return steps_per_epoch(bound, t, processes, group_size=group)
+
+    def chosen_reference(self, model: Any) -> dict[tuple[str, str], float]:
+        """Each (question id, positive)'s mean log-probability under ``model``, the weights the term starts
+        from (``train.protect_chosen``): computed once at the term's first epoch and kept in
+        ``pairs/chosen_reference.jsonl``, which a resumed run reads back."""
+        path = self.layout.chosen_reference
+        if path.is_file():
+            return {(r["id"], r["text"]): r["logp"] for r in read_jsonl(path)}
+        keys = [(q, text) for q in self.qids for text in positives(self.teacher[q])]
+        items = [(self.inputs.messages(self.records[q]), text) for q, text in keys]
+        device = next(model.parameters()).device
+        values = response_logps(model, self.tokenizer, items, self.tcfg.max_length,
+                                batch_size=self.tcfg.batch_size, bf16=use_bf16(self.tcfg.precision, device))
+        if distributed.is_main():
+            atomic_write_jsonl(path, [{"id": q, "text": text, "logp": v} for (q, text), v in zip(keys, values)])
+        self.metrics.log("chosen_reference", positives=len(keys), mean_logp=sum(values) / max(len(values), 1))
+        return dict(zip(keys, values))
 
     def epoch_config(self, epoch: int) -> Any:
         """The training settings of ``epoch``: the run's, or in an SFT stage (``train.sft_epochs``) SFT on
@@ -325,6 +345,8 @@ class Distiller:
                     self.sample_stage_start(epoch, acc.unwrap_model(model))
                 elif epoch > self.first_term_epoch:
                     self.refresh(epoch, acc.unwrap_model(model))
+            if t.protect_chosen > 0 and epoch >= self.first_term_epoch and self.reference is None:
+                self.reference = self.chosen_reference(acc.unwrap_model(model))
             data = self.epoch_data(epoch)
             if acc.is_main_process:
                 self.write_pairs(epoch, data)

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .batching import (
     PairGroup,
     TokenizedPair,
+    batch_to,
     collate_packed,
     collate_plain,
     collate_sft,
@@ -34,7 +35,7 @@ from .config import LoraConfig, TrainConfig
 from .distributed import step_members, step_plan
 from .errors import NonFiniteLossError, UserError
 from .memory import rss_mib
-from .losses import ORPO_METRICS, orpo_objective, sft_loss
+from .losses import ORPO_METRICS, PROTECT_METRIC, orpo_objective, sft_loss
 from .models import autocast, cpu_supports_bf16
 
 
@@ -209,11 +210,14 @@ def step_loss(out: MicroBatchOut, share: Share, lambda_or: float) -> torch.Tenso
     return orpo_objective(out.nll * share.nll, out.or_loss * share.pairs, lambda_or)
 
 
-def step_metrics(parts: list[tuple[MicroBatchOut, Share]], method: str, lambda_or: float) -> dict[str, float]:
+def step_metrics(parts: list[tuple[MicroBatchOut, Share]], method: str, lambda_or: float,
+                 protect: bool = False) -> dict[str, float]:
     """The logged metrics of this rank's part of a step, weighted as :func:`step_loss` weighs the loss;
     their sums over the ranks are the step's values. Every rank returns the same keys (a rank with no
-    micro-batch in a step returns zeros), as the all-reduce needs."""
+    micro-batch in a step returns zeros), as the all-reduce needs. ``protect``: chosen-side protection is
+    on (``train.protect_chosen``), so the pairs' ``chosen_drop`` is logged too."""
     keys = [k for k in ORPO_METRICS if k != "loss"] if method == "orpo" else ["nll"]
+    keys += [PROTECT_METRIC] if method == "orpo" and protect else []
     row = dict.fromkeys(keys, 0.0)
     for out, share in parts:
         for k in keys:
@@ -227,22 +231,20 @@ def _forward(model: Any, batch: list[Example], method: str, cfg: TrainConfig, pa
     device = next(model.parameters()).device
     if method == "orpo":
         if cfg.layout == "packed":
-            tensors = collate_packed(batch, pad_id=pad_id, nll_on_prompt=cfg.nll_on_prompt)
-            tensors = {k: v.to(device) if torch.is_tensor(v) else v for k, v in tensors.items()}
+            tensors = batch_to(collate_packed(batch, pad_id=pad_id, nll_on_prompt=cfg.nll_on_prompt), device)
             sums = pair_logps_packed(model, tensors)
         else:
-            pairs = [TokenizedPair(g.prompt_ids, c, r, g.rejected_start.get(tuple(r), 0)) for g in batch for c, r in g.pairs]
-            tensors = collate_plain(pairs, pad_id=pad_id, nll_on_prompt=cfg.nll_on_prompt)
-            tensors = {k: v.to(device) if torch.is_tensor(v) else v for k, v in tensors.items()}
+            pairs = [TokenizedPair(g.prompt_ids, c, r, g.rejected_start.get(tuple(r), 0), g.chosen_ref.get(tuple(c)))
+                     for g in batch for c, r in g.pairs]
+            tensors = batch_to(collate_plain(pairs, pad_id=pad_id, nll_on_prompt=cfg.nll_on_prompt), device)
             sums = pair_logps(model, tensors)
-        out = orpo_loss_of(sums, cfg.lambda_or)
+        out = orpo_loss_of(sums, cfg.lambda_or, protect=cfg.protect_chosen)
         if cfg.layout == "packed":
             ntok = sum(g.packed_length() for g in batch)
         else:
             ntok = int(tensors["attention_mask"].sum())
         return MicroBatchOut(out.nll, out.or_loss, out.metrics(), ntok)
-    tensors = collate_sft([(e.prompt_ids, e.target_ids) for e in batch], pad_id=pad_id)
-    tensors = {k: v.to(device) if torch.is_tensor(v) else v for k, v in tensors.items()}
+    tensors = batch_to(collate_sft([(e.prompt_ids, e.target_ids) for e in batch], pad_id=pad_id), device)
     logp_sum, count = sft_logps(model, tensors)
     loss = sft_loss(logp_sum, count)
     return MicroBatchOut(loss, None, {"nll": float(loss.detach())}, int(tensors["attention_mask"].sum()))
@@ -341,7 +343,8 @@ def train_epoch(
         optimizer.zero_grad(set_to_none=True)
         global_step += 1
         result.steps += 1
-        row = reduce_sum(accelerator, {**step_metrics(parts, cfg.method, cfg.lambda_or), "tokens": float(tokens)})
+        row = reduce_sum(accelerator, {**step_metrics(parts, cfg.method, cfg.lambda_or, cfg.protect_chosen > 0),
+                                            "tokens": float(tokens)})
         elapsed = time.perf_counter() - t0
         step_tokens = int(row.pop("tokens"))
         row.update(epoch=epoch, step=global_step, lr=lr, grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),

@@ -42,10 +42,10 @@ QUICK_SEEDS = 1
 # (``train.pairs_per_row``): ``orpo-mixed+lambda=0+rows=1`` batches ORPO's rows as SFT batches its examples.
 # Issue 33's designs: ``+sft=N`` trains N epochs of SFT first (``train.sft_epochs``), ``+span=first_error``
 # localises the rejected side (``pairs.rejected_span``), ``+maxsim=X`` leaves out negatives closer than X to
-# a positive (``pairs.max_similarity``).
+# a positive (``pairs.max_similarity``), ``+protect=X`` protects the chosen side (``train.protect_chosen``).
 MODIFIERS = {"lambda": "train.lambda", "lr": "train.lr", "rows": "train.pairs_per_row", "sft": "train.sft_epochs",
-             "span": "pairs.rejected_span", "maxsim": "pairs.max_similarity"}
-DESIGNS = ("sft", "span", "maxsim")  # each paired against the same variant without it
+             "span": "pairs.rejected_span", "maxsim": "pairs.max_similarity", "protect": "train.protect_chosen"}
+DESIGNS = ("sft", "span", "maxsim", "protect")  # each paired against the same variant without it
 SPANS = ("whole", "first_error")
 
 
@@ -95,7 +95,7 @@ def _base_overrides(head: str, name: str) -> dict[str, Any]:
             raise UserError(f"variant {name!r}: phi after '@' must be a number between 0 and 1")
         return {**VARIANTS["orpo-mixed"], "train.phi": phi}
     raise UserError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}, or orpo-mixed@PHI (e.g. orpo-mixed@0.25), "
-                    f"each optionally followed by +lambda=X, +lr=X, +rows=N, +sft=N, +span=first_error or +maxsim=X")
+                    f"each optionally followed by +lambda=X, +lr=X, +rows=N, +sft=N, +span=first_error, +maxsim=X or +protect=X")
 
 
 def parse_variants(specs: Iterable[str] | None) -> list[str]:
