@@ -226,3 +226,46 @@ def test_a_sample_cut_at_max_tokens_is_read_with_its_finish_reason(tmp_path):
     rows = {r["id"]: r for r in read_jsonl(store.path)}
     assert rows[records[0].id]["answer"] is None and rows[records[0].id]["finish_reason"] == "length"
     assert rows[records[1].id]["answer"] == "12"
+
+
+# ---- the greedy decode first (issue 33, design 4) ------------------------------------------------------
+
+
+def test_the_request_plan_puts_the_greedy_decode_first() -> None:
+    from orpo_distill.sampling import request_plan
+
+    assert request_plan(0, 4, sampling(4, greedy_first=True, temperature=0.8)) == [(0, 1, 0.0), (1, 3, 0.8)]
+    assert request_plan(1, 4, sampling(4, greedy_first=True, temperature=0.8)) == [(1, 3, 0.8)]  # greedy stored
+    assert request_plan(0, 1, sampling(1, greedy_first=True)) == [(0, 1, 0.0)]
+    assert request_plan(0, 4, sampling(4, temperature=0.8)) == [(0, 4, 0.8)]
+    assert request_plan(4, 4, sampling(4, greedy_first=True)) == []
+
+
+def test_greedy_first_samples_number_on_and_enter_the_store_settings(tmp_path, records, task):
+    from orpo_distill.sampling import sampling_settings
+
+    gen = Counting(Scripted(lambda key, i: f"{key} text {i}"))
+    run(records[:2], task, gen, TraceStore(tmp_path / "t.jsonl", "h"), k=3, greedy_first=True, temperature=0.7)
+    assert [(r.key, r.n, r.temperature, r.start) for call in gen.calls for r in call] == [
+        (records[0].id, 1, 0.0, 0), (records[0].id, 2, 0.7, 1), (records[1].id, 1, 0.0, 0), (records[1].id, 2, 0.7, 1)]
+    assert sorted(keys(TraceStore(tmp_path / "t.jsonl", "h"))) == sorted((r.id, i) for r in records[:2] for i in range(3))
+    assert "greedy_first" not in sampling_settings("g", sampling(3), "t")  # stores from before keep their hash
+    assert sampling_settings("g", sampling(3, greedy_first=True), "t")["greedy_first"] is True
+
+
+def test_the_hf_students_first_sample_is_its_greedy_answer(tmp_path, records, task, tiny_model_dir):
+    """On a real (tiny) model: sample 0 is what a temperature-0 request decodes, the rest are samples."""
+    from orpo_distill.generators.hf import HFGenerator
+    from orpo_distill.models import load_model, load_tokenizer
+
+    model, tok = load_model(str(tiny_model_dir), dtype="float32"), load_tokenizer(str(tiny_model_dir))
+    gen = HFGenerator.from_model(model, tok, name="hf:tiny", batch_size=4, progress=False, bf16=False)
+    store = TraceStore(tmp_path / "s.jsonl", "h")
+    sample_traces(records[:2], task, gen, sampling(3, greedy_first=True, temperature=1.0, max_tokens=12), store,
+                  "student", progress=False)
+    greedy = gen.generate([Request(key=r.id, messages=tuple(task.messages(r)), n=1, temperature=0.0, max_tokens=12)
+                           for r in records[:2]])
+    rows = {(r["id"], r["sample"]): r["content"] for r in read_jsonl(store.path)}
+    for record, (g,) in zip(records[:2], greedy):
+        assert rows[(record.id, 0)] == g.text
+        assert {rows[(record.id, 1)], rows[(record.id, 2)]} != {g.text}  # sampled at temperature 1

@@ -99,7 +99,22 @@ def sampling_settings(generator_name: str, sampling: SamplingConfig, task_finger
     }
     if sampling.reasoning != REASONING_DEFAULT:
         settings["reasoning"] = sampling.reasoning
+    if sampling.greedy_first:  # left out when off: stores made before the setting keep their hashes
+        settings["greedy_first"] = True
     return settings
+
+
+def request_plan(have: int, k: int, sampling: SamplingConfig) -> list[tuple[int, int, float]]:
+    """The requests that take a question from ``have`` stored samples to ``k``, as (index of the first
+    sample, how many, temperature): with ``sampling.greedy_first`` the greedy decode comes first (sample 0),
+    then the samples at ``sampling.temperature``."""
+    plan = []
+    if sampling.greedy_first and have == 0:
+        plan.append((0, 1, 0.0))
+        have = 1
+    if have < k:
+        plan.append((have, k - have, sampling.temperature))
+    return plan
 
 
 def training_text(content: str, reasoning: str | None, mode: str = REASONING_DEFAULT) -> str:
@@ -175,23 +190,18 @@ def sample_traces(
     reasoning_before = getattr(generator.stats, "reasoning_tokens", 0)
     for c in range(0, len(todo), chunk_questions):
         chunk = todo[c : c + chunk_questions]
-        requests = [
-            Request(
-                key=r.id,
-                messages=tuple(task.messages(r)),
-                n=k - have,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                max_tokens=sampling.max_tokens,
-                seed=request_seed(sampling.seed, r.id, have),
-                start=have,
-            )
-            for r, have in chunk
-        ]
+        requests, owners = [], []
+        for r, have in chunk:
+            for first, n, temperature in request_plan(have, k, sampling):
+                requests.append(Request(key=r.id, messages=tuple(task.messages(r)), n=n, temperature=temperature,
+                                        top_p=sampling.top_p, max_tokens=sampling.max_tokens,
+                                        seed=request_seed(sampling.seed, r.id, first), start=first))
+                owners.append(r)
         results = generator.generate(requests)
         rows, failures = [], []
-        for (record, have), samples in zip(chunk, results):
-            idx = have
+        next_index = {r.id: have for r, have in chunk}  # a question's samples are numbered on from what it has
+        for record, samples in zip(owners, results):
+            idx = next_index[record.id]
             for s in samples:
                 if s.failed:
                     failures.append({"id": record.id, "error": s.error, "time": time.time()})
@@ -217,6 +227,7 @@ def sample_traces(
                     }
                 )
                 idx += 1
+            next_index[record.id] = idx
         summary.new_samples += store.append(rows)
         if failures and store.writer:
             with failures_path.open("a", encoding="utf-8") as f:

@@ -34,6 +34,12 @@ class SamplingConfig(Strict):
     max_tokens: int = Field(256, ge=1, description="longest response in tokens")
     batch_size: int = Field(16, ge=1, description="local generators: sequences per forward pass")
     seed: int = Field(0, description="base of the per-request seeds")
+    greedy_first: bool = Field(
+        False,
+        description="each question's first sample is the greedy decode (temperature 0: what the model answers at "
+                    "test time), the other samples-1 are sampled: for the student, negatives that hold the errors "
+                    "it makes when evaluated, topped up with samples",
+    )
     reasoning: Literal["think", "plain", "drop"] = Field(
         "think",
         description="what the student trains on when the teacher's server sends its reasoning apart (`reasoning_content`,"
