@@ -126,6 +126,11 @@ class RunLayout(_Folder):
         return self.root / "pairs" / f"epoch_{epoch}.jsonl"
 
     @property
+    def trackers(self) -> Path:
+        """Where file-based experiment trackers write (TensorBoard's event files; ``train.report_to``)."""
+        return self.root / "trackers"
+
+    @property
     def chosen_reference(self) -> Path:
         """Each positive's mean log-probability under the weights the odds-ratio term started from
         (``train.protect_chosen``), written once at the term's first epoch."""

@@ -6,7 +6,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from .memory import interval_peak_rss_mib
 
@@ -18,9 +18,13 @@ def _clean(v: Any) -> Any:
 
 
 class MetricsLog:
+    """``listeners``: callables given each event's name and fields after it is written (the experiment
+    trackers, ``trackers.Forwarder``)."""
+
     def __init__(self, path: Path, enabled: bool = True):
         self.path = Path(path)
         self.enabled = enabled
+        self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -34,6 +38,8 @@ class MetricsLog:
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             f.flush()
+        for listener in self.listeners:
+            listener(event, fields)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -107,6 +107,7 @@ def _without_later_defaults(section: str, values: dict[str, Any]) -> dict[str, A
 def _train_settings(train: TrainConfig) -> dict[str, Any]:
     out = _without_later_defaults("train", train.model_dump(mode="json", by_alias=True))
     out.pop("log_every", None)  # only logs
+    out.pop("report_to", None)  # only logs, elsewhere
     out.pop("chunk_tokens", None)  # how a step is computed, not which step: the same weights up to rounding
     return out
 

@@ -17,10 +17,11 @@ See docs/architecture.md.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -46,6 +47,7 @@ from .chosen_logp import response_logps
 from .store import atomic_write_jsonl, read_jsonl, settings_hash
 from .text_similarity import pair_similarity
 from .student_weights import export_student, load_trainable_student
+from .trackers import Forwarder, check_installed, tracker_config
 from .training import SftExample, make_optimizer, make_scheduler, steps_per_epoch, train_epoch, use_bf16
 from .whole_weights import is_fsdp2, weights_to_save, whole_model
 
@@ -291,14 +293,39 @@ class Distiller:
         """Train every epoch after the newest complete checkpoint. ``reuse``: resume from a checkpoint
         even when it records other training settings (the caller was told; see ``provenance``)."""
         from accelerate import Accelerator
-        from accelerate.utils import DistributedType
 
         t = self.tcfg
         if uses_student_negatives(self.cfg):  # a bad phi schedule fails now, not before epoch 3
             for e in range(2, t.epochs + 1):
                 self.phi(e)
-        acc = Accelerator(cpu=pick_device(self.cfg.local_student.device).type == "cpu")
+        check_installed(t.report_to)  # a missing tracker package fails now, not after the first epoch
+        acc = Accelerator(cpu=pick_device(self.cfg.local_student.device).type == "cpu", log_with=t.report_to or None,
+                          project_dir=str(self.layout.trackers) if t.report_to else None)
         self._check_sharding(acc)
+        with self.tracking(acc):
+            return self._epochs(acc, reuse)
+
+    @contextmanager
+    def tracking(self, acc: Any) -> Iterator[None]:
+        """The experiment trackers of ``train.report_to`` (``trackers.py``) for the length of the training:
+        the training settings as their configuration, the metrics log's events forwarded to them."""
+        if not self.tcfg.report_to:
+            yield
+            return
+        acc.init_trackers(self.layout.root.name or "orpo-distill", config=tracker_config(training_settings(self.cfg)))
+        forward = Forwarder(lambda values, step: acc.log(values, step=step))
+        self.metrics.listeners.append(forward)
+        try:
+            yield
+        finally:
+            self.metrics.listeners.remove(forward)
+            acc.end_training()
+
+    def _epochs(self, acc: Any, reuse: bool) -> dict[str, Any]:
+        """The epochs after the newest complete checkpoint, on ``acc``'s processes (see :meth:`train`)."""
+        from accelerate.utils import DistributedType
+
+        t = self.tcfg
         # FSDP and DeepSpeed split weights or optimizer state over the ranks: the full weights are gathered
         # (a collective, so every rank calls get_state_dict); the optimizer state is gathered whole (FSDP2) or
         # saved by every rank, its own partition (DeepSpeed, in DeepSpeed's layout)

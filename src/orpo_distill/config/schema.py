@@ -268,6 +268,14 @@ class TrainConfig(Strict):
     )
     lora: LoraConfig = LoraConfig()
     log_every: int = Field(1, ge=1, description="log a metrics line every N optimizer steps")
+    report_to: list[Literal["tensorboard", "wandb", "trackio", "mlflow", "comet_ml", "aim", "clearml", "dvclive",
+                            "swanlab"]] = Field(
+        default_factory=list,
+        description="experiment trackers (through Accelerate) that also get the training figures of metrics.jsonl: "
+                    "every logged step as train/*, epoch times, and the per-epoch evaluations as eval/<split>/*; "
+                    "TensorBoard writes to RUN/trackers. A tracker's package must be installed (refused up front "
+                    "with the pip command). Not a training setting: changing it retrains nothing",
+    )
     seed: int = Field(0, description="seed of the data order")
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
