@@ -98,6 +98,18 @@ def test_run_stage_runs_one_stage_and_what_it_needs(finished: tuple[RunConfig, o
         od.run_stage(cfg, "distill")
 
 
+def test_the_student_stage_after_an_epoch_samples_that_epochs_checkpoint(finished: tuple[RunConfig, od.Results]) -> None:
+    """``student`` with epoch 2: the weights after epoch 1 sample every question into student/epoch_2.jsonl, the
+    store the refresh before epoch 2 fills (the CLI's ``student --epoch 2`` is the same call)."""
+    cfg, _ = finished
+    summary = od.run_stage(cfg, "student", epoch=2, progress=False)
+    rows = [json.loads(line) for line in (Path(cfg.run_dir) / "student" / "epoch_2.jsonl").read_text().splitlines()]
+    from orpo_distill.pipeline import Run
+
+    assert summary.questions == 4 and {r["id"] for r in rows} == {r.id for r in Run(cfg, progress=False).train_records}
+    assert {r["generator"] for r in rows} == {"hf:student@epoch_1"}
+
+
 def test_compare_variants_hands_the_comparison_its_seeds(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import orpo_distill.compare
 
@@ -124,4 +136,4 @@ def test_import_is_cheap() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
     assert set(od.__all__) == {"STAGES", "Results", "compare_variants", "load_config", "push_to_hub", "results", "run",
-                               "run_stage"}
+                               "run_stage", "stage_result"}

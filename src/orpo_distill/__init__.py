@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-__all__ = ["STAGES", "Results", "compare_variants", "load_config", "push_to_hub", "results", "run", "run_stage"]
+__all__ = ["STAGES", "Results", "compare_variants", "load_config", "push_to_hub", "results", "run", "run_stage",
+           "stage_result"]
 
 STAGES = ("teacher", "student", "pairs", "train", "eval", "report")
 
@@ -140,7 +141,7 @@ def run_stage(config: Any, stage: str, epoch: int | None = None, overwrite: bool
     ``teacher``/``student``: a SampleSummary (``student``: before ``epoch``, default 1: the initial student;
     the trained student's samples come from the ``train`` stage's refresh); ``pairs``: the path of
     ``pairs/epoch_1.jsonl``; ``train``: a dict (epochs, resumed_from, ...); ``eval``: an EvalSummary after
-    ``epoch`` (default: the last epoch when the model is exported, else 0); ``report``: report.md's path."""
+    ``epoch`` (default: the newest trained epoch, ``Run.latest_epoch``); ``report``: report.md's path."""
     from .errors import UserError
 
     if stage not in STAGES:
@@ -150,16 +151,22 @@ def run_stage(config: Any, stage: str, epoch: int | None = None, overwrite: bool
         from .report import write_report
 
         return write_report(Path(cfg.run_dir))
-    r = _open_run(cfg, overwrite, reuse, progress)
+    result = stage_result(_open_run(cfg, overwrite, reuse, progress), stage, epoch)
+    return result[0] if stage == "pairs" else result
+
+
+def stage_result(r: Any, stage: str, epoch: int | None = None) -> Any:
+    """One stage of the open run ``r`` (a ``pipeline.Run``), what :func:`run_stage` and the CLI's stage commands
+    both do: ``pairs`` returns (path, the epoch's rows), the others as :func:`run_stage` says."""
     if stage == "teacher":
         return r.teacher()
     if stage == "student":
-        return r.student(epoch=epoch or 1)
+        return r.sample_student(epoch or 1)
     if stage == "eval":
-        last = cfg.train.epochs if r.layout.has_model() else 0
-        return r.evaluate(last if epoch is None else epoch)
+        return r.evaluate(r.latest_epoch() if epoch is None else epoch)
     if stage == "pairs":
-        return r.pairs()[0]
+        return r.pairs()
+    r.check_training_environment()
     r.inputs()
     return r.train()
 

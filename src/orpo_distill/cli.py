@@ -33,15 +33,6 @@ def _open_run(args: argparse.Namespace) -> Any:
     return Run(cfg, overwrite=args.overwrite, progress=not args.no_progress, reuse=getattr(args, "reuse", False))
 
 
-def _check_training_environment(cfg: Any) -> None:
-    """What training needs that a config cannot check (QLoRA's bitsandbytes and GPU), refused before the
-    first stage loads a model rather than after hours of sampling."""
-    if cfg.train.lora.load_in_4bit:
-        from .models import require_4bit_support
-
-        require_4bit_support(cfg.local_student.device)
-
-
 def print_table(title: str, rows: Sequence[tuple[str, str]]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -54,29 +45,28 @@ def print_table(title: str, rows: Sequence[tuple[str, str]]) -> None:
     Console().print(table)
 
 
+# The stage commands run the API's stage (``orpo_distill.stage_result``) and print what it returned.
+
+
 def cmd_teacher(args: argparse.Namespace) -> None:
+    from . import stage_result
+
     run = _open_run(args)
-    summary = run.teacher()
-    print_table(f"teacher traces ({run.layout.teacher_traces})", summary.rows())
+    print_table(f"teacher traces ({run.layout.teacher_traces})", stage_result(run, "teacher").rows())
 
 
 def cmd_student(args: argparse.Namespace) -> None:
-    run = _open_run(args)
-    generator = None
-    if args.epoch > 1:  # the student as it was after the previous epoch
-        from .generators.hf import HFGenerator, autocast_for
-        from .layout import student_generator_name
+    from . import stage_result
 
-        model, tok = run.load_student_for_eval(args.epoch - 1)
-        generator = HFGenerator.from_model(model, tok, name=student_generator_name(args.epoch - 1),
-                                           batch_size=run.cfg.student.sampling.batch_size, progress=run.progress,
-                                           bf16=autocast_for(run.cfg.local_student.dtype))
-    summary = run.student(epoch=args.epoch, generator=generator)
+    run = _open_run(args)
+    summary = stage_result(run, "student", args.epoch)
     print_table(f"student samples ({run.layout.student_samples(args.epoch)})", summary.rows())
 
 
 def cmd_pairs(args: argparse.Namespace) -> None:
-    path, data = _open_run(args).pairs()
+    from . import stage_result
+
+    path, data = stage_result(_open_run(args), "pairs")
     print_table(f"pairs for epoch 1 ({path})", [
         ("rows", str(len(data.rows))),
         ("questions dropped: no positive", str(data.dropped_no_positive)),
@@ -87,28 +77,19 @@ def cmd_pairs(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from . import stage_result
+
     run = _open_run(args)
-    _check_training_environment(run.cfg)
-    run.inputs()
-    result = run.train()
+    result = stage_result(run, "train")
     print_table(f"training ({run.dir})", [(k, str(v)) for k, v in result.items()])
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    run = _open_run(args)
-    epoch = args.epoch
-    if epoch is None:
-        from .checkpoints import latest_checkpoint
-        from .layout import epoch_of
+    from . import stage_result
 
-        ckpt = latest_checkpoint(run.dir)
-        if ckpt is not None:
-            epoch = epoch_of(ckpt)
-        elif run.layout.has_model():
-            epoch = run.cfg.train.epochs  # the exported final model
-        else:
-            epoch = 0
-    s = run.evaluate(epoch)
+    run = _open_run(args)
+    epoch = run.latest_epoch() if args.epoch is None else args.epoch
+    s = stage_result(run, "eval", epoch)
     print_table(f"evaluation after epoch {epoch} ({run.layout.eval_dir})", eval_rows(s))
 
 
@@ -131,7 +112,7 @@ def eval_rows(s: Any) -> list[tuple[str, str]]:
 
 def cmd_run(args: argparse.Namespace) -> None:
     run = _open_run(args)
-    _check_training_environment(run.cfg)
+    run.check_training_environment()
     _run_and_report(run)
 
 

@@ -261,6 +261,36 @@ class Run:
         data = d.epoch_data(1)
         return d.write_pairs(1, data), data
 
+    def check_training_environment(self) -> None:
+        """What training needs that a config cannot check (QLoRA's bitsandbytes and GPU), refused before the
+        first stage loads a model rather than after hours of sampling."""
+        if self.cfg.train.lora.load_in_4bit:
+            from .models import require_4bit_support
+
+            require_4bit_support(self.cfg.local_student.device)
+
+    def sample_student(self, epoch: int = 1) -> SampleSummary:
+        """The ``student`` stage: the initial student's samples (epoch 1), or the student after ``epoch - 1``
+        (its checkpoint) sampling ``student/epoch_E.jsonl`` as that epoch's refresh would."""
+        if epoch <= 1:
+            return self.student(epoch=1)
+        model, tok = self.load_student_for_eval(epoch - 1)
+        generator = HFGenerator.from_model(model, tok, name=student_generator_name(epoch - 1),
+                                           batch_size=self.cfg.student.sampling.batch_size, progress=self.progress,
+                                           bf16=autocast_for(self.cfg.local_student.dtype))
+        return self.student(epoch=epoch, generator=generator)
+
+    def latest_epoch(self) -> int:
+        """The newest trained epoch: the latest complete checkpoint's, else the exported model's (the last
+        epoch), else 0 (the initial student): what ``eval`` evaluates when no epoch is named."""
+        from .checkpoints import latest_checkpoint
+        from .layout import epoch_of
+
+        ckpt = latest_checkpoint(self.dir)
+        if ckpt is not None:
+            return epoch_of(ckpt) or 0
+        return self.cfg.train.epochs if self.layout.has_model() else 0
+
     def inputs(self) -> dict[str, SampleSummary]:
         """The stages training reads, in order: the teacher's traces, then the initial student's samples when
         the run trains on them (``provenance.uses_initial_student``); each skips what is complete."""
@@ -272,6 +302,7 @@ class Run:
     def train(self) -> dict[str, Any]:
         """Train every epoch not yet in a complete checkpoint (see ``recipe.py``)."""
         self._refuse_removed_weights()
+        self.check_training_environment()
         self.write_prompts()
         return self.distiller().train(reuse=self.reuse)
 
@@ -362,6 +393,7 @@ class Run:
 
     def run_all(self) -> dict[str, Any]:
         """Every stage in order; each skips what is already complete."""
+        self.check_training_environment()
         out: dict[str, Any] = dict(self.inputs())
         if self.cfg.eval.before_training:
             for split in base_splits(self.cfg):

@@ -1,5 +1,5 @@
 """The run configuration: pydantic models of every section (``schema``), YAML and ``--set a.b=c``
-overrides in (``loading``), one model per generator kind (``generators``), the README's config reference out (``reference``). See docs/architecture.md."""
+overrides in (``loading``), one model per generator kind (``generators``), the config reference in docs/configuration.md (``reference``). See docs/architecture.md."""
 
 from .loading import (
     DuplicateKeyError,

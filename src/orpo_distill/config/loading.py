@@ -41,7 +41,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
         loc = [str(p) for p in e["loc"] if not str(p).startswith("function-")]
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = "unknown field (check the spelling; see the config reference in README.md)"
+            msg = "unknown field (check the spelling; see docs/configuration.md)"
         if loc and loc[0] in ("teacher", "student"):
             loc, msg = _generator_error(loc, e, msg)
         inp = e.get("input")
