@@ -1,6 +1,7 @@
 # orpo-distill: the two commands a fresh machine needs.
 #   make demo   create the environment if missing, then run the embedded default end to end
 #   make test   create the environment if missing, then run the test suite
+#   (make test-fast: the unit tests alone, for the loop of work)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -13,7 +14,7 @@ LLAMA_CPP_VERSION ?= 0.3.36
 # still runs on another x86-64 CPU; LLAVA_BUILD=OFF: skip the multimodal library the tests never load.
 LLAMA_CPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
 
-.PHONY: demo test env llama-server clean-env bench
+.PHONY: demo test test-fast env llama-server clean-env bench
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -77,6 +78,11 @@ demo: env
 
 test: env llama-server $(VENV)/.deepspeed
 	$(VENV)/bin/python -m pytest -q -rs
+
+# The loop of work: the unit tests, without whole runs, killed processes, servers and several processes
+# (the tests marked slow). CI runs `make test`, the whole suite.
+test-fast: env
+	$(VENV)/bin/python -m pytest -q -m "not slow"
 
 bench: env
 	$(PY) bench/generate.py

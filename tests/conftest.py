@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+import yaml
 
-from orpo_distill.config import RunConfig, build_config, set_dotted  # noqa: F401 (tests import it from here)
+from orpo_distill.config import RunConfig, build_config, resolved_dict, set_dotted  # noqa: F401 (tests import it from here)
 
 BUILTIN_STUDENT = "builtin:smollm2-135m-instruct"
 
@@ -139,3 +140,9 @@ def tiny_config(tmp_path: Path, tiny_model_dir: Path) -> Callable[..., RunConfig
         return build_config(data, source="tiny_config")
 
     return make
+
+
+def write_config(cfg: RunConfig, path: Path) -> Path:
+    """``cfg`` as the YAML file a user would pass to a command."""
+    path.write_text(yaml.safe_dump(resolved_dict(cfg), sort_keys=False), encoding="utf-8")
+    return path

@@ -43,6 +43,7 @@ def _run(**env: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @glibc_only
 def test_training_steps_reuse_the_last_steps_pages_instead_of_faulting_them_in_again():
     kept, system = _run(), _run(ORPO_DISTILL_MALLOC="system")

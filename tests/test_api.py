@@ -48,6 +48,7 @@ def finished(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> 
     return cfg, od.run(cfg, progress=False)
 
 
+@pytest.mark.slow
 def test_run_returns_the_results_of_the_whole_run(finished: tuple[RunConfig, od.Results]) -> None:
     cfg, res = finished
     run_dir = Path(cfg.run_dir)

@@ -312,6 +312,7 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_teacher_stage_against_a_dead_port_exits_2_within_seconds_and_writes_no_traces(tmp_path):
     url = f"http://127.0.0.1:{free_port()}/v1"
     # the default backoff (1 s, doubling): what a new user gets
@@ -326,6 +327,7 @@ def test_teacher_stage_against_a_dead_port_exits_2_within_seconds_and_writes_no_
     assert "teacher traces (" not in proc.stdout  # no summary naming a file that was never written
 
 
+@pytest.mark.slow
 def test_teacher_stage_with_base_url_missing_v1_exits_2_and_says_add_v1(tmp_path):
     with FakeOpenAIServer(api_root="/v1") as server:
         root = f"http://127.0.0.1:{server.port}"

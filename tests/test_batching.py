@@ -367,6 +367,7 @@ def test_group_pairs_groups_by_prompt_in_order() -> None:
     assert [len(g.pairs) for g in capped] == [2, 1, 1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 @pytest.mark.parametrize("nll_on_prompt", [False, True])
 @pytest.mark.parametrize("seed", [0, 1])

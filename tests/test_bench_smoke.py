@@ -20,6 +20,7 @@ SCRIPT = ROOT / "bench" / "generate.py"
 ARMS = ("hf fp32", "loop fp32")  # plus "hf bf16" or "hf bf16 (inactive)", depending on the CPU
 
 
+@pytest.mark.slow
 def test_quick_markdown_command(tiny_model_dir: Path) -> None:
     """The command a user runs: every arm at every quick batch size, positive numbers, the machine named."""
     cmd = [sys.executable, str(SCRIPT), "--quick", "--markdown", "--model", str(tiny_model_dir)]
@@ -46,6 +47,7 @@ def test_quick_markdown_command(tiny_model_dir: Path) -> None:
     assert by_key[("1", "loop fp32")]["vs loop"] == "1.00x"
 
 
+@pytest.mark.slow
 def test_rich_table_in_process(tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bench = load_bench("generate")
     assert bench.main(["--quick", "--batch-sizes", "3", "--model", str(tiny_model_dir)]) == 0
@@ -55,6 +57,7 @@ def test_rich_table_in_process(tiny_model_dir: Path, capsys: pytest.CaptureFixtu
         assert arm in out
 
 
+@pytest.mark.slow
 def test_decoding_arms_write_the_same_samples(tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """``--decoding``: our loop against model.generate at 2 samples per prompt; both arms' rows, the
     speedup column, and the identity check saying every sample matched (fp32)."""
@@ -188,6 +191,7 @@ def test_vllm_arm_sends_the_whole_workload_in_one_call_and_counts_its_tokens(mon
     assert engine.calls == [5, 2]  # one engine call per run, whatever the batch size
 
 
+@pytest.mark.slow
 def test_seeded_sampling_bench_runs_and_fp32_is_exact(tiny_model_dir: Path) -> None:
     """bench/seeded_sampling.py end to end on the tiny model: its three tables, and in fp32 every sample
     equal to its batch-1 sample (the contract the bench measures)."""
@@ -202,6 +206,7 @@ def test_seeded_sampling_bench_runs_and_fp32_is_exact(tiny_model_dir: Path) -> N
     assert len(speed) == 2 and all(float(r["tokens/s (median)"]) > 0 for r in speed)
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_its_whole_path_on_the_cpu(tmp_path: Path) -> None:
     """``bash bench/gpu_check.sh --cpu``: the GPU machine's script, on the CPU with a tiny student (the
     student built from a shape, the pipeline with a refresh, the packed step and the parity check), every

@@ -17,6 +17,8 @@ import pytest
 import torch
 from bench_loader import load_bench, table_rows
 
+pytestmark = pytest.mark.slow  # whole runs or several processes: left out of `make test-fast`
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "train_step.py"
 ARMS = ("(a) TRL ORPOTrainer", "(b) ours, plain", "(c) ours, packed")

@@ -12,17 +12,16 @@ import time
 import zlib
 from pathlib import Path
 
-import yaml
+import pytest
+
 
 from fake_openai_server import FakeOpenAIServer, Good, Received, Slow
 from orpo_distill import cli
-from orpo_distill.config import RunConfig, resolved_dict
+from orpo_distill.config import RunConfig
 from orpo_distill.store import read_jsonl
+from conftest import write_config
 
 
-def write_config(cfg: RunConfig, path: Path) -> Path:
-    path.write_text(yaml.safe_dump(resolved_dict(cfg), sort_keys=False), encoding="utf-8")
-    return path
 
 
 def orpo_distill_command() -> list[str]:
@@ -35,6 +34,7 @@ def orpo_distill_command() -> list[str]:
 # stages in-process
 
 
+@pytest.mark.slow
 def test_teacher_and_student_print_their_summaries(tiny_config, tmp_path, capsys):
     cfg = tiny_config()
     path = write_config(cfg, tmp_path / "run.yaml")
@@ -140,6 +140,7 @@ def complete_lines(path: Path) -> list[bytes]:
     return data.split(b"\n")[:-1]  # whatever follows the last newline is a torn line
 
 
+@pytest.mark.slow
 def test_teacher_killed_midway_resumes_without_loss_or_duplicates(tiny_config, tmp_path, capsys):
     responder = DeterministicTeacher()
     with FakeOpenAIServer(responder) as server:

@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from orpo_distill import cli, compare, pipeline
 from orpo_distill.compare import (
@@ -37,11 +36,12 @@ from orpo_distill.compare import (
     variant_config,
     variant_overrides,
 )
-from orpo_distill.config import RunConfig, resolved_dict
+from orpo_distill.config import RunConfig
 from orpo_distill.errors import UserError
 from orpo_distill.generators.hf import HFGenerator
 from orpo_distill.generators.scripted import ScriptedTeacher
 from orpo_distill.metrics import read_metrics
+from conftest import write_config
 
 FAST = {
     "dataset.train_size": 4,
@@ -60,9 +60,6 @@ FAST = {
 }
 
 
-def write_config(cfg: RunConfig, path: Path) -> Path:
-    path.write_text(yaml.safe_dump(resolved_dict(cfg), sort_keys=False), encoding="utf-8")
-    return path
 
 
 # ---- variants and configurations -----------------------------------------------------------------
@@ -251,6 +248,7 @@ class Calls:
         monkeypatch.setattr(HFGenerator, "generate", hf)
 
 
+@pytest.mark.slow
 def test_comparison_generates_shared_traces_once_and_reuses_them(tiny_config: Any, tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     calls = Calls(monkeypatch)
@@ -375,6 +373,7 @@ def test_incomplete_shared_traces_stop_the_comparison(tiny_config: Any, tmp_path
     assert not run_dir(tmp_path / "cmp", "sft-single", 0).exists()
 
 
+@pytest.mark.slow
 def test_an_archive_holds_no_weights_tabulates_the_same_and_resumes_only_what_did_not_finish(
         tiny_config: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     """``compare --archive DIR``: plan, shared runs and finished runs without weights; the table read
@@ -422,6 +421,7 @@ def test_an_archive_holds_no_weights_tabulates_the_same_and_resumes_only_what_di
 # ---- kill and resume ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_run_killed_before_its_model_export_is_completed_without_training(tiny_config: Any, tmp_path: Path) -> None:
     """With eval.every_epoch the last evaluation comes before the export of model/: a run killed between
     the two is not finished, and its rerun exports the model from the last checkpoint (not retraining)."""
@@ -446,6 +446,7 @@ def orpo_distill_command() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-m", "orpo_distill.cli"]
 
 
+@pytest.mark.slow
 def test_compare_killed_after_the_first_run_resumes_without_retraining_it(tiny_config: Any, tmp_path: Path) -> None:
     """A real `orpo-distill compare` process, SIGKILLed once its first run has finished, then the same
     command again: the finished run is left alone and the comparison completes."""
@@ -558,6 +559,7 @@ def test_the_claims_are_read_from_their_paired_intervals_by_one_rule() -> None:
     assert ("orpo-off", "orpo-on") in compare.comparison_pairs(six)
 
 
+@pytest.mark.slow
 def test_arms_that_differ_only_in_their_refresh_share_their_first_epoch_exactly(tiny_config: Any,
                                                                                  tmp_path: Path) -> None:
     """orpo-off, orpo-mixed and orpo-on train the same epoch 1 (the refresh first runs before epoch 2): with

@@ -59,6 +59,7 @@ def stopping_tokens(model, tokenizer, seeds, temperature, top_p=1.0) -> list[int
     return [rows[0][4], rows[3][9]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.8, 0.9), (0.0, 1.0)])
 def test_decode_gives_the_tokens_generate_gives(model, tokenizer, temperature, top_p):
     """Three prompts of different lengths with 2, 1 and 3 samples; rows end at different steps."""
@@ -74,6 +75,7 @@ def test_decode_gives_the_tokens_generate_gives(model, tokenizer, temperature, t
         assert len({tuple(r) for r in got[2]}) == 3  # the samples of one prompt differ
 
 
+@pytest.mark.slow
 def test_each_prompt_is_prefilled_once_and_ended_rows_leave_the_batch(model, tokenizer):
     eos = stopping_tokens(model, tokenizer, [[1, 2, 3, 4]] * 3, 1.0)
     shapes: list[tuple[int, int]] = []
@@ -92,6 +94,7 @@ def test_each_prompt_is_prefilled_once_and_ended_rows_leave_the_batch(model, tok
     assert shapes[-1][0] < 12
 
 
+@pytest.mark.slow
 def test_the_generator_gives_the_same_samples_with_either_decoding(model, tokenizer):
     calls = [Request(key=f"q{i}", messages=({"role": "user", "content": PROMPTS[i % 3]},), n=3, temperature=1.0,
                      max_tokens=12, seed=7 * i) for i in range(5)]

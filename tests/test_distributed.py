@@ -32,6 +32,8 @@ from orpo_distill.pairs import choose_refresh
 from conftest import FAST_TRAIN
 from test_resume import write_config
 
+pytestmark = pytest.mark.slow  # whole runs or several processes: left out of `make test-fast`
+
 deepspeed_installed = pytest.mark.skipif(
     importlib.util.find_spec("deepspeed") is None,
     reason="DeepSpeed is not installed (make test installs it: pip install --no-build-isolation deepspeed)")

@@ -136,6 +136,7 @@ def _texts(out) -> list[list[str]]:
     return [[s.text for s in samples] for samples in out]
 
 
+@pytest.mark.slow
 def test_sampled_traces_do_not_depend_on_batch_size_or_batch_company(model, tokenizer, fp32):
     """Issue 12: a sample is a function of (seed, question, sample index, weights). Batch 1, 5 and 64 give
     the same texts; so does a request asked alone, or among others in another order."""

@@ -12,12 +12,11 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
-from conftest import FAST_TRAIN, set_dotted, tiny_config_dict
+from conftest import FAST_TRAIN, set_dotted, tiny_config_dict, write_config
 from orpo_distill import cli, models
-from orpo_distill.config import build_config, resolved_dict
+from orpo_distill.config import build_config
 from orpo_distill.errors import UserError
 from orpo_distill.metrics import read_metrics
 
@@ -43,9 +42,6 @@ def make_config(run_dir: Path, model_dir: Path, **overrides: Any) -> Any:
     return build_config(data, source="test_lora")
 
 
-def write_config(cfg: Any, path: Path) -> Path:
-    path.write_text(yaml.safe_dump(resolved_dict(cfg), sort_keys=False), encoding="utf-8")
-    return path
 
 
 def adapter(folder: Path) -> dict[str, torch.Tensor]:
@@ -76,6 +72,7 @@ def lora_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> 
 # ---- plain LoRA, end to end ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_lora_run_keeps_the_adapter_in_each_checkpoint_and_in_model_adapter(lora_run: dict[str, Any]) -> None:
     run = lora_run["dir"]
     for epoch in (1, 2):
@@ -116,6 +113,7 @@ def test_merged_model_equals_base_plus_adapter_and_differs_from_base(lora_run: d
     assert (logits(merged) - base_logits).abs().max() > 1e-3, "the adapter learned nothing, so the comparison proves nothing"
 
 
+@pytest.mark.slow
 def test_lora_run_resumes_from_its_epoch_1_checkpoint_to_the_same_adapter(lora_run: dict[str, Any],
                                                                            tmp_path: Path) -> None:
     """The finished run, cut back to its epoch-1 checkpoint, trains epoch 2 again to the same adapter."""

@@ -56,6 +56,7 @@ class RecordingGenerator(HFGenerator):
         return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy, phi, refreshed", [("off", 0.5, 0), ("mixed", 0.5, 2), ("on", 0.0, 4)])
 def test_refresh_regenerates_phi_of_the_questions_from_the_current_weights(
     tiny_config: Any, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, policy: str, phi: float, refreshed: int

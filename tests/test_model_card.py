@@ -164,6 +164,7 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) 
     return Path(cfg.run_dir), after_export
 
 
+@pytest.mark.slow
 def test_export_writes_the_card_and_the_run_rewrites_it_with_the_final_evaluation(
         trained_run: tuple[Path, dict[str, Any]]) -> None:
     run_dir, after_export = trained_run

@@ -11,15 +11,16 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from orpo_distill import cli
-from orpo_distill.config import RunConfig, load_config, resolved_dict
+from orpo_distill.config import load_config
 from orpo_distill.metrics import read_metrics
 from orpo_distill.store import read_jsonl
 
-from conftest import TINY_RUN
+from conftest import TINY_RUN, write_config
+
+pytestmark = pytest.mark.slow  # whole runs or several processes: left out of `make test-fast`
 
 FAST = {k: v for k, v in TINY_RUN.items() if k != "eval.every_epoch"}
 FAST["train.warmup_ratio"] = 0.0
@@ -27,9 +28,6 @@ TRAIN_KEYS = {"loss", "nll", "or_loss", "logps/chosen", "logps/rejected", "log_o
               "margin", "lr", "tokens_per_s"}
 
 
-def write_config(cfg: RunConfig, path: Path) -> Path:
-    path.write_text(yaml.safe_dump(resolved_dict(cfg), sort_keys=False), encoding="utf-8")
-    return path
 
 
 def snapshot(run_dir: Path) -> dict[str, str]:

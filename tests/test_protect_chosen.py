@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from orpo_distill.batching import PairGroup, TokenizedPair, collate_packed, collate_plain, group_pairs
+from orpo_distill.batching import TokenizedPair, collate_packed, collate_plain, group_pairs
 from orpo_distill.chosen_logp import mean_response_logp, response_logps
 from orpo_distill.losses import orpo_loss
 from orpo_distill.metrics import read_metrics

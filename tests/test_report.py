@@ -58,6 +58,7 @@ def check_report(root: Path, names: list[str]) -> str:
     return md
 
 
+@pytest.mark.slow
 def test_report_renders_every_plot_of_a_finished_comparison(tiny_config: Any, tmp_path: Path,
                                                             capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "cmp"

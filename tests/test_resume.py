@@ -15,21 +15,19 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from orpo_distill import checkpoints, cli
 from orpo_distill.checkpoints import latest_checkpoint, save_checkpoint
-from orpo_distill.config import RunConfig, resolved_dict
-from conftest import FAST_TRAIN
+from orpo_distill.config import RunConfig
+from conftest import FAST_TRAIN, write_config
 from orpo_distill.metrics import read_metrics
+
+pytestmark = pytest.mark.slow  # whole runs or several processes: left out of `make test-fast`
 
 FAST = {**FAST_TRAIN, "train.epochs": 3}  # batch 2: 2 steps an epoch, time to kill it between checkpoints
 
 
-def write_config(cfg: RunConfig, path: Path) -> Path:
-    path.write_text(yaml.safe_dump(resolved_dict(cfg), sort_keys=False), encoding="utf-8")
-    return path
 
 
 def orpo_distill_command() -> list[str]:

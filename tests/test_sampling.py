@@ -253,6 +253,7 @@ def test_greedy_first_samples_number_on_and_enter_the_store_settings(tmp_path, r
     assert sampling_settings("g", sampling(3, greedy_first=True), "t")["greedy_first"] is True
 
 
+@pytest.mark.slow
 def test_the_hf_students_first_sample_is_its_greedy_answer(tmp_path, records, task, tiny_model_dir):
     """On a real (tiny) model: sample 0 is what a temperature-0 request decodes, the rest are samples."""
     from orpo_distill.generators.hf import HFGenerator

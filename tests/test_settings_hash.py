@@ -63,6 +63,7 @@ def events(run_dir: Path, name: str) -> list[dict[str, Any]]:
     return [e for e in read_metrics(run_dir / "metrics.jsonl") if e["event"] == name]
 
 
+@pytest.mark.slow
 def test_changed_lr_sets_the_trained_outputs_aside_and_retrains(run_copy: tuple[Path, Path],
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     run_dir, config = run_copy
@@ -123,6 +124,7 @@ def test_weights_handed_to_a_stage_directly_are_checked(run_copy: tuple[Path, Pa
     assert text is not None and "train.lr: 0.001 -> 0.005" in text and "--reuse" in text
 
 
+@pytest.mark.slow
 def test_changed_eval_setting_reevaluates_without_retraining(run_copy: tuple[Path, Path]) -> None:
     run_dir, config = run_copy
     ckpt_state = run_dir / "checkpoints" / "epoch_2" / "state.json"
@@ -151,6 +153,7 @@ def test_unchanged_rerun_changes_nothing(run_copy: tuple[Path, Path]) -> None:
                 if e["event"] in ("train", "eval", "eval_stale", "epoch")]
 
 
+@pytest.mark.slow
 def test_checkpoint_without_hash_still_resumes_with_a_warning(run_copy: tuple[Path, Path],
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     """A run folder written before checkpoints carried a hash: killed after epoch 1, rerun."""

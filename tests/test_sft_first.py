@@ -20,6 +20,8 @@ from orpo_distill.store import read_jsonl
 
 from test_paper_protocol import FAST
 
+pytestmark = pytest.mark.slow  # whole runs or several processes: left out of `make test-fast`
+
 
 def test_the_sft_stage_leaves_the_term_at_least_one_epoch_and_is_for_orpo() -> None:
     assert TrainConfig(epochs=5, sft_epochs=3).sft_epochs == 3

@@ -225,6 +225,7 @@ def test_nan_gradient_with_finite_loss_is_refused_before_the_step(tiny_epoch: di
 # ---- packed == plain ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_packed_and_plain_layouts_give_the_same_steps(tiny_epoch: dict[str, Any]) -> None:
     """Same per-step metrics (fp32, 1e-5) over two optimizer steps: the gradient norms, and the second
     step's numbers, also check that both layouts produced the same gradients."""
@@ -247,6 +248,7 @@ def test_packed_and_plain_layouts_give_the_same_steps(tiny_epoch: dict[str, Any]
     # direction of its gradient's sign, so a gradient of 1e-9 on either side of 0 moves a weight by 2 lr)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.*does not reproduce the model's logits")
 def test_nll_only_rows_give_the_same_step_however_the_micro_batches_fall(tiny_epoch: dict[str, Any]) -> None:
     """Two NLL-only rows (pairs.no_negative: nll) beside two pairs. The odds-ratio term is a mean over the
@@ -335,6 +337,7 @@ def test_the_optimizer_is_torchs_fused_adamw_where_it_applies_and_steps_as_the_d
         torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.*does not reproduce the model's logits")
 def test_one_pair_a_row_at_lambda_0_trains_exactly_as_sft_on_the_chosen_sides(tiny_epoch: dict[str, Any]) -> None:
     """train.pairs_per_row: 1 (the control for ORPO's batching): with two pairs a question, every pair gets
@@ -383,6 +386,7 @@ def test_chunks_cut_a_micro_batch_by_tokens_keeping_whole_examples() -> None:
     assert chunks(batch, 16) == [[e] for e in batch]  # every example longer than the budget: one chunk each
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["orpo", "sft"])
 def test_chunked_steps_are_the_whole_micro_batch_steps(tiny_epoch: dict[str, Any], tiny_model_dir: Path,
                                                        method: str) -> None:

@@ -39,6 +39,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> P
     return Path(cfg.run_dir)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers' own deprecations inside TRL's config
 def test_trl_orpo_trainer_trains_on_a_runs_pairs(run_dir: Path, tmp_path: Path) -> None:
     from datasets import load_dataset

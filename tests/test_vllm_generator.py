@@ -244,6 +244,7 @@ def test_missing_vllm_is_a_user_error_that_says_how_to_install(monkeypatch):
     assert "pip install 'orpo-distill[vllm]'" in str(info.value)
 
 
+@pytest.mark.slow
 def test_package_and_other_generators_never_import_vllm(tmp_path):
     replay = tmp_path / "traces.jsonl"
     replay.write_text('{"id": "q1", "text": "The answer is (A)."}\n')
@@ -266,6 +267,7 @@ def test_package_and_other_generators_never_import_vllm(tmp_path):
     assert done.stdout.strip() == "ok"
 
 
+@pytest.mark.slow
 def test_hf_generator_build_does_not_import_vllm(tiny_model_dir):
     code = textwrap.dedent(
         f"""
@@ -529,6 +531,7 @@ def test_sample_traces_end_to_end_with_the_fake_engine(fake_vllm, tmp_path):
 # the student's mixed-policy refresh through vLLM
 
 
+@pytest.mark.slow
 def test_refresh_with_a_vllm_student_pushes_the_current_weights_then_samples(fake_vllm, tiny_config, tmp_path):
     """student.kind vllm: before the epoch-2 refresh the engine gets the weights the model has after
     epoch 1 (those of checkpoints/epoch_1), and the refreshed samples come from that engine."""

@@ -409,6 +409,7 @@ def test_case_ids_are_unique_and_there_are_at_least_30() -> None:
     assert len(set(_ids())) == len(CASES) >= 30
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=_ids())
 def test_bad_input_gives_one_clear_line_and_exit_2(case: Case, ctx: Ctx, capsys: pytest.CaptureFixture[str]) -> None:
     argv = case.argv(ctx)
@@ -424,6 +425,7 @@ def test_bad_input_gives_one_clear_line_and_exit_2(case: Case, ctx: Ctx, capsys:
     assert SECRET not in out + err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", [c for c in CASES if c.real], ids=[c.id for c in CASES if c.real])
 def test_bad_input_in_a_real_process_prints_only_the_message(case: Case, ctx: Ctx) -> None:
     argv = case.argv(ctx)

@@ -43,6 +43,8 @@ from .common import (
     write_yaml,
 )
 
+pytestmark = pytest.mark.slow  # whole runs or several processes: left out of `make test-fast`
+
 
 def _mount(*args: str) -> bool:
     """Run mount; False where that cannot work (or ORPO_FAULTS_NO_MOUNT=1 asks for the fallbacks)."""

@@ -8,6 +8,8 @@ test_training_killed_after_a_checkpoint_resumes_to_the_same_weights).
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import os
 import re
@@ -34,6 +36,8 @@ from .common import (
     wait_for,
     write_yaml,
 )
+
+pytestmark = pytest.mark.slow  # whole runs or several processes: left out of `make test-fast`
 
 
 def sigkill(proc: Any) -> None:

@@ -17,6 +17,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from conftest import tiny_config_dict
@@ -35,6 +36,7 @@ def snapshot(root: Path) -> dict[str, str]:
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()}
 
 
+@pytest.mark.slow
 def test_full_run_writes_no_key_anywhere_and_nothing_outside_its_run_dir(tmp_path: Path, tmp_path_factory: Any,
                                                                         tiny_model_dir: Path) -> None:
     """`orpo-distill run` (teacher behind the fake server with a secret key, student, evaluation, training)
@@ -103,6 +105,7 @@ def test_full_run_writes_no_key_anywhere_and_nothing_outside_its_run_dir(tmp_pat
     assert saved["teacher"]["api_key_env"] == "ORPO_FAULTS_TEACHER_KEY"
 
 
+@pytest.mark.slow
 def test_remote_model_code_runs_only_with_trust_remote_code(tmp_path: Path, tiny_model_dir: Path) -> None:
     """The refusal (trust_remote_code unset: the code does not run) is the bad-input row
     model-needs-remote-code; this is the other half: set, the model's own code does run, so the marker
