@@ -106,9 +106,9 @@ def test_the_result_table_is_titled_by_method_and_variant(tiny_config: Any, over
 
 
 def test_report_counts_are_integers_and_means_keep_their_decimal() -> None:
-    assert [report._count(x) for x in (80.0, 72.0, 0.0, 80.5, 2.25, None, float("nan"))] == [
+    assert [report.fmt_count(x) for x in (80.0, 72.0, 0.0, 80.5, 2.25, None, float("nan"))] == [
         "80", "72", "0", "80.5", "2.2", "n/a", "n/a"]
-    table = report._refresh_table({"run": {2: {"phi": 0.5, "selected": 80.0, "refreshed": 72.0, "all_correct": 8.0,
+    table = report.refresh_table({"run": {2: {"phi": 0.5, "selected": 80.0, "refreshed": 72.0, "all_correct": 8.0,
                                                "fell_back_to_teacher": 0.0, "questions": 160.0}}})
     assert table.rows == [["run", "2", "0.50", "80", "72", "8", "0"]]
 

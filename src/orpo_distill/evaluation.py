@@ -27,7 +27,7 @@ from typing import Any, Mapping, Sequence
 from .generators.base import Generator, Request
 from .records import Record
 from .tasks.base import extract_answer
-from .tasks.extract import LETTERS, _last_number, answer_spans, normalize_exact, parse_number
+from .tasks.extract import LETTERS, last_number, answer_spans, normalize_exact, parse_number
 
 
 @dataclass
@@ -227,7 +227,7 @@ def computed_option(text: str, choices: Sequence[str]) -> tuple[str | None, int 
     work = strip_option_listings(text[: spans[-1].pos] if spans else text)
     numbers = [_as_number(str(c)) for c in choices]
     if all(x is not None for x in numbers):
-        value = _last_number(work)
+        value = last_number(work)
         x = parse_number(value) if value is not None else None
         index = next((i for i, c in enumerate(numbers) if x is not None and c == x), None)
         return value, index

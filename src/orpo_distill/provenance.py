@@ -26,7 +26,7 @@ from .checkpoints import latest_checkpoint
 from .config import RunConfig, TrainConfig
 from .layout import STATE, RunLayout
 from .sampling import sampling_settings
-from .store import _free_name, settings_hash
+from .store import free_name, settings_hash
 
 
 @functools.lru_cache(maxsize=1)
@@ -265,7 +265,7 @@ def set_aside_trained_outputs(layout: RunLayout) -> list[Path]:
     moved = []
     for path in layout.trained_outputs():
         if path.exists():
-            dest = _free_name(path.with_name(path.name + ".old"))
+            dest = free_name(path.with_name(path.name + ".old"))
             os.replace(path, dest)
             moved.append(dest)
     return moved

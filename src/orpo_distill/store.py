@@ -137,7 +137,7 @@ def _repair_torn_tail(path: Path) -> int:
         return size - cut
 
 
-def _free_name(path: Path) -> Path:
+def free_name(path: Path) -> Path:
     """``path``, or ``path.1``, ``path.2``, ... : the first that does not exist (set-aside traces are
     never overwritten: they may have cost money)."""
     candidate, n = path, 0
@@ -187,7 +187,7 @@ class TraceStore:
                     "or pass --overwrite to set the old file aside and generate again."
                 )
             if other:
-                os.replace(self.path, _free_name(self.path.with_suffix(".jsonl.old")))
+                os.replace(self.path, free_name(self.path.with_suffix(".jsonl.old")))
                 rows = []
             for r in rows:
                 self.rows.setdefault((str(r["id"]), int(r["sample"])), r)

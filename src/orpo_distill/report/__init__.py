@@ -9,11 +9,11 @@ reports together. See docs/architecture.md.
 """
 
 from .blocks import Block, Heading, Image, Para, Table, render_html, render_markdown
-from .blocks import _count  # noqa: F401  (read by tests)
+from .blocks import fmt_count  # noqa: F401  (read by tests)
 from ..text_similarity import mean_pairwise_similarity, words
 from .gather import distinct_n, refresh_counts, teacher_diversity, training_rows, training_series
 from .pages import comparison_report, detect, run_report, write_report
-from .tables import _refresh_table  # noqa: F401  (read by tests)
+from .tables import refresh_table  # noqa: F401  (read by tests)
 from .tables import comparison_blocks, verdict
 
 __all__ = [

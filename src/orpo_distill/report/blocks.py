@@ -100,24 +100,24 @@ def render_html(blocks: Sequence[Block], root: Path, title: str) -> str:
 # ---- number formatting -----------------------------------------------------------------------------
 
 
-def _pct(x: float | None, digits: int = 1) -> str:
+def fmt_pct(x: float | None, digits: int = 1) -> str:
     return "n/a" if x is None or not math.isfinite(x) else f"{100 * x:.{digits}f}%"
 
 
-def _pp(x: float | None) -> str:
+def fmt_pp(x: float | None) -> str:
     return "n/a" if x is None or not math.isfinite(x) else f"{100 * x:+.1f} pp"
 
 
-def _ci(ci: Sequence[float]) -> str:
+def fmt_ci(ci: Sequence[float]) -> str:
     lo, hi = ci
     return "n/a" if not (math.isfinite(lo) and math.isfinite(hi)) else f"{100 * lo:.1f}-{100 * hi:.1f}%"
 
 
-def _num(x: float | None, digits: int = 1) -> str:
+def fmt_num(x: float | None, digits: int = 1) -> str:
     return "n/a" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
 
 
-def _count(x: float | None) -> str:
+def fmt_count(x: float | None) -> str:
     """A count: "80", not "80.0"; a mean of counts over seeds or epochs keeps one decimal when it has one."""
     if x is None or not math.isfinite(x):
         return "n/a"

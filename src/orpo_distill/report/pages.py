@@ -13,9 +13,9 @@ from ..errors import UserError
 from ..layout import CompareLayout, RunLayout, eval_key_epoch
 from ..metrics import latest_events, read_metrics
 from ..store import atomic_write_text, read_jsonl
-from .blocks import Block, Heading, Image, Para, Table, _num, render_html, render_markdown
+from .blocks import Block, Heading, Image, Para, Table, fmt_num, render_html, render_markdown
 from .gather import generation_cost, refresh_counts, teacher_diversity, training_series
-from .tables import _answer_blocks, _cost_blocks, _diversity_blocks, _eval_table, _refresh_table, comparison_blocks
+from .tables import answer_blocks, cost_blocks, diversity_blocks, eval_table, refresh_table, comparison_blocks
 
 
 def _draw_common(layout: Union[RunLayout, CompareLayout], series: dict[str, Any], refresh: dict[str, Any],
@@ -83,10 +83,10 @@ def comparison_report(root: Path) -> list[Block]:
         blocks += [Heading("Training"), Image(images["training"],
                                               "Training curves per variant (faint: raw; solid: moving average)")]
     if refresh:
-        blocks += [Heading("Mixed-policy refresh"), _refresh_table(refresh),
+        blocks += [Heading("Mixed-policy refresh"), refresh_table(refresh),
                    Image(images["refresh"], "Questions refreshed before each epoch (mean over seeds)")]
     if div:
-        blocks += _diversity_blocks(div, images["diversity"])
+        blocks += diversity_blocks(div, images["diversity"])
     return blocks
 
 
@@ -114,27 +114,27 @@ def run_report(root: Path) -> list[Block]:
              f"{train.get('epochs')} epochs."),
     ]
     if evals:
-        blocks += [Heading("Evaluation"), _eval_table(evals),
+        blocks += [Heading("Evaluation"), eval_table(evals),
                    *(Para(f"**Warning (epoch {e}):** {v['warning']}.")
                      for e, v in sorted(evals.items()) if v.get("warning"))]
         if "epochs" in images:
             blocks.append(Image(images["epochs"], "Accuracy after each evaluated epoch (0: before training)"))
-        blocks += _answer_blocks(evals)
+        blocks += answer_blocks(evals)
     events = read_metrics(layout.metrics)
-    blocks += _cost_blocks(generation_cost(events))
+    blocks += cost_blocks(generation_cost(events))
     epochs = latest_events(events, "epoch", "epoch")
     if epochs:
         blocks += [Heading("Training"), Table(
             ["epoch", "steps", "examples", "tokens", "seconds", "tokens/s"],
-            [[str(e), str(r["steps"]), str(r["examples"]), str(r["tokens"]), _num(r["seconds"]),
-              _num(r["tokens"] / r["seconds"] if r["seconds"] else math.nan, 0)] for e, r in sorted(epochs.items())])]
+            [[str(e), str(r["steps"]), str(r["examples"]), str(r["tokens"]), fmt_num(r["seconds"]),
+              fmt_num(r["tokens"] / r["seconds"] if r["seconds"] else math.nan, 0)] for e, r in sorted(epochs.items())])]
     if "training" in images:
         blocks.append(Image(images["training"], "Training curves (faint: raw; solid: moving average)"))
     if refresh:
-        blocks += [Heading("Mixed-policy refresh"), _refresh_table(refresh),
+        blocks += [Heading("Mixed-policy refresh"), refresh_table(refresh),
                    Image(images["refresh"], "Questions refreshed before each epoch")]
     if div:
-        blocks += _diversity_blocks(div, images["diversity"])
+        blocks += diversity_blocks(div, images["diversity"])
     return blocks
 
 

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .blocks import Block, Heading, Image, Para, Table, _ci, _count, _num, _pct, _pp
+from .blocks import Block, Heading, Image, Para, Table, fmt_ci, fmt_count, fmt_num, fmt_pct, fmt_pp
 
 
 def verdict(ci: Sequence[float]) -> str:
@@ -23,7 +23,7 @@ def _claim_difference(d: Mapping[str, Any]) -> str:
     name = f"{d['variant']} - {d['reference']}"
     if d.get("ci95") is None:
         return f"{name}: not measured yet"
-    return f"{name} {_pp(d['diff'])} ({_pp(d['ci95'][0])} to {_pp(d['ci95'][1])})"
+    return f"{name} {fmt_pp(d['diff'])} ({fmt_pp(d['ci95'][0])} to {fmt_pp(d['ci95'][1])})"
 
 
 def comparison_blocks(result: Mapping[str, Any]) -> list[Block]:
@@ -45,18 +45,18 @@ def comparison_blocks(result: Mapping[str, Any]) -> list[Block]:
     base = result.get("base")
     if base:
         same = len(set(base["accuracy_per_seed"])) <= 1  # greedy decoding: one evaluation serves every seed
-        rows.append(["base model (epoch 0)", "-" if same else str(len(base["seeds"])), _pct(base["accuracy"]),
-                     "-" if same or base["std"] is None else _pp(base["std"]).lstrip("+"), _ci(base["ci95"]),
-                     _pct(base["parse_failure_rate"]), _num(base["mean_length"]), "-", "-"])
+        rows.append(["base model (epoch 0)", "-" if same else str(len(base["seeds"])), fmt_pct(base["accuracy"]),
+                     "-" if same or base["std"] is None else fmt_pp(base["std"]).lstrip("+"), fmt_ci(base["ci95"]),
+                     fmt_pct(base["parse_failure_rate"]), fmt_num(base["mean_length"]), "-", "-"])
     for name, v in result["variants"].items():
-        rows.append([name, str(len(v["seeds"])), _pct(v["accuracy"]),
-                     "n/a (1 seed)" if v["std"] is None else _pp(v["std"]).lstrip("+"), _ci(v["ci95"]),
-                     _pct(v["parse_failure_rate"]), _num(v["mean_length"]), _num(v["train_minutes"], 2),
-                     _num(v["refresh_sampling_minutes"], 2)])
+        rows.append([name, str(len(v["seeds"])), fmt_pct(v["accuracy"]),
+                     "n/a (1 seed)" if v["std"] is None else fmt_pp(v["std"]).lstrip("+"), fmt_ci(v["ci95"]),
+                     fmt_pct(v["parse_failure_rate"]), fmt_num(v["mean_length"]), fmt_num(v["train_minutes"], 2),
+                     fmt_num(v["refresh_sampling_minutes"], 2)])
     blocks.append(Table(header, rows))
-    data_rows = [[name, _count(t["questions"]), _count(t["positives"]), _num(t["positive_tokens"], 0),
-                  _count(t["rows"]), _count(t["teacher_fallback"]), _count(t.get("nll_only")),
-                  _count(t["dropped_no_negative"])]
+    data_rows = [[name, fmt_count(t["questions"]), fmt_count(t["positives"]), fmt_num(t["positive_tokens"], 0),
+                  fmt_count(t["rows"]), fmt_count(t["teacher_fallback"]), fmt_count(t.get("nll_only")),
+                  fmt_count(t["dropped_no_negative"])]
                  for name, v in result["variants"].items() if (t := v.get("trained_on"))]
     if data_rows:
         blocks += [
@@ -76,8 +76,8 @@ def comparison_blocks(result: Mapping[str, Any]) -> list[Block]:
             Para("Accuracy of the variant minus the reference on the same held-out questions and seeds, with a 95% "
                  "bootstrap interval; \"better\" or \"worse\" only where the interval excludes zero."),
             Table(["variant", "reference", "difference", "95% interval", "seeds x questions", "reading"],
-                  [[p["variant"], "base model" if p["reference"] == "base" else p["reference"], _pp(p["diff"]),
-                    f"{_pp(p['ci95'][0])} to {_pp(p['ci95'][1])}", f"{p['seeds']} x {p['questions']}",
+                  [[p["variant"], "base model" if p["reference"] == "base" else p["reference"], fmt_pp(p["diff"]),
+                    f"{fmt_pp(p['ci95'][0])} to {fmt_pp(p['ci95'][1])}", f"{p['seeds']} x {p['questions']}",
                     verdict(p["ci95"])] for p in result["paired"]]),
         ]
     if result.get("claims"):
@@ -91,9 +91,9 @@ def comparison_blocks(result: Mapping[str, Any]) -> list[Block]:
                    for c in result["claims"]]),
         ]
     blocks += _dev_blocks(result)
-    odds = [[name, e, _num(m.get("nll"), 3), _num(m.get("or_loss"), 3), _num(m.get("or_loss@end"), 3),
-             _pct(m.get("reward_accuracy")), _pct(m.get("reward_accuracy@end")), _num(m.get("log_odds_ratio"), 2),
-             _num(m.get("log_odds_ratio@end"), 2), _similarity(m.get("negative_similarity"))]
+    odds = [[name, e, fmt_num(m.get("nll"), 3), fmt_num(m.get("or_loss"), 3), fmt_num(m.get("or_loss@end"), 3),
+             fmt_pct(m.get("reward_accuracy")), fmt_pct(m.get("reward_accuracy@end")), fmt_num(m.get("log_odds_ratio"), 2),
+             fmt_num(m.get("log_odds_ratio@end"), 2), _similarity(m.get("negative_similarity"))]
             for name, v in result["variants"].items() for e, m in (v.get("per_epoch_training") or {}).items()
             if "nll" in m]
     if any("or_loss" in m for v in result["variants"].values() for m in (v.get("per_epoch_training") or {}).values()):
@@ -142,7 +142,7 @@ def _dev_blocks(result: Mapping[str, Any]) -> list[Block]:
              "arm is still rising, has peaked or overfits. Every choice a person would tune (epochs, learning "
              "rate) is read here, never on the test split."),
         Table(["variant", *[f"epoch {e}" for e in epochs]],
-              [[name, *[_pct(c[str(e)]["accuracy"]) if str(e) in c else "" for e in epochs]]
+              [[name, *[fmt_pct(c[str(e)]["accuracy"]) if str(e) in c else "" for e in epochs]]
                for name, c in curves.items()]),
         Heading("Held-out positives' log-probability per epoch"),
         Para("Mean over the dev questions' correct teacher traces (never trained on) of the mean token "
@@ -150,11 +150,11 @@ def _dev_blocks(result: Mapping[str, Any]) -> list[Block]:
              "whose figure falls behind SFT's while both fit their training data shows the likelihood "
              "displacement reported for preference terms."),
         Table(["variant", *[f"epoch {e}" for e in epochs]],
-              [[name, *[_num(c[str(e)].get("chosen_logp"), 3) if str(e) in c else "" for e in epochs]]
+              [[name, *[fmt_num(c[str(e)].get("chosen_logp"), 3) if str(e) in c else "" for e in epochs]]
                for name, c in curves.items()]),
     ]
     best = [[name, ", ".join(f"{e}" for _, e in sorted(v["best_dev"]["epoch_per_seed"].items())),
-             _pct(v["best_dev"]["accuracy"]), _ci(v["best_dev"]["ci95"]), _pct(v["accuracy"])]
+             fmt_pct(v["best_dev"]["accuracy"]), fmt_ci(v["best_dev"]["ci95"]), fmt_pct(v["accuracy"])]
             for name, v in result["variants"].items() if v.get("best_dev")]
     if best:
         blocks += [
@@ -168,8 +168,8 @@ def _dev_blocks(result: Mapping[str, Any]) -> list[Block]:
         ]
     if result.get("paired_best_dev"):
         blocks.append(Table(["variant", "reference", "difference", "95% interval", "seeds x questions", "reading"],
-                            [[p["variant"], p["reference"] + " (best dev epoch)", _pp(p["diff"]),
-                              f"{_pp(p['ci95'][0])} to {_pp(p['ci95'][1])}", f"{p['seeds']} x {p['questions']}",
+                            [[p["variant"], p["reference"] + " (best dev epoch)", fmt_pp(p["diff"]),
+                              f"{fmt_pp(p['ci95'][0])} to {fmt_pp(p['ci95'][1])}", f"{p['seeds']} x {p['questions']}",
                               verdict(p["ci95"])] for p in result["paired_best_dev"]]))
     return blocks
 
@@ -183,13 +183,13 @@ def _similarity(kinds: Mapping[str, float] | None) -> str:
     return f"{kinds['all']:.2f}" + (f" ({', '.join(parts)})" if len(parts) > 1 else "")
 
 
-def _diversity_blocks(div: Mapping[str, Any], image: Path) -> list[Block]:
+def diversity_blocks(div: Mapping[str, Any], image: Path) -> list[Block]:
     return [
         Heading("Teacher traces"),
         Table(["questions", "traces per question", "correct share", "questions with no positive", "distinct-1",
                "distinct-2", "distinct-3", "mean pairwise similarity"],
-              [[str(div["questions"]), str(div["k"]), _pct(div["correct_share"]), str(div["correct_histogram"][0]),
-                *(_num(div["distinct"][str(n)]["mean"], 3) for n in (1, 2, 3)), _num(div["mean_similarity"], 3)]]),
+              [[str(div["questions"]), str(div["k"]), fmt_pct(div["correct_share"]), str(div["correct_histogram"][0]),
+                *(fmt_num(div["distinct"][str(n)]["mean"], 3) for n in (1, 2, 3)), fmt_num(div["mean_similarity"], 3)]]),
         Para("Distinct-n: unique n-grams over all n-grams of a question's traces taken together (higher: more "
              "varied wording). Similarity: difflib's ratio on words, averaged over the pairs of traces "
              "(1: identical)."),
@@ -197,31 +197,31 @@ def _diversity_blocks(div: Mapping[str, Any], image: Path) -> list[Block]:
     ]
 
 
-def _refresh_table(refresh: Mapping[str, Mapping[int, Mapping[str, float]]]) -> Table:
-    rows = [[name, str(e), _num(r["phi"], 2), _count(r["selected"]), _count(r["refreshed"]), _count(r["all_correct"]),
-             _count(r["fell_back_to_teacher"])]
+def refresh_table(refresh: Mapping[str, Mapping[int, Mapping[str, float]]]) -> Table:
+    rows = [[name, str(e), fmt_num(r["phi"], 2), fmt_count(r["selected"]), fmt_count(r["refreshed"]), fmt_count(r["all_correct"]),
+             fmt_count(r["fell_back_to_teacher"])]
             for name, per in refresh.items() for e, r in per.items()]
     return Table(["variant", "before epoch", "phi", "selected", "refreshed", "all correct (kept old)",
                   "fell back to teacher"], rows)
 
 
-def _eval_table(evals: Mapping[int, Mapping[str, Any]]) -> Table:
+def eval_table(evals: Mapping[int, Mapping[str, Any]]) -> Table:
     """One row per evaluated epoch; mcq's text-match figures (evaluation.option_text_agreement) beside
     the accuracy, so a letter accuracy at chance is read next to how often the working was right."""
     header = ["epoch", "questions", "accuracy", "95% interval (Wilson)", "parse failures", "mean length (tokens)"]
-    rows = [[str(e), str(v["n"]), _pct(v["accuracy"]), _ci(v["ci95"]), _pct(v["parse_failure_rate"]),
-             _num(v["mean_length"])] for e, v in sorted(evals.items())]
+    rows = [[str(e), str(v["n"]), fmt_pct(v["accuracy"]), fmt_ci(v["ci95"]), fmt_pct(v["parse_failure_rate"]),
+             fmt_num(v["mean_length"])] for e, v in sorted(evals.items())]
     if any(v.get("option_text_match") is not None for v in evals.values()):
         header += ["computes the gold option", "letter = its own working"]
         for row, (_, v) in zip(rows, sorted(evals.items())):
-            row += [_pct(v.get("option_text_match")), _pct(v.get("letter_text_agreement"))]
+            row += [fmt_pct(v.get("option_text_match")), fmt_pct(v.get("letter_text_agreement"))]
     return Table(header, rows)
 
 
 _BUCKETS = ("other", "unparsed")
 
 
-def _answer_blocks(evals: Mapping[int, Mapping[str, Any]]) -> list[Block]:
+def answer_blocks(evals: Mapping[int, Mapping[str, Any]]) -> list[Block]:
     """Predicted answers per evaluated epoch against the gold (evaluation.answer_distribution).
 
     Rows are the last evaluation's answers; when its answers are complete (no "other" bucket, as for
@@ -240,7 +240,7 @@ def _answer_blocks(evals: Mapping[int, Mapping[str, Any]]) -> list[Block]:
 
     def cell(counts: Mapping[str, int], k: str, n: int, whole: bool) -> str:
         c = counts.get(k, 0 if whole or k in _BUCKETS else None)  # a bucket is never folded away
-        return "-" if c is None else f"{c} ({_pct(c / n if n else math.nan, 0)})"
+        return "-" if c is None else f"{c} ({fmt_pct(c / n if n else math.nan, 0)})"
 
     gold = last.get("gold_answers") or {}
     rows = [[k, "-" if k == "unparsed" else cell(gold, k, last["n"], complete),
@@ -254,13 +254,13 @@ def _answer_blocks(evals: Mapping[int, Mapping[str, Any]]) -> list[Block]:
                  "One answer far above its gold share means the accuracy partly measures that share." + dash)]
 
 
-def _cost_blocks(cost: Mapping[str, Mapping[str, float]]) -> list[Block]:
+def cost_blocks(cost: Mapping[str, Mapping[str, float]]) -> list[Block]:
     """What generation cost, per sampling stage: the teacher's token totals are what a hosted API bills."""
     if not cost:
         return []
-    rows = [[stage, _count(c["requests"]), _count(c["new_samples"]), _count(c["failed_requests"]),
-             _count(c["prompt_tokens"]), _count(c["completion_tokens"]), _count(c["reasoning_tokens"]),
-             _num(c["seconds"], 0)] for stage, c in cost.items()]
+    rows = [[stage, fmt_count(c["requests"]), fmt_count(c["new_samples"]), fmt_count(c["failed_requests"]),
+             fmt_count(c["prompt_tokens"]), fmt_count(c["completion_tokens"]), fmt_count(c["reasoning_tokens"]),
+             fmt_num(c["seconds"], 0)] for stage, c in cost.items()]
     return [Heading("Generation cost"),
             Table(["stage", "requests", "new samples", "failed requests", "prompt tokens", "completion tokens",
                    "of which reasoning", "seconds"], rows),

@@ -47,16 +47,16 @@ import re
 from typing import Sequence
 
 from .numbers import (  # noqa: F401  (importable from here, as before the split)
-    _NUM_RE,
-    _last_number,
-    _number_in_span,
-    _strip_money,
+    NUM_RE,
+    last_number,
+    number_in_span,
+    strip_money,
     extract_number,
     format_number,
     open_calculator_note,
     parse_number,
 )
-from .spans import _SPAN_MAX, Span, _extract, answer_spans, clean_span, first_sentence, is_cut  # noqa: F401
+from .spans import SPAN_MAX, Span, extract_with_rules, answer_spans, clean_span, first_sentence, is_cut  # noqa: F401
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 DEFAULT_LETTERS = "ABCD"
@@ -70,13 +70,13 @@ def _choice_in_span(s: str, letters: str, choices: Sequence[str]) -> str | None:
     """The choice whose text the span states (longest match wins, numbers compare by value)."""
     best: tuple[int, str] | None = None
     text = normalize_exact(first_sentence(s))
-    stated = _number_in_span(s)
+    stated = number_in_span(s)
     value = parse_number(stated) if stated is not None else None
     for i, choice in enumerate(choices[: len(letters)]):
         c = normalize_exact(choice)
         if not c:
             continue
-        cnum = parse_number(_strip_money(c)) if _NUM_RE.fullmatch(_strip_money(c).strip()) else None
+        cnum = parse_number(strip_money(c)) if NUM_RE.fullmatch(strip_money(c).strip()) else None
         if cnum is not None:
             hit = value is not None and value == cnum
         else:
@@ -160,7 +160,7 @@ def extract_choice(text: str, letters: str = DEFAULT_LETTERS, choices: Sequence[
             return m.group(1)
         return None
 
-    return _extract(text, lambda s: _letter_in_span(s, letters, choices), fallback, extra=is_correct,
+    return extract_with_rules(text, lambda s: _letter_in_span(s, letters, choices), fallback, extra=is_correct,
                     cut=is_cut(finish_reason))
 
 
@@ -197,7 +197,7 @@ def _yesno_fallback(part: str) -> str | None:
 
 def extract_yesno(text: str, finish_reason: str | None = None) -> str | None:
     """ "yes" or "no" (true/false map to yes/no), or ``None``; cut off (``"length"``): statements only."""
-    return _extract(text, _yesno_in_span, _yesno_fallback, cut=is_cut(finish_reason))
+    return extract_with_rules(text, _yesno_in_span, _yesno_fallback, cut=is_cut(finish_reason))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,7 +230,7 @@ def _exact_in_span(span: str) -> str | None:
 
 def _exact_fallback(part: str) -> str | None:
     stripped = part.strip()
-    if "\n" in stripped or len(stripped) > _SPAN_MAX:
+    if "\n" in stripped or len(stripped) > SPAN_MAX:
         return None
     return normalize_exact(clean_span(stripped)) or None
 
@@ -238,4 +238,4 @@ def _exact_fallback(part: str) -> str | None:
 def extract_exact(text: str, finish_reason: str | None = None) -> str | None:
     """The stated final answer, normalised with :func:`normalize_exact`; a one-line reply counts whole,
     unless it was cut off (``"length"``): then statements only."""
-    return _extract(text, _exact_in_span, _exact_fallback, cut=is_cut(finish_reason))
+    return extract_with_rules(text, _exact_in_span, _exact_fallback, cut=is_cut(finish_reason))

@@ -7,13 +7,13 @@ import re
 from decimal import Decimal, localcontext
 from fractions import Fraction
 
-from .spans import _FRAC_RE, _SPAN_MAX, _extract, clean_span, first_sentence, is_cut
+from .spans import FRAC_RE, SPAN_MAX, extract_with_rules, clean_span, first_sentence, is_cut
 
 
 _SIGN = r"(?:(?<![\w)\].])[-−])?"
 _DIGITS = r"(?:\d{1,3}(?:,\d{3})+(?!\d|,\d)|\d+)(?:\.\d+)?(?:/\d+(?![\d/]))?"
 _NUM = _SIGN + r"(?<![\w.])" + _DIGITS
-_NUM_RE = re.compile(_NUM)
+NUM_RE = re.compile(_NUM)
 # one more link of an expression after a number: "+ 5", "x 3", "= 8"
 _CHAIN_RE = re.compile(r"\s*(?:[-+*/×÷]|\sx\s|(=))\s*(" + _SIGN + _DIGITS + ")")
 
@@ -48,16 +48,16 @@ def format_number(x: Fraction) -> str:
     return text.rstrip("0").rstrip(".") if "." in text else text
 
 
-def _strip_money(s: str) -> str:
+def strip_money(s: str) -> str:
     return s.replace("$", " ").replace("€", " ").replace("£", " ")
 
 
-def _number_in_span(span: str) -> str | None:
+def number_in_span(span: str) -> str | None:
     """The first number of the span's first sentence, or the value after "=" when it opens an expression."""
-    s = first_sentence(_strip_money(clean_span(span)))
+    s = first_sentence(strip_money(clean_span(span)))
     if re.match(r"^not\b", s, re.IGNORECASE):
         return None
-    m = _NUM_RE.search(s)
+    m = NUM_RE.search(s)
     if m is None:
         return None
     value, pos, after_eq = m.group(0), m.end(), None
@@ -72,10 +72,10 @@ def _number_in_span(span: str) -> str | None:
     return format_number(x) if x is not None else None
 
 
-def _last_number(text: str) -> str | None:
-    s = _strip_money(text.replace("**", "").replace("{,}", ","))
-    s = _FRAC_RE.sub(r"\1/\2", s)
-    for m in reversed(list(_NUM_RE.finditer(s))):
+def last_number(text: str) -> str | None:
+    s = strip_money(text.replace("**", "").replace("{,}", ","))
+    s = FRAC_RE.sub(r"\1/\2", s)
+    for m in reversed(list(NUM_RE.finditer(s))):
         x = parse_number(m.group(0))
         if x is not None:
             return format_number(x)
@@ -93,7 +93,7 @@ def _a_statements(part: str) -> list[tuple[int, str]]:
     out = []
     for m in _NUMERIC_A_RE.finditer(part):
         end = part.find("\n", m.end())
-        value = _number_in_span(part[m.end() : end if end >= 0 else len(part)][:_SPAN_MAX])
+        value = number_in_span(part[m.end() : end if end >= 0 else len(part)][:SPAN_MAX])
         if value is not None:
             out.append((m.start(), value))
     return out
@@ -119,4 +119,4 @@ def extract_number(text: str, finish_reason: str | None = None) -> str | None:
     cut = is_cut(finish_reason) or open_calculator_note(text)
     if cut:
         text = _TRAILING_NUMBER_RE.sub("", text)
-    return _extract(text, _number_in_span, _last_number, extra=_a_statements, cut=cut)
+    return extract_with_rules(text, number_in_span, last_number, extra=_a_statements, cut=cut)

@@ -33,7 +33,7 @@ _MARKER_RE = re.compile(
 )
 _BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _BLANKISH_RE = re.compile(r"^[\s*_:`]*$")
-_SPAN_MAX = 300
+SPAN_MAX = 300
 
 
 def _braced(text: str, start: int) -> tuple[str, int] | None:
@@ -62,11 +62,11 @@ def answer_spans(text: str) -> list[Span]:
         end = text.find("\n", m.end())
         rest = text[m.end() : end if end >= 0 else len(text)]
         if _BLANKISH_RE.match(rest) and end >= 0:
-            for line in text[end + 1 : end + 1 + _SPAN_MAX * 2].split("\n"):
+            for line in text[end + 1 : end + 1 + SPAN_MAX * 2].split("\n"):
                 if not _BLANKISH_RE.match(line):
                     rest = line
                     break
-        spans.append(Span(m.start(), rest[:_SPAN_MAX]))
+        spans.append(Span(m.start(), rest[:SPAN_MAX]))
     for m in _BOXED_RE.finditer(text):
         got = _braced(text, m.end())
         if got is not None:
@@ -89,7 +89,7 @@ def is_cut(finish_reason: str | None) -> bool:
     return finish_reason == "length"
 
 
-def _extract(
+def extract_with_rules(
     text: str,
     parse_span: Callable[[str], T | None],
     fallback: Callable[[str], T | None],
@@ -122,7 +122,7 @@ def _extract(
 # cleaning a span
 
 _LATEX_WRAP_RE = re.compile(r"\\(?:boxed|fbox|text|textbf|textrm|mathrm|mathbf|mbox)\s*\{([^{}]*)\}")
-_FRAC_RE = re.compile(r"\\[dt]?frac\s*\{\s*([^{}]*?)\s*\}\s*\{\s*([^{}]*?)\s*\}")
+FRAC_RE = re.compile(r"\\[dt]?frac\s*\{\s*([^{}]*?)\s*\}\s*\{\s*([^{}]*?)\s*\}")
 _FILLER_RE = re.compile(
     r"^(?:therefore|thus|then|so|hence|clearly|probably|likely|definitely|simply|just|indeed|actually|"
     r"obviously|most\s+likely)\b[,:]?\s*",
@@ -138,7 +138,7 @@ def clean_span(span: str) -> str:
     s = span
     for _ in range(3):
         s = _LATEX_WRAP_RE.sub(r"\1", s)
-    s = _FRAC_RE.sub(r"\1/\2", s)
+    s = FRAC_RE.sub(r"\1/\2", s)
     s = s.replace("\\(", " ").replace("\\)", " ").replace("\\[", " ").replace("\\]", " ")
     s = s.replace("\\!", "").replace("\\,", "").replace("{,}", ",").replace("\\%", "%").replace("\\$", "$")
     s = s.replace("**", "").replace("__", "")
