@@ -275,9 +275,8 @@ class Run:
         if epoch <= 1:
             return self.student(epoch=1)
         model, tok = self.load_student_for_eval(epoch - 1)
-        generator = HFGenerator.from_model(model, tok, name=student_generator_name(epoch - 1),
-                                           batch_size=self.cfg.student.sampling.batch_size, progress=self.progress,
-                                           bf16=autocast_for(self.cfg.local_student.dtype))
+        generator = HFGenerator.for_student(model, tok, self.cfg.local_student.dtype, student_generator_name(epoch - 1),
+                                            self.cfg.student.sampling.batch_size, progress=self.progress)
         return self.student(epoch=epoch, generator=generator)
 
     def latest_epoch(self) -> int:
@@ -332,9 +331,9 @@ class Run:
         release_free_memory()  # what the stage before freed (a training epoch's activations)
         if model is None:
             model, tokenizer = self.load_student_for_eval(epoch)
-        gen = distributed.split_across_ranks(HFGenerator.from_model(
-            model, tokenizer, name=student_generator_name(epoch), batch_size=self.cfg.eval.batch_size,
-            progress=self.progress, bf16=autocast_for(self.cfg.local_student.dtype)))
+        gen = distributed.split_across_ranks(HFGenerator.for_student(
+            model, tokenizer, self.cfg.local_student.dtype, student_generator_name(epoch), self.cfg.eval.batch_size,
+            progress=self.progress))
         ecfg = self.cfg.eval
         rows, summary = evaluate(self.records_of(split), self.task, gen, ecfg.max_tokens, ecfg.self_consistency,
                                  ecfg.temperature, seed=self.cfg.seed)

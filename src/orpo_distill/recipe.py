@@ -35,7 +35,7 @@ from .epoch_rows import (EpochData, FirstError, Messages, chosen_texts, epoch_ro
                          largest_group)
 from .errors import UserError
 from .generators.base import Generator
-from .generators.hf import HFGenerator, autocast_for
+from .generators.hf import HFGenerator
 from .layout import STATE, RunLayout, student_generator_name
 from .metrics import MetricsLog
 from .models import cpu_name, load_tokenizer, pick_device, render_prompt
@@ -271,8 +271,8 @@ class Distiller:
         scfg = self.cfg.student
         name = self.sampler_name(epoch)
         if scfg.kind != "vllm":
-            return HFGenerator.from_model(model, self.tokenizer, name=name, batch_size=scfg.sampling.batch_size,
-                                          progress=self.progress, bf16=autocast_for(self.cfg.local_student.dtype))
+            return HFGenerator.for_student(model, self.tokenizer, self.cfg.local_student.dtype, name,
+                                           scfg.sampling.batch_size, progress=self.progress)
         from .generators.vllm import VLLMGenerator
 
         if self._vllm is None:

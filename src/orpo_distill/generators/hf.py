@@ -73,6 +73,15 @@ class HFGenerator:
     ) -> "HFGenerator":
         return cls(model, tokenizer, name=name, batch_size=batch_size, progress=progress, bf16=bf16, decoding=decoding)
 
+    @classmethod
+    def for_student(cls, model: Any, tokenizer: Any, dtype: str, name: str, batch_size: int,
+                    progress: bool = True) -> "HFGenerator":
+        """The student's weights in memory as a generator, under the student's precision rule
+        (:func:`autocast_for` its ``dtype``): what the refresh, the ``student`` stage after an epoch and the
+        evaluations sample with."""
+        return cls.from_model(model, tokenizer, name=name, batch_size=batch_size, progress=progress,
+                              bf16=autocast_for(dtype))
+
     def generate(self, requests: Sequence[Request]) -> list[list[Sample]]:
         """Expand each request into ``n`` rows, sort rows by prompt length, generate in batches.
 
