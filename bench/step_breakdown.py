@@ -64,14 +64,15 @@ class Timer:
 
 
 def breakdown(model_name: str, steps: int, warmup: int, pairs_per_question: int,
-              chunk_tokens: int | None = None) -> tuple[list[dict[str, float]], list[float], str]:
+              chunk_tokens: int | None = None, pad_multiple: int = 1) -> tuple[list[dict[str, float]], list[float], str]:
     """Run ``steps`` trainer steps; per step the seconds of each part (``other``: the rest), the RSS after
     each step, and the precision."""
     from accelerate import Accelerator
 
     cfg = demo_config()
     tcfg = cfg.train.model_copy(update={"warmup_ratio": 0.0,  # every step updates the weights
-                                        "chunk_tokens": chunk_tokens or cfg.train.chunk_tokens})
+                                        "chunk_tokens": chunk_tokens or cfg.train.chunk_tokens,
+                                        "pad_multiple": pad_multiple})
     tokenizer = load_tokenizer(model_name)
     per_step = tcfg.batch_size // pairs_per_question
     questions = build_questions(tokenizer, per_step * (steps + warmup), cfg, k=pairs_per_question)
@@ -129,7 +130,8 @@ def render(rows: list[dict[str, float]], rss: list[float], precision: str, args:
     lines = [f"# A trainer step, part by part ({len(rows)} steps after {args.warmup} warm-up)", "",
              cpu_line(), f"torch {torch.__version__}; precision {precision} (bf16 units: "
              f"{'yes' if cpu_supports_bf16() else 'no'}); {args.model}; the demo's config; "
-             f"{args.pairs_per_question} pairs a question; train.chunk_tokens {args.chunk_tokens or demo_config().train.chunk_tokens}", "",
+             f"{args.pairs_per_question} pairs a question; train.chunk_tokens {args.chunk_tokens or demo_config().train.chunk_tokens}; "
+             f"train.pad_multiple {args.pad_multiple}", "",
              "| part | ms/step (median) | share of the step | min-max ms |", "|---|---:|---:|---:|"]
     for part in (*PARTS, "step"):
         values = [1000 * r.get(part, 0.0) for r in rows]
@@ -150,6 +152,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help="pairs a question (the demo: one per correct trace of 3, about 2.25)")
     p.add_argument("--chunk-tokens", type=positive_int, default=None,
                    help="train.chunk_tokens (default: the demo config's)")
+    p.add_argument("--pad-multiple", type=positive_int, default=1,
+                   help="train.pad_multiple: padded widths rounded up to a multiple of this")
     p.add_argument("--markdown", action="store_true")
     p.add_argument("--quick", action="store_true", help="smoke test: 2 steps, 1 warm-up")
     args = p.parse_args(argv)
@@ -160,7 +164,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    rows, rss, precision = breakdown(args.model, args.steps, args.warmup, args.pairs_per_question, args.chunk_tokens)
+    rows, rss, precision = breakdown(args.model, args.steps, args.warmup, args.pairs_per_question, args.chunk_tokens,
+                                     args.pad_multiple)
     print(render(rows, rss, precision, args))
     return 0
 

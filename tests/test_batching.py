@@ -572,3 +572,25 @@ def test_segmented_sdpa_equals_sdpa_with_the_packed_mask(rows, width, native_gqa
     for empty in ((0, (2,)), (3, (2, 0))):
         with pytest.raises(ValueError, match="empty prompt or response"):
             seg.segmented_sdpa(q, k, v, (empty,) + tuple(rows[1:]))
+
+
+# ---- train.pad_multiple: rounded widths, the same sums ----------------------------------------------
+
+
+def test_rounded_widths_pad_only_and_leave_every_sum_unchanged() -> None:
+    from orpo_distill.batching import padded_width
+
+    assert [padded_width(w, 64) for w in (1, 64, 65, 130)] == [64, 64, 128, 192] and padded_width(37, 1) == 37
+    model = tiny_model()
+    groups = random_groups(5, [2, 3, 1])
+    pairs = flatten(groups)
+    with torch.no_grad():
+        for collate, forward, arg in ((collate_packed, pair_logps_packed, groups), (collate_plain, pair_logps, pairs)):
+            plain, rounded = collate(arg, PAD, False), collate(arg, PAD, False, pad_multiple=64)
+            assert rounded["input_ids"].shape[-1] % 64 == 0 and rounded["input_ids"].shape[-1] > plain["input_ids"].shape[-1]
+            a, b = forward(model, plain), forward(model, rounded)
+            for k in ("chosen_logp_sum", "rejected_logp_sum", "nll_sum", "chosen_tokens", "rejected_tokens"):
+                assert torch.allclose(a[k], b[k], atol=1e-5), k
+        examples = [(p.prompt_ids, p.chosen_ids) for p in pairs]
+        s1, s2 = sft_logps(model, collate_sft(examples, PAD)), sft_logps(model, collate_sft(examples, PAD, pad_multiple=64))
+        assert torch.allclose(s1[0], s2[0], atol=1e-5) and torch.equal(s1[1], s2[1])

@@ -130,6 +130,12 @@ def tokenize_pair(
     return truncate_pair(pair, max_length)
 
 
+def padded_width(width: int, multiple: int = 1) -> int:
+    """``width`` rounded up to a multiple of ``multiple`` (``train.pad_multiple``): fewer distinct batch shapes,
+    so oneDNN's primitive cache holds fewer of them (docs/benchmarks.md). Padding is masked: no result changes."""
+    return -(-width // multiple) * multiple if multiple > 1 else width
+
+
 def _refs(values: Sequence[float | None]) -> Tensor:
     """Each pair's ``chosen_ref`` as a float32 ``[B]`` tensor, NaN where a pair has none."""
     return torch.tensor([math.nan if v is None else float(v) for v in values], dtype=torch.float32)
@@ -147,7 +153,7 @@ def _check_pair(i: int, prompt: Sequence[int], chosen: Sequence[int]) -> None:
         raise ValueError(f"pair {i}: empty chosen response")
 
 
-def collate_plain(pairs: Sequence[TokenizedPair], pad_id: int, nll_on_prompt: bool) -> dict[str, Any]:
+def collate_plain(pairs: Sequence[TokenizedPair], pad_id: int, nll_on_prompt: bool, pad_multiple: int = 1) -> dict[str, Any]:
     """Stack ``B`` pairs into ``2B`` right-padded rows: chosen rows first, then rejected rows.
 
     Returns ``input_ids``, ``attention_mask`` (``[2B, T]``, 1 on real tokens), ``labels`` (the token
@@ -164,7 +170,7 @@ def collate_plain(pairs: Sequence[TokenizedPair], pad_id: int, nll_on_prompt: bo
     rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
     starts = [0] * len(pairs) + [p.rejected_start for p in pairs]  # the OR term's first token of each response
     n, b = len(rows), len(pairs)
-    width = max(len(pr) + len(r) for pr, r in rows)
+    width = padded_width(max(len(pr) + len(r) for pr, r in rows), pad_multiple)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((n, width), dtype=torch.long)
     response_mask = torch.zeros((n, width), dtype=torch.bool)
@@ -192,7 +198,8 @@ def collate_plain(pairs: Sequence[TokenizedPair], pad_id: int, nll_on_prompt: bo
     }
 
 
-def collate_sft(examples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int) -> dict[str, Any]:
+def collate_sft(examples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int,
+                pad_multiple: int = 1) -> dict[str, Any]:
     """Right-padded rows of ``prompt + response`` for SFT; only response tokens are labelled.
 
     Returns ``input_ids``, ``attention_mask``, ``labels`` (``-100`` on prompt and padding) and
@@ -203,7 +210,7 @@ def collate_sft(examples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id:
     for i, (prompt, resp) in enumerate(examples):
         if not prompt or not resp:
             raise ValueError(f"example {i}: empty prompt or response")
-    width = max(len(p) + len(r) for p, r in examples)
+    width = padded_width(max(len(p) + len(r) for p, r in examples), pad_multiple)
     n = len(examples)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((n, width), dtype=torch.long)
@@ -275,7 +282,8 @@ def group_pairs(pairs: Sequence[TokenizedPair], max_pairs: int | None = None) ->
     return groups
 
 
-def collate_packed(groups: Sequence[PairGroup], pad_id: int, nll_on_prompt: bool) -> dict[str, Any]:
+def collate_packed(groups: Sequence[PairGroup], pad_id: int, nll_on_prompt: bool,
+                   pad_multiple: int = 1) -> dict[str, Any]:
     """Pack each group into one row: ``prompt | response_1 | response_2 | ...`` then padding.
 
     Returns
@@ -296,7 +304,7 @@ def collate_packed(groups: Sequence[PairGroup], pad_id: int, nll_on_prompt: bool
     """
     if not groups:
         raise ValueError("collate_packed needs at least one group")
-    width = max(g.packed_length() for g in groups)
+    width = padded_width(max(g.packed_length() for g in groups), pad_multiple)
     n_rows = len(groups)
     input_ids = torch.full((n_rows, width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((n_rows, width), dtype=torch.long)

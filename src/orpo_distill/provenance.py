@@ -109,6 +109,7 @@ def _train_settings(train: TrainConfig) -> dict[str, Any]:
     out.pop("log_every", None)  # only logs
     out.pop("report_to", None)  # only logs, elsewhere
     out.pop("chunk_tokens", None)  # how a step is computed, not which step: the same weights up to rounding
+    out.pop("pad_multiple", None)  # likewise: padding is masked
     return out
 
 

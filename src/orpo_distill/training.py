@@ -231,12 +231,14 @@ def _forward(model: Any, batch: list[Example], method: str, cfg: TrainConfig, pa
     device = next(model.parameters()).device
     if method == "orpo":
         if cfg.layout == "packed":
-            tensors = batch_to(collate_packed(batch, pad_id=pad_id, nll_on_prompt=cfg.nll_on_prompt), device)
+            tensors = batch_to(collate_packed(batch, pad_id=pad_id, nll_on_prompt=cfg.nll_on_prompt,
+                                              pad_multiple=cfg.pad_multiple), device)
             sums = pair_logps_packed(model, tensors)
         else:
             pairs = [TokenizedPair(g.prompt_ids, c, r, g.rejected_start.get(tuple(r), 0), g.chosen_ref.get(tuple(c)))
                      for g in batch for c, r in g.pairs]
-            tensors = batch_to(collate_plain(pairs, pad_id=pad_id, nll_on_prompt=cfg.nll_on_prompt), device)
+            tensors = batch_to(collate_plain(pairs, pad_id=pad_id, nll_on_prompt=cfg.nll_on_prompt,
+                                             pad_multiple=cfg.pad_multiple), device)
             sums = pair_logps(model, tensors)
         out = orpo_loss_of(sums, cfg.lambda_or, protect=cfg.protect_chosen)
         if cfg.layout == "packed":
@@ -244,7 +246,8 @@ def _forward(model: Any, batch: list[Example], method: str, cfg: TrainConfig, pa
         else:
             ntok = int(tensors["attention_mask"].sum())
         return MicroBatchOut(out.nll, out.or_loss, out.metrics(), ntok)
-    tensors = batch_to(collate_sft([(e.prompt_ids, e.target_ids) for e in batch], pad_id=pad_id), device)
+    tensors = batch_to(collate_sft([(e.prompt_ids, e.target_ids) for e in batch], pad_id=pad_id,
+                                   pad_multiple=cfg.pad_multiple), device)
     logp_sum, count = sft_logps(model, tensors)
     loss = sft_loss(logp_sum, count)
     return MicroBatchOut(loss, None, {"nll": float(loss.detach())}, int(tensors["attention_mask"].sum()))

@@ -250,6 +250,12 @@ class TrainConfig(Strict):
                     "memory for one chunk only (SmolLM2-135M: about 1.4 MB a token); a question longer than this is "
                     "one chunk. None: the whole micro-batch at once. Not with DeepSpeed",
     )
+    pad_multiple: int = Field(
+        1, ge=1,
+        description="round each micro-batch's padded width up to a multiple of this: fewer distinct shapes for the "
+                    "CPU's oneDNN primitive cache to build and keep (its memory climbs with each new shape: "
+                    "docs/benchmarks.md), for the padding's compute. Padding is masked: the same step. 1: no rounding",
+    )
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="share of steps spent warming up the learning rate")
     scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="learning-rate decay after warmup")
