@@ -254,7 +254,8 @@ class TrainConfig(Strict):
         1, ge=1,
         description="round each micro-batch's padded width up to a multiple of this: fewer distinct shapes for the "
                     "CPU's oneDNN primitive cache to build and keep (its memory climbs with each new shape: "
-                    "docs/benchmarks.md), for the padding's compute. Padding is masked: the same step. 1: no rounding",
+                    "docs/benchmarks.md), for the padding's compute. Padding is masked: the same step (in bf16, up to the "
+                    "kernels' rounding, which can depend on the shape). 1: no rounding",
     )
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="share of steps spent warming up the learning rate")
