@@ -114,3 +114,12 @@ def test_a_protected_run_keeps_its_references_and_logs_the_drop(tiny_config: Any
     steps = [e for e in read_metrics(run.dir / "metrics.jsonl") if e["event"] == "train"]
     assert steps and all("chosen_drop" in e and e["chosen_drop"] >= 0 for e in steps)
     assert [e["event"] for e in read_metrics(run.dir / "metrics.jsonl")].count("chosen_reference") == 1
+
+
+def test_protected_arms_do_not_share_a_first_epoch(tiny_config: Any) -> None:
+    """Their references come from the weights the term started with, which a shared epoch 1 does not carry."""
+    from orpo_distill.compare.first_epoch import first_epoch_key
+
+    staged = {"pairs.negatives": "student", "train.epochs": 3}
+    assert first_epoch_key(tiny_config(**staged)) is not None
+    assert first_epoch_key(tiny_config(**staged, **{"train.protect_chosen": 5.0})) is None

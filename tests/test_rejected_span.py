@@ -58,6 +58,11 @@ def test_running_totals_precedence_annotations_and_division_by_zero() -> None:
     assert first_arithmetic_error("then 5 / 0 = 0") == 5
     assert first_arithmetic_error("it is 7 - 9 = -2, then 3 - 5 = −2") is None
     assert evaluate("2 + 3 * 4 - 6 / 3") == Fraction(12)
+    # right steps never flagged: fractions and products on the right, a sign before the left, rounded decimals
+    for right in ("1/2 + 1/4 = 3/4", "6 / 8 = 3/4", "4 * 5 = 2 * 10", "The change is -3 + 5 = 2", "10 / 3 = 3.33"):
+        assert first_arithmetic_error(right) is None, right
+    assert first_arithmetic_error("10 / 3 = 3.4") == 0  # rounded wrong
+    assert first_arithmetic_error("x = 14 + 1 = 16 + 3 = 19") == 4  # the first link of a running total
     assert evaluate("7") is None and evaluate("3 / 0") is None
 
 
@@ -110,6 +115,8 @@ def test_rows_carry_the_first_error_only_when_asked() -> None:
     assert "rejected_from" not in plain.rows[0] and plain.localised == 0
     unlocated = _rows("first_error", ["The answer is 16."])
     assert unlocated.rows[0]["rejected_from"] is None and unlocated.localised == 0
+    at_start = _rows("first_error", ["14 + 1 = 16. The answer is 16."])  # wrong from its first token: the whole
+    assert at_start.rows[0]["rejected_from"] == 0 and at_start.localised == 0
 
 
 def test_the_similarity_filter_leaves_out_negatives_close_to_a_positive() -> None:

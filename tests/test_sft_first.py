@@ -37,7 +37,8 @@ def test_the_sft_stage_enters_the_settings_only_when_set_and_drops_the_initial_s
     assert "sft_epochs" not in training_settings(plain)["train"]  # archived runs keep their hashes
     assert training_settings(staged)["train"]["sft_epochs"] == 1
     assert uses_initial_student(plain) and not uses_initial_student(staged)
-    assert training_settings(staged)["student_traces"] is None
+    # the SFT'd student's samples are drawn with the same sampling settings: they still guard the weights
+    assert training_settings(staged)["student_traces"] == training_settings(plain)["student_traces"] is not None
     assert staged.samples_student_in_training and not tiny_config(**{"train.epochs": 1}).samples_student_in_training
 
 

@@ -67,3 +67,18 @@ def test_a_run_reports_to_tensorboard(tiny_config: Any) -> None:
     evals = [e for e in events if e["event"] == "eval" and e["key"].startswith("eval_epoch_") and e["key"] != "eval_epoch_0"]
     assert [s.value for s in scalars["eval/eval/accuracy"]] == pytest.approx([e["accuracy"] for e in evals])
     assert {"epoch/seconds", "train/lr", "train/nll"} <= set(scalars)
+
+
+def test_a_failing_tracker_is_dropped_with_a_warning_and_the_log_goes_on(tmp_path) -> None:
+    from orpo_distill.metrics import MetricsLog
+
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+
+    def dead_server(event: str, fields: dict) -> None:
+        raise ConnectionError("tracker unreachable")
+
+    log.listeners.append(dead_server)
+    with pytest.warns(UserWarning, match="tracker failed .*ConnectionError"):
+        log.log("train", step=1, loss=0.5)
+    log.log("train", step=2, loss=0.4)  # no second warning: it was dropped
+    assert log.listeners == [] and [e["step"] for e in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]

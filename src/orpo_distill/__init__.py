@@ -138,8 +138,8 @@ def run(config: Any, overwrite: bool = False, reuse: bool = False, progress: boo
 def run_stage(config: Any, stage: str, epoch: int | None = None, overwrite: bool = False, reuse: bool = False,
               progress: bool = True) -> Any:
     """One stage, with the stages it needs, as the command of that name does. Returns the stage's result:
-    ``teacher``/``student``: a SampleSummary (``student``: before ``epoch``, default 1: the initial student;
-    the trained student's samples come from the ``train`` stage's refresh); ``pairs``: the path of
+    ``teacher``/``student``: a SampleSummary (``student``: before ``epoch``, default 1: the initial student; a
+    later epoch: the checkpoint of the epoch before samples every question, ``Run.sample_student``); ``pairs``: the path of
     ``pairs/epoch_1.jsonl``; ``train``: a dict (epochs, resumed_from, ...); ``eval``: an EvalSummary after
     ``epoch`` (default: the newest trained epoch, ``Run.latest_epoch``); ``report``: report.md's path."""
     from .errors import UserError

@@ -27,7 +27,7 @@ class EpochData:
     teacher_fallback: int = 0  # questions with no negative of the run's kind, paired with teacher negatives
     nll_only: int = 0  # questions with no negative whose positives train on the NLL term alone
     too_similar: int = 0  # negatives left out for their similarity to a positive (pairs.max_similarity)
-    localised: int = 0  # pairs whose rejected side starts at a located first error (pairs.rejected_span)
+    localised: int = 0  # pairs whose rejected side starts later, at a located first error (pairs.rejected_span)
 
 
 def group_traces(rows: Sequence[Trace]) -> dict[str, list[Trace]]:
@@ -79,6 +79,9 @@ def epoch_rows(records: Sequence[Record], messages: Messages, teacher: Mapping[s
             negs += student_negatives.get(r.id, [])
         negs, left_out = far_from_positives(negs, pos, pairs.max_similarity)
         too_similar += left_out
+        if pairs.max_similarity is not None and not negs and pairs.negatives == "student" and "teacher" in pairs.fallbacks:
+            teacher_negs, left_out = far_from_positives(teacher_negs, pos, pairs.max_similarity)
+            too_similar += left_out
         n = None if pairs.pairing == "every_positive" else pairs.pairs_per_question
         chosen_rejected = _pairs(r.id, pos, negs, n, seed, epoch)
         for way in pairs.fallbacks if not negs else ():
@@ -104,7 +107,7 @@ def epoch_rows(records: Sequence[Record], messages: Messages, teacher: Mapping[s
                 row["chosen_ref_logp"] = chosen_ref[(r.id, chosen)]
             if localise and neg is not None:
                 row["rejected_from"] = first_error(neg.text, r)  # type: ignore[misc]
-                localised += row["rejected_from"] is not None
+                localised += bool(row["rejected_from"])  # an error at offset 0: the whole trace, as without
             rows.append(row)
     return EpochData(rows, no_pos, no_neg, fallback, nll_only, too_similar, localised)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -38,8 +39,13 @@ class MetricsLog:
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             f.flush()
-        for listener in self.listeners:
-            listener(event, fields)
+        for listener in list(self.listeners):
+            try:
+                listener(event, fields)
+            except Exception as e:  # a tracker's failure (a dead server) must not stop training on one rank
+                self.listeners.remove(listener)
+                warnings.warn(f"an experiment tracker failed ({type(e).__name__}: {e}); it gets no more figures, "
+                              "and metrics.jsonl carries on", stacklevel=2)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -271,7 +271,8 @@ class Run:
 
     def sample_student(self, epoch: int = 1) -> SampleSummary:
         """The ``student`` stage: the initial student's samples (epoch 1), or the student after ``epoch - 1``
-        (its checkpoint) sampling ``student/epoch_E.jsonl`` as that epoch's refresh would."""
+        (its checkpoint) sampling every question into ``student/epoch_E.jsonl``, the store an ``hf`` student's
+        refresh before that epoch fills (a ``vllm`` student's refresh names its store ``vllm:`` and keeps its own)."""
         if epoch <= 1:
             return self.student(epoch=1)
         model, tok = self.load_student_for_eval(epoch - 1)

@@ -126,8 +126,9 @@ def training_settings(cfg: RunConfig) -> dict[str, Any]:
         "seed": cfg.seed,
         "dataset": dataset_settings(cfg),
         "teacher_traces": settings_hash(teacher_store_settings(cfg)),
-        # the initial student's samples are the negatives only when the run uses them
-        "student_traces": settings_hash(student_store_settings(cfg)) if uses_initial_student(cfg) else None,
+        # the student's sampling settings, when the run trains on student samples (the initial student's, or
+        # with train.sft_epochs the SFT'd student's: the same settings draw them)
+        "student_traces": settings_hash(student_store_settings(cfg)) if uses_student_negatives(cfg) else None,
     }
 
 

@@ -1,6 +1,7 @@
 """The training stage: epochs of training with the mixed-policy refresh between them.
 
-Per epoch ``e``:
+Per epoch ``e`` (with ``train.sft_epochs: S``, epochs 1..S are SFT on every correct trace, and epoch S+1's
+negatives are every question's, sampled from the SFT'd student; the refreshes below count from there):
   1. (``e > 1``, student negatives) choose ``round(phi_e * Q)`` questions with the run's seed and
      regenerate their negatives with the current student (``student/epoch_e.jsonl``);
   2. build this epoch's pairs (or SFT targets; ``epoch_rows.py``) and write ``pairs/epoch_e.jsonl``;
@@ -178,13 +179,18 @@ class Distiller:
         group = largest_group(self.teacher, self.qids, t, self.cfg.pairs)
         return steps_per_epoch(bound, t, processes, group_size=group)
 
-    def chosen_reference(self, model: Any) -> dict[tuple[str, str], float]:
+    def chosen_reference(self, model: Any, epoch: int) -> dict[tuple[str, str], float]:
         """Each (question id, positive)'s mean log-probability under ``model``, the weights the term starts
         from (``train.protect_chosen``): computed once at the term's first epoch and kept in
         ``pairs/chosen_reference.jsonl``, which a resumed run reads back."""
         path = self.layout.chosen_reference
         if path.is_file():
             return {(r["id"], r["text"]): r["logp"] for r in read_jsonl(path)}
+        if epoch > self.first_term_epoch:  # the weights the term started from are gone: refuse, never guess
+            raise UserError(f"{path} is missing, but training resumes at epoch {epoch}, after the odds-ratio term "
+                            f"started (epoch {self.first_term_epoch}): the references train.protect_chosen needs were "
+                            "made from the weights then. Train this run again from the start (delete its "
+                            "checkpoints/), or restore the file")
         keys = [(q, text) for q in self.qids for text in positives(self.teacher[q])]
         items = [(self.inputs.messages(self.records[q]), text) for q, text in keys]
         device = next(model.parameters()).device
@@ -309,10 +315,14 @@ class Distiller:
     def tracking(self, acc: Any) -> Iterator[None]:
         """The experiment trackers of ``train.report_to`` (``trackers.py``) for the length of the training:
         the training settings as their configuration, the metrics log's events forwarded to them."""
-        if not self.tcfg.report_to:
+        ckpt = latest_checkpoint(self.layout.root)
+        finished = ckpt is not None and json.loads((ckpt / STATE).read_text())["epoch"] >= self.tcfg.epochs
+        if not self.tcfg.report_to or finished:  # a finished run trains nothing: no empty tracker run
             yield
             return
-        acc.init_trackers(self.layout.root.name or "orpo-distill", config=tracker_config(training_settings(self.cfg)))
+        root = self.layout.root.resolve()  # a compare arm's folder is seed_N: its arm's name too
+        acc.init_trackers("-".join(p for p in (root.parent.name, root.name) if p) or "orpo-distill",
+                          config=tracker_config(training_settings(self.cfg)))
         forward = Forwarder(lambda values, step: acc.log(values, step=step))
         self.metrics.listeners.append(forward)
         try:
@@ -373,7 +383,7 @@ class Distiller:
                 elif epoch > self.first_term_epoch:
                     self.refresh(epoch, acc.unwrap_model(model))
             if t.protect_chosen > 0 and epoch >= self.first_term_epoch and self.reference is None:
-                self.reference = self.chosen_reference(acc.unwrap_model(model))
+                self.reference = self.chosen_reference(acc.unwrap_model(model), epoch)
             data = self.epoch_data(epoch)
             if acc.is_main_process:
                 self.write_pairs(epoch, data)
@@ -420,4 +430,4 @@ class Distiller:
                 "per-epoch evaluation sample from the whole model during training, which this trainer gathers only "
                 "under FSDP2 and DeepSpeed ZeRO-3. Use FSDP2 (fsdp_version: 2, configs/accelerate/fsdp.yaml), "
                 "ZeRO-3 (deepspeed-zero3.yaml), DDP or ZeRO-2 (ddp.yaml, deepspeed-zero2.yaml), or set "
-                "eval.every_epoch=false with train.phi=0 or pairs.negatives=teacher.")
+                "eval.every_epoch=false with train.phi=0 and train.sft_epochs=0, or pairs.negatives=teacher.")

@@ -37,8 +37,12 @@ EPOCH_ONE_EVENTS = ("pairs", "train", "epoch")  # what epoch 1 logs in a variant
 
 def first_epoch_key(cfg: RunConfig) -> str | None:
     """The hash of what determines a run's epoch-1 weights, for an ORPO run on student negatives with a
-    later epoch (None otherwise: nothing to share). Every training setting, phi aside."""
+    later epoch (None otherwise: nothing to share). Every training setting, phi aside. Not with
+    ``train.protect_chosen``: its references (``pairs/chosen_reference.jsonl``) are made at the term's first
+    epoch from the weights then, which a shared epoch 1 would not carry."""
     if cfg.train.method != "orpo" or not uses_student_negatives(cfg) or cfg.train.epochs < 2:
+        return None
+    if cfg.train.protect_chosen > 0:
         return None
     settings = training_settings(cfg)
     return settings_hash({**settings, "train": {**settings["train"], "phi": None}})[:16]

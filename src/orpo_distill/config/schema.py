@@ -368,7 +368,7 @@ class RunConfig(Strict):
         if self.train.lora.load_in_4bit and self.student.kind == "vllm" and self.samples_student_in_training:
             raise ValueError(
                 "train.lora.load_in_4bit with student.kind 'vllm': the refresh copies the student's weights into "
-                "the vLLM engine, which cannot take 4-bit weights; use student.kind: hf or train.phi: 0")
+                "the vLLM engine, which cannot take 4-bit weights; use student.kind: hf, or train.phi: 0 with train.sft_epochs: 0")
         return self
 
     @property

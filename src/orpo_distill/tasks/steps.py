@@ -26,9 +26,12 @@ from typing import Sequence
 
 _NUMBER = r"(?:\d{1,3}(?:,\d{3})+(?![\d,])|\d+)(?:\.\d+)?"
 _OP = r"[-+*/×÷−]|(?<=\s)[xX](?=\s)"
-# a left side of at least two numbers joined by operators, "=", a (possibly negative) right side
+# a left side of at least two numbers joined by operators (not after a sign, a digit or a letter: "-3 + 5" is
+# not "3 + 5"), "=", a (possibly negative) right side that is a number (not a fraction "3/4", nor the first
+# factor of a product "2 * 10"; "= 15 + 3 = 18" is a running total, read as two equations)
 _EQUATION_RE = re.compile(
-    rf"(?<![\w.,])(?P<lhs>{_NUMBER}(?:\s*(?:{_OP})\s*{_NUMBER})+)\s*=\s*(?P<rhs>[-−]?{_NUMBER})(?![\w]|[.,]\d)"
+    rf"(?<![\w.,\-−])(?P<lhs>{_NUMBER}(?:\s*(?:{_OP})\s*{_NUMBER})+)\s*=\s*(?P<rhs>[-−]?{_NUMBER})"
+    rf"(?![\w]|[.,]\d|\s*(?:[*/×÷]|[xX]\s)\s*\d)"
 )
 _TOKEN_RE = re.compile(rf"{_NUMBER}|{_OP}")
 _MAPPING_RE = re.compile(rf"(?<![\w.,])(?P<value>[-−]?{_NUMBER})\s+is\s+\(?(?P<letter>[A-Z])\)", re.IGNORECASE)
@@ -67,13 +70,20 @@ def evaluate(expression: str) -> Fraction | None:
     return total
 
 
+def _holds(value: Fraction, rhs: str) -> bool:
+    """Whether ``rhs`` states ``value``: exactly, or rounded to the decimals it writes ("10 / 3 = 3.33")."""
+    stated = _number(rhs)
+    decimals = len(rhs.split(".", 1)[1]) if "." in rhs else 0
+    return stated == value if decimals == 0 else abs(stated - value) <= Fraction(1, 2 * 10**decimals)
+
+
 def first_arithmetic_error(text: str) -> int | None:
     """Where the first wrong equation of ``text`` starts (a character offset), None when every equation
-    holds or there is none. A division by zero counts as wrong."""
+    holds or there is none. A division by zero counts as wrong; a decimal result may be rounded."""
     pos = 0
     while (m := _EQUATION_RE.search(text, pos)) is not None:
         value = evaluate(m.group("lhs"))
-        if value is None or value != _number(m.group("rhs")):
+        if value is None or not _holds(value, m.group("rhs")):
             return m.start()
         pos = m.start("rhs")  # the result may start the next equation of a running total
     return None
