@@ -111,9 +111,7 @@ def eval_rows(s: Any) -> list[tuple[str, str]]:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    run = _open_run(args)
-    run.check_training_environment()
-    _run_and_report(run)
+    _run_and_report(_open_run(args))
 
 
 def _run_and_report(run: Any) -> None:

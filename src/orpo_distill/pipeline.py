@@ -302,7 +302,6 @@ class Run:
     def train(self) -> dict[str, Any]:
         """Train every epoch not yet in a complete checkpoint (see ``recipe.py``)."""
         self._refuse_removed_weights()
-        self.check_training_environment()
         self.write_prompts()
         return self.distiller().train(reuse=self.reuse)
 

@@ -74,11 +74,6 @@ class TrainingInputs:
     first_error: FirstError | None = None  # the task's first-error locator (pairs.rejected_span: first_error)
 
 
-def refreshes(cfg: RunConfig) -> bool:
-    """Whether any epoch samples the current student (``RunConfig.samples_student_in_training``)."""
-    return cfg.samples_student_in_training
-
-
 def tokenize_rows(tokenizer: Any, rows: Sequence[dict[str, Any]], max_length: int,
                   pairs_per_row: int | None = None) -> list[Any]:
     """Token ids of an epoch's rows: SFT examples, or for ORPO pair groups, one per question (at most
@@ -308,15 +303,15 @@ class Distiller:
         acc = Accelerator(cpu=pick_device(self.cfg.local_student.device).type == "cpu", log_with=t.report_to or None,
                           project_dir=str(self.layout.trackers) if t.report_to else None)
         self._check_sharding(acc)
-        with self.tracking(acc):
-            return self._epochs(acc, reuse)
+        ckpt = latest_checkpoint(self.layout.root)
+        state = json.loads((ckpt / STATE).read_text()) if ckpt is not None else None
+        with self.tracking(acc, finished=state is not None and state["epoch"] >= t.epochs):
+            return self._epochs(acc, reuse, ckpt, state)
 
     @contextmanager
-    def tracking(self, acc: Any) -> Iterator[None]:
+    def tracking(self, acc: Any, finished: bool) -> Iterator[None]:
         """The experiment trackers of ``train.report_to`` (``trackers.py``) for the length of the training:
         the training settings as their configuration, the metrics log's events forwarded to them."""
-        ckpt = latest_checkpoint(self.layout.root)
-        finished = ckpt is not None and json.loads((ckpt / STATE).read_text())["epoch"] >= self.tcfg.epochs
         if not self.tcfg.report_to or finished:  # a finished run trains nothing: no empty tracker run
             yield
             return
@@ -331,8 +326,9 @@ class Distiller:
             self.metrics.listeners.remove(forward)
             acc.end_training()
 
-    def _epochs(self, acc: Any, reuse: bool) -> dict[str, Any]:
-        """The epochs after the newest complete checkpoint, on ``acc``'s processes (see :meth:`train`)."""
+    def _epochs(self, acc: Any, reuse: bool, ckpt: Path | None, state: dict[str, Any] | None) -> dict[str, Any]:
+        """The epochs after ``ckpt``, the newest complete checkpoint (``state``: its state.json), on ``acc``'s
+        processes (see :meth:`train`)."""
         from accelerate.utils import DistributedType
 
         t = self.tcfg
@@ -343,11 +339,8 @@ class Distiller:
         deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
         if deepspeed:
             distributed.align_deepspeed_clipping(acc.state.deepspeed_plugin.deepspeed_config, t.max_grad_norm)
-        ckpt = latest_checkpoint(self.layout.root)
-        state: dict[str, Any] = {"global_step": 0}
         settings = training_settings(self.cfg)
-        if ckpt is not None:
-            state = json.loads((ckpt / STATE).read_text())
+        if ckpt is not None and state is not None:
             refused = None if reuse else conflict(ckpt, state, self.cfg)  # Run() sets such weights aside first
             if refused:
                 raise UserError(refused)
@@ -374,7 +367,7 @@ class Distiller:
         if self.cfg.pairs.dedup_rouge_l is not None:
             self.metrics.log("dedup", source="teacher", threshold=self.cfg.pairs.dedup_rouge_l,
                              dropped=self.teacher_dropped, kept=sum(len(v) for v in self.teacher.values()))
-        global_step = state.get("global_step", 0)
+        global_step = state.get("global_step", 0) if state is not None else 0
         record = {"settings_hash": settings_hash(settings), "settings": settings}
         for epoch in range(start, t.epochs + 1):
             if uses_student_negatives(self.cfg) and epoch > 1:
@@ -424,7 +417,7 @@ class Distiller:
         from accelerate.utils import DistributedType
 
         fsdp1 = acc.distributed_type == DistributedType.FSDP and not getattr(acc, "is_fsdp2", False)
-        if fsdp1 and (refreshes(self.cfg) or self.cfg.eval.every_epoch):
+        if fsdp1 and (self.cfg.samples_student_in_training or self.cfg.eval.every_epoch):
             raise UserError(
                 "FSDP1 shards the weights over the ranks as flat parameters, and the mixed-policy refresh and "
                 "per-epoch evaluation sample from the whole model during training, which this trainer gathers only "
